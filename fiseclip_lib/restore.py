@@ -1,0 +1,120 @@
+"""Local semantic restoration: the last ViT block recomputed with another attention (option `restore`).
+
+CLIP's last block attends globally, so its patch tokens carry image-level semantics and align poorly with
+text at the patch level. The training-free fix (paper: "restore local semantic correlation") recomputes the
+last block from `ln_1(x)` with the block's own q, k, v and out_proj weights. Each operator below is one small
+function returning the attention matrix (None = identity attention, out = v); `OPERATORS` says whether the
+residual and the MLP are kept. Which operator FiSeCLIP uses is not public: `clearclip` is our default
+(reconstruction), the others are there to compare.
+
+Shapes: q, k, v are `[N, heads, L, d]` with the class token at position 0 and L = 1 + h * w.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import FiseclipError
+
+NACLIP_SIGMA = 5.0  # Gaussian std in patches (NACLIP's choice)
+
+
+def attn_vanilla(q, k, v, grid):
+    """softmax(q k^T s): the block as CLIP computes it."""
+    return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+
+
+def attn_maskclip(q, k, v, grid):
+    """Identity attention: each token keeps its own value (MaskCLIP)."""
+    return None
+
+
+def attn_sclip(q, k, v, grid):
+    """softmax(q q^T s) + softmax(k k^T s): correlative self-attention (SCLIP)."""
+    s = q.shape[-1] ** -0.5
+    return torch.softmax(q @ q.transpose(-1, -2) * s, dim=-1) + torch.softmax(k @ k.transpose(-1, -2) * s, dim=-1)
+
+
+def attn_clearclip(q, k, v, grid):
+    """softmax(q q^T s) (ClearCLIP; residual and MLP removed)."""
+    return torch.softmax(q @ q.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+
+
+def gaussian_window(grid: tuple[int, int], sigma: float = NACLIP_SIGMA, device=None, dtype=None) -> torch.Tensor:
+    """`[L, L]` additive bias exp(-d^2 / 2 sigma^2) over patch-grid distance; zero for the class token."""
+    h, w = grid
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], dim=1).to(torch.float32)
+    d2 = torch.cdist(pos, pos).pow(2)
+    g = torch.zeros(h * w + 1, h * w + 1, device=device, dtype=torch.float32)
+    g[1:, 1:] = torch.exp(-d2 / (2 * sigma ** 2))
+    return g.to(dtype or torch.float32)
+
+
+def attn_naclip(q, k, v, grid):
+    """softmax(k k^T s + G), G a Gaussian neighbourhood window (NACLIP; residual and MLP removed)."""
+    s = q.shape[-1] ** -0.5
+    return torch.softmax(k @ k.transpose(-1, -2) * s + gaussian_window(grid, device=k.device, dtype=k.dtype), dim=-1)
+
+
+def attn_vv(q, k, v, grid):
+    """softmax(v v^T s) (value-value attention; residual kept, MLP removed)."""
+    return torch.softmax(v @ v.transpose(-1, -2) * v.shape[-1] ** -0.5, dim=-1)
+
+
+@dataclass(frozen=True)
+class Operator:
+    attention: Callable
+    residual: bool
+    mlp: bool
+    source: str  # where the variant comes from
+
+
+OPERATORS: dict[str, Operator] = {
+    "vanilla": Operator(attn_vanilla, residual=True, mlp=True, source="CLIP"),
+    "maskclip": Operator(attn_maskclip, residual=True, mlp=True, source="MaskCLIP"),
+    "sclip": Operator(attn_sclip, residual=True, mlp=True, source="SCLIP"),
+    "clearclip": Operator(attn_clearclip, residual=False, mlp=False, source="ClearCLIP"),
+    "naclip": Operator(attn_naclip, residual=False, mlp=False, source="NACLIP"),
+    "vv": Operator(attn_vv, residual=True, mlp=False, source="CLIP Surgery / GEM (v-v)"),
+}
+DEFAULT_OPERATOR = "clearclip"  # reconstruction: cleanest patch-text alignment in the open-vocabulary literature
+
+
+def qkv_heads(block, x: torch.Tensor):
+    """q, k, v `[N, heads, L, d]` from a ResidualAttentionBlock's own weights (no copies of them)."""
+    attn = block.attn
+    if not isinstance(attn, torch.nn.MultiheadAttention):
+        raise FiseclipError(f"restoration needs nn.MultiheadAttention blocks, got {type(attn).__name__}")
+    y = block.ln_1(x)
+    q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    n, L, c = q.shape
+    heads = attn.num_heads
+
+    def split(t):
+        return t.reshape(n, L, heads, c // heads).transpose(1, 2)
+
+    return split(q), split(k), split(v)
+
+
+def restore_block(block, x: torch.Tensor, grid: tuple[int, int], operator: str = DEFAULT_OPERATOR):
+    """Recompute `block` on its input `x` `[N, L, C]` with the chosen operator.
+
+    Returns the block output `[N, L, C]` (before ln_post / proj) and the attention `[N, heads, L, L]`
+    (None for identity attention). `vanilla` reproduces `block(x)`.
+    """
+    if operator not in OPERATORS:
+        raise FiseclipError(f"unknown restoration {operator!r}: choose one of {sorted(OPERATORS)}")
+    op = OPERATORS[operator]
+    q, k, v = qkv_heads(block, x)
+    a = op.attention(q, k, v, grid)
+    out = v if a is None else a.to(v.dtype) @ v
+    n, heads, L, d = out.shape
+    out = block.attn.out_proj(out.transpose(1, 2).reshape(n, L, heads * d))
+    out = x + block.ls_1(out) if op.residual else out
+    if op.mlp:
+        out = out + block.ls_2(block.mlp(block.ln_2(out)))
+    return out, a
