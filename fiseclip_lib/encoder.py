@@ -12,6 +12,8 @@ never written back into the model; weights load only through safetensors or `tor
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
 import warnings
@@ -286,6 +288,17 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise FiseclipError(f"unknown device {device!r}: use auto, cpu or cuda[:N] ({e})") from None
 
 
+@contextlib.contextmanager
+def _quiet_logging():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def _hub_offline() -> bool:
     """True when the weights hub cannot be used: declared offline, or unreachable within 3 s."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
@@ -457,8 +470,9 @@ def load_encoder(model: str = "ViT-L-14-336", pretrained: str = "openai", image_
             weights_id = f"tag:{pretrained}"
             if quick_gelu is None:
                 quick_gelu = bool(cfg.get("quick_gelu", False))
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_logging():
         torch.manual_seed(seed)
+        # Weights are loaded below through our safe loader, so open_clip's "initialised randomly" note is moot.
         clip = open_clip.create_model(model, pretrained=None, force_quick_gelu=bool(quick_gelu), device="cpu")
     if weights_path:
         _load_into(clip, load_state_dict_file(weights_path), weights_path)

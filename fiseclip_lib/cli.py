@@ -1,0 +1,146 @@
+"""Command line: `fiseclip run | demo-data | fetch-weights` (also `python -m fiseclip_lib`).
+
+Errors caused by input or environment print one line (`fiseclip: error: ...`) and exit 2; `--debug` shows
+the full traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import FiseclipError
+
+DEFAULT_DEMO_ROOT = "demo_data"
+
+
+def _load_params(path) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FiseclipError(f"params file {p} does not exist")
+    try:
+        params = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise FiseclipError(f"params file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(params, dict):
+        raise FiseclipError(f"params file {p} must hold a mapping of name: value")
+    return params
+
+
+def _add_run(sub):
+    p = sub.add_parser("run", help="score a dataset with one method and write metrics.csv, scores.csv, config.json")
+    p.add_argument("--params", help="YAML file of options (config fields plus dataset/root/categories/out)")
+    p.add_argument("--dataset", choices=["mvtec", "visa", "folder", "demo"], default=None,
+                   help="dataset layout (default: demo)")
+    p.add_argument("--root", help=f"dataset root (default for demo: ./{DEFAULT_DEMO_ROOT}, built if missing)")
+    p.add_argument("--categories", help="comma-separated subset of categories")
+    p.add_argument("--method", help="fiseclip | fiseclip-nofilter | musc | text")
+    p.add_argument("--model", help="open_clip model name, fiseclip-tiny or efficientnet-lite0")
+    p.add_argument("--pretrained", help="open_clip tag, local weights file, or none (random)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device")
+    p.add_argument("--cache-dir", help="where pretrained weights are cached")
+    p.add_argument("--out", help="output folder (default: runs/<dataset>-<method>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, repeatable")
+    p.add_argument("--save-maps", action="store_true", help="also write maps/<category>.npz (float16)")
+    p.add_argument("--resume", action="store_true", help="reuse categories already finished in --out")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def cmd_run(args) -> int:
+    from .config import FiseConfig
+    from .run import format_table, run_benchmark
+
+    params = _load_params(args.params) if args.params else {}
+    dataset = args.dataset or params.pop("dataset", "demo")
+    root = args.root or params.pop("root", None) or (DEFAULT_DEMO_ROOT if dataset == "demo" else None)
+    params.pop("dataset", None), params.pop("root", None)
+    if root is None:
+        raise FiseclipError(f"--root is required for dataset {dataset}")
+    cats = args.categories or params.pop("categories", None)
+    params.pop("categories", None)
+    if isinstance(cats, str):
+        cats = [c.strip() for c in cats.split(",") if c.strip()]
+    out = args.out or params.pop("out", None)
+    params.pop("out", None)
+    cli = {"method": args.method, "model": args.model, "pretrained": args.pretrained, "image_size": args.image_size,
+           "batch_size": args.batch_size, "seed": args.seed, "device": args.device, "cache_dir": args.cache_dir}
+    params.update({k: v for k, v in cli.items() if v is not None})
+    config = FiseConfig.from_dict(params).with_overrides(args.set)
+    out = out or f"runs/{dataset}-{config.method}"
+    df = run_benchmark(dataset, root, config, out, categories=cats or None, save_maps=args.save_maps,
+                       resume=args.resume, progress=not args.no_progress)
+    print(format_table(df))
+    print(f"results in {out}/ (metrics.csv, scores.csv, config.json)")
+    return 0
+
+
+def cmd_demo_data(args) -> int:
+    from .demo import DEFAULT_CATEGORIES, build_demo
+
+    cats = [c.strip() for c in args.categories.split(",")] if args.categories else list(DEFAULT_CATEGORIES)
+    out = build_demo(args.out, categories=cats, seed=args.seed, force=args.force)
+    print(f"demo dataset in {out}")
+    return 0
+
+
+def cmd_fetch_weights(args) -> int:
+    from .encoder import fetch_weights
+
+    path = fetch_weights(args.model, args.pretrained, args.cache_dir)
+    print(f"weights for {args.model} ({args.pretrained}) in {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fiseclip", description="FiSeCLIP zero-shot anomaly detection workbench")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub).set_defaults(func=cmd_run)
+    p = sub.add_parser("demo-data", help="build the offline demo dataset (MVTec layout)")
+    p.add_argument("--out", default=DEFAULT_DEMO_ROOT)
+    p.add_argument("--categories", help="comma-separated: textile, brick, gravel (default textile,brick)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
+    p.set_defaults(func=cmd_demo_data)
+    p = sub.add_parser("fetch-weights", help="download open_clip weights into a cache (on a connected machine)")
+    p.add_argument("--model", default="ViT-L-14-336")
+    p.add_argument("--pretrained", default="openai")
+    p.add_argument("--cache-dir")
+    p.set_defaults(func=cmd_fetch_weights)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not debug:
+        warnings.filterwarnings("ignore", message=".*QuickGELU mismatch.*")
+    try:
+        return args.func(args)
+    except FiseclipError as e:
+        if debug:
+            raise
+        print(f"fiseclip: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fiseclip: interrupted; finished categories are kept (rerun with --resume)", file=sys.stderr)
+        return 130
+    except MemoryError:
+        if debug:
+            raise
+        print("fiseclip: error: out of memory; lower --batch-size or --set encode_batch=1", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

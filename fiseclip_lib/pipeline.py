@@ -1,0 +1,143 @@
+"""The pipeline: encoder -> restore -> text -> filter -> match -> fuse -> post-process, for one batch.
+
+`Detector(config).score_batch(images, class_name)` scores one batch of unlabeled images of one category;
+the images are each other's references. `score_features` does everything after the encoder, so that
+sweeps over matching, filtering and fusion options can reuse encoded features.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .config import FiseConfig
+from .encoder import Encoder, Features, load_encoder
+from .errors import FiseclipError
+from .filtering import reference_keep
+from .fusion import fuse
+from .matching import visual_map
+from .postprocess import gaussian_smooth, image_scores, rscin, upsample
+from .text import text_embeddings, text_map, text_score
+
+TEXT_METHODS = ("fiseclip", "fiseclip-nofilter", "text")
+
+
+@dataclass
+class BatchResult:
+    """Scores of one batch. Maps are at the input size; patch-level intermediates are `[N, h, w]`."""
+
+    maps: np.ndarray  # [N, H, W] final anomaly maps
+    scores: np.ndarray  # [N] image scores
+    grid: tuple[int, int]
+    method: str
+    visual_map: np.ndarray | None = None  # A_V, raw mutual scores
+    text_map: np.ndarray | None = None  # A_T, probability of 'abnormal'
+    keep: np.ndarray | None = None  # reference patches the text filter kept
+    text_scores: np.ndarray | None = None  # s_T per image
+    notes: list[str] = field(default_factory=list)
+
+
+def concat_features(parts: Sequence[Features]) -> Features:
+    """Join encoder outputs of consecutive chunks of one batch."""
+    cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
+    return Features(
+        layers={l: torch.cat([p.layers[l] for p in parts]) for l in parts[0].layers},
+        grid=parts[0].grid,
+        global_embedding=cat([p.global_embedding for p in parts]),
+        dense=cat([p.dense for p in parts]),
+        attention=cat([p.attention for p in parts]),
+    )
+
+
+class Detector:
+    """Zero-shot anomaly detector for batches of one category (FiSeCLIP and the baselines of the harness)."""
+
+    def __init__(self, config: FiseConfig | None = None, encoder: Encoder | None = None):
+        self.config = (config or FiseConfig()).validate()
+        cfg = self.config
+        self.encoder = encoder or load_encoder(cfg.model, cfg.pretrained, cfg.image_size, cfg.device, cfg.precision,
+                                               cfg.cache_dir, seed=cfg.seed)
+        if not self.encoder.has_text and cfg.method != "musc":
+            raise FiseclipError(
+                f"method {cfg.method!r} needs a text tower; {self.encoder.model_name} has none: use --method musc "
+                f"or a CLIP model"
+            )
+        self.layers = self.encoder.check_layers(cfg.layers)
+
+    @property
+    def uses_text(self) -> bool:
+        return self.config.method in TEXT_METHODS
+
+    @property
+    def restore(self) -> str | None:
+        return self.config.restore if self.uses_text else None
+
+    def encode(self, images: Sequence, return_attention: bool = False) -> Features:
+        """Images (PIL, arrays or paths) -> Features, `encode_batch` images through the encoder at a time."""
+        if len(images) == 0:
+            raise FiseclipError("an empty batch cannot be scored")
+        step = self.config.encode_batch
+        parts = []
+        for s in range(0, len(images), step):
+            chunk = images[s:s + step]
+            feats = self.encoder(self.encoder.preprocess(chunk), layers=self.layers, restore=self.restore,
+                                 return_attention=return_attention)
+            bad = [i for i in range(len(chunk)) if not all(torch.isfinite(t[i]).all() for t in feats.layers.values())]
+            if bad:
+                names = [str(chunk[i]) if isinstance(chunk[i], (str, Path)) else f"#{s + i}" for i in bad]
+                raise FiseclipError(f"NaN or inf in features of {', '.join(names[:3])}; check these images, "
+                                    f"or use --set precision=fp32")
+            parts.append(feats)
+        return concat_features(parts)
+
+    def score_batch(self, images: Sequence, class_name: str) -> BatchResult:
+        """Score a batch: each image is referenced by the others. images: PIL images or paths."""
+        return self.score_features(self.encode(images), class_name)
+
+    def score_features(self, feats: Features, class_name: str) -> BatchResult:
+        cfg = self.config
+        n = next(iter(feats.layers.values())).shape[0]
+        grid = feats.grid
+        notes: list[str] = []
+        a_t = s_t = keep = a_v = None
+        if self.uses_text:
+            t = text_embeddings(self.encoder, class_name, cfg.class_names)
+            a_t = text_map(feats.dense, t, cfg.text_temperature).cpu()
+            s_t = text_score(feats.global_embedding, t, cfg.text_temperature).cpu()
+        match_dtype = torch.bfloat16 if cfg.match_dtype == "bf16" else torch.float32
+        if cfg.method == "text":
+            patch = a_t
+        elif n == 1:
+            msg = "batch of one image: no references, " + ("the text map is used alone" if a_t is not None
+                                                            else "the map is zero")
+            warnings.warn(msg)
+            notes.append(msg)
+            patch = a_t if a_t is not None else torch.zeros(1, grid[0] * grid[1])
+        else:
+            penalty = None
+            if cfg.method == "fiseclip":
+                keep, penalty = reference_keep(a_t, cfg.filter, cfg.filter_theta, cfg.filter_ratio, cfg.filter_min_keep)
+            a_v = visual_map(feats.layers, grid, cfg.degrees, keep=keep, penalty=penalty, topmin_max=cfg.topmin_max,
+                             dtype=match_dtype).cpu()
+            patch = a_v if cfg.method == "musc" else fuse(a_v, a_t, cfg.fusion, cfg.alpha, cfg.gate_tau)
+        maps = gaussian_smooth(upsample(patch, grid, self.encoder.image_size), cfg.sigma)
+        scores = image_scores(maps, s_t, cfg.beta)
+        if cfg.rscin:
+            emb = feats.global_embedding
+            if emb is None:  # no CLIP embedding: mean of the deepest requested layer
+                emb = feats.layers[max(feats.layers)].mean(1)
+            scores = rscin(scores, emb.cpu(), cfg.rscin_ks)
+
+        def grid_np(x):
+            return None if x is None else x.reshape(n, *grid).float().numpy()
+
+        return BatchResult(
+            maps=maps.numpy().astype(np.float32), scores=scores.numpy().astype(np.float64), grid=grid,
+            method=cfg.method, visual_map=grid_np(a_v), text_map=grid_np(a_t),
+            keep=None if keep is None else keep.reshape(n, *grid).numpy(),
+            text_scores=None if s_t is None else s_t.numpy(), notes=notes,
+        )

@@ -1,0 +1,54 @@
+"""Provenance: versions, git commit and machine facts recorded with every result."""
+from __future__ import annotations
+
+import platform
+import subprocess
+from pathlib import Path
+
+RANDOM_WEIGHTS_NOTE = ("RANDOM WEIGHTS: this encoder was randomly initialised; its numbers test the code path "
+                       "and say nothing about the method's quality")
+
+
+def git_commit() -> str:
+    """The commit of the checkout this package runs from ('unknown' outside a git checkout)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        commit = out.stdout.strip()
+        if out.returncode != 0 or not commit:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict:
+    import numpy
+    import torch
+
+    from . import __version__
+
+    out = {"fiseclip": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "numpy": numpy.__version__}
+    for name in ("open_clip", "timm", "sklearn", "pandas", "papermill"):
+        try:
+            mod = __import__(name)
+            out[name] = getattr(mod, "__version__", "?")
+        except ImportError:
+            pass
+    return out
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "processor": platform.machine(), "cuda": torch.cuda.is_available()}
+    if info["cuda"]:
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def provenance() -> dict:
+    return {"versions": versions(), "git_commit": git_commit(), "machine": machine()}

@@ -1,0 +1,228 @@
+"""The benchmark harness behind `fiseclip run`: every method under one loop, results with provenance.
+
+Outputs in `out/`:
+  metrics.csv   a row per category plus a `mean` row (unweighted mean over categories)
+  scores.csv    a row per image: path (relative to the root), category, label, defect, score, batch
+  config.json   the resolved config, dataset, versions, git commit, wall time
+  categories/   one JSON per finished category (written atomically as each category ends; `--resume` reuses them)
+  maps/         `<category>.npz` with float16 maps when `save_maps`
+The CSVs depend only on inputs, config and seed (no times, no absolute output paths): byte-identical reruns.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import data as D
+from ._io import atomic_path, write_json_atomic
+from .config import FiseConfig
+from .errors import FiseclipError
+from .metrics import image_metrics, pixel_metrics
+from .pipeline import Detector
+from .provenance import RANDOM_WEIGHTS_NOTE, provenance
+
+METRIC_NAMES = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro"]
+METRIC_COLUMNS = ["category"] + METRIC_NAMES + ["method", "encoder", "weights", "pretrained", "images"]
+SCORE_COLUMNS = ["path", "category", "label", "defect", "score", "batch"]
+FLOAT_FORMAT = "%.6f"
+
+
+def ensure_writable(out: Path) -> Path:
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise FiseclipError(f"output folder {out} is not writable ({e.strerror}); choose another --out") from None
+    return out
+
+
+def prepare_dataset(dataset: str, root, categories=None) -> list[D.Sample]:
+    """Load samples; `demo` builds the demo set into `root` first when it is not there."""
+    if dataset == "demo":
+        from .demo import build_demo
+
+        root = Path(root)
+        if not (root / "manifest.json").is_file():
+            print(f"building the demo dataset into {root} ...", flush=True)
+            build_demo(root)
+    return D.load_dataset(dataset, root, categories)
+
+
+def _relpath(path: str, root) -> str:
+    try:
+        return Path(os.path.relpath(path, root)).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def _eval_masks(samples: list[D.Sample], size: int) -> np.ndarray:
+    """Ground-truth masks at the evaluation resolution (input size, nearest, > 0.5); normal -> zeros."""
+    masks = np.zeros((len(samples), size, size), dtype=bool)
+    for i, s in enumerate(samples):
+        if s.label == 1 and s.mask:
+            img_size = D.image_size_of(s.path)
+            with warnings.catch_warnings():
+                m = D.load_mask(s.mask)
+            if m.shape[::-1] != tuple(img_size):
+                warnings.warn(f"mask {s.mask} is {m.shape[1]}x{m.shape[0]} but its image is "
+                              f"{img_size[0]}x{img_size[1]}; resized with nearest")
+            masks[i] = D.load_mask(s.mask, (size, size))
+    return masks
+
+
+def score_category(detector: Detector, samples: list[D.Sample], category: str, progress: bool = True):
+    """Score one category batch by batch; returns (rows, maps [N, S, S] in sample order of rows)."""
+    cfg = detector.config
+    bs = len(samples) if (cfg.method == "musc" and cfg.musc_pool == "category") else cfg.batch_size
+    batches = D.make_batches(samples, bs, seed=cfg.seed, shuffle=cfg.shuffle)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    bar = tqdm(total=len(samples), desc=category, unit="img", disable=not progress) if tqdm else None
+    rows, maps = [], []
+    for b, batch in enumerate(batches):
+        res = detector.score_batch([s.path for s in batch], category)
+        for s, score, m in zip(batch, res.scores, res.maps):
+            rows.append((s, float(score), b))
+            maps.append(m)
+        if bar:
+            bar.update(len(batch))
+    if bar:
+        bar.close()
+    order = sorted(range(len(rows)), key=lambda i: rows[i][0].path)
+    return [rows[i] for i in order], np.stack([maps[i] for i in order])
+
+
+def evaluate_category(samples: list[D.Sample], scores: np.ndarray, maps: np.ndarray, pixel: bool) -> dict:
+    labels = np.array([s.label for s in samples])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one-class notes are reported once by validate_category
+        im = image_metrics(labels, scores)
+        px = pixel_metrics(_eval_masks(samples, maps.shape[-1]), maps) if pixel else {}
+    out = {f"image_{k}": v for k, v in im.items()}
+    for k in ("auroc", "ap", "f1_max", "aupro"):
+        out[f"pixel_{k}"] = px.get(k, float("nan"))
+    return out
+
+
+def _category_key(cfg: FiseConfig, dataset: str, samples: list[D.Sample], root) -> str:
+    """What a finished category's results depend on; --resume reuses a result only if this matches."""
+    relevant = {k: v for k, v in cfg.to_dict().items() if k not in {"encode_batch", "device", "cache_dir"}}
+    payload = json.dumps({"config": relevant, "dataset": dataset,
+                          "samples": [(_relpath(s.path, root), s.label, s.mask is not None) for s in samples]},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _fmt(x):
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else FLOAT_FORMAT % x
+
+
+def _write_csvs(out: Path, results: list[dict], encoder_info: dict, method: str) -> pd.DataFrame:
+    rows = []
+    for r in results:
+        rows.append({"category": r["category"], **r["metrics"]})
+    df = pd.DataFrame(rows, columns=["category"] + METRIC_NAMES)
+    if len(df):
+        mean = {"category": "mean", **{k: float(np.nanmean(df[k].to_numpy(dtype=float)))
+                                       if np.isfinite(df[k].to_numpy(dtype=float)).any() else float("nan")
+                                       for k in METRIC_NAMES}}
+        df = pd.concat([df, pd.DataFrame([mean])], ignore_index=True)
+    df["method"] = method
+    df["encoder"] = encoder_info["model"]
+    df["weights"] = encoder_info["weights"]
+    df["pretrained"] = encoder_info["pretrained"]
+    df["images"] = [r["images"] for r in results] + ([sum(r["images"] for r in results)] if results else [])
+    with atomic_path(out / "metrics.csv") as tmp:
+        text = io.StringIO()
+        df.to_csv(text, index=False, float_format=FLOAT_FORMAT, na_rep="nan")
+        tmp.write_text(text.getvalue())
+    scores = [row for r in results for row in r["rows"]]
+    sdf = pd.DataFrame(scores, columns=SCORE_COLUMNS)
+    with atomic_path(out / "scores.csv") as tmp:
+        text = io.StringIO()
+        sdf.to_csv(text, index=False, float_format=FLOAT_FORMAT, na_rep="nan")
+        tmp.write_text(text.getvalue())
+    return df
+
+
+def run_benchmark(dataset: str, root, config: FiseConfig, out, categories=None, save_maps: bool = False,
+                  resume: bool = False, progress: bool = True, detector: Detector | None = None) -> pd.DataFrame:
+    """Score every category, write metrics.csv, scores.csv, config.json (see module doc); return the metrics."""
+    t0 = time.time()
+    out = ensure_writable(out)
+    samples = prepare_dataset(dataset, root, categories)
+    cats = D.categories_of(samples) if not categories else list(categories)
+    detector = detector or Detector(config)
+    enc = detector.encoder.identity()
+    if not enc["pretrained"]:
+        print(f"NOTE: {RANDOM_WEIGHTS_NOTE}", flush=True)
+    results, notes = [], []
+    for cat in cats:
+        cs = [s for s in samples if s.category == cat]
+        if not cs:
+            raise FiseclipError(f"category {cat} has no test images under {root}")
+        key = _category_key(config, dataset, cs, root)
+        done = out / "categories" / f"{cat}.json"
+        if resume and done.is_file():
+            try:
+                saved = json.loads(done.read_text())
+            except (OSError, json.JSONDecodeError):
+                saved = {}
+            if saved.get("key") == key:
+                results.append(saved)
+                notes.extend(saved.get("notes", []))
+                print(f"{cat}: reused finished result ({done})", flush=True)
+                continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check = D.validate_category(cs)
+            rows, maps = score_category(detector, cs, cat, progress=progress)
+            ordered = [r[0] for r in rows]
+            metrics = evaluate_category(ordered, np.array([r[1] for r in rows]), maps, check["pixel"])
+        cat_notes = sorted({str(w.message) for w in caught})
+        for n in cat_notes:
+            print(f"warning: {n}", flush=True)
+        result = {
+            "category": cat, "key": key, "metrics": metrics, "images": len(cs), "notes": cat_notes,
+            "rows": [[_relpath(s.path, root), s.category, s.label, s.defect, float(score), b]
+                     for s, score, b in rows],
+        }
+        if save_maps:
+            (out / "maps").mkdir(exist_ok=True)
+            with atomic_path(out / "maps" / f"{cat}.npz") as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez_compressed(f, maps=maps.astype(np.float16),
+                                        paths=np.array([_relpath(s.path, root) for s in ordered]))
+        write_json_atomic(done, result)
+        results.append(result)
+        notes.extend(cat_notes)
+        _write_csvs(out, results, enc, config.method)
+    df = _write_csvs(out, results, enc, config.method)
+    write_json_atomic(out / "config.json", {
+        "config": config.to_dict(), "dataset": dataset, "root": str(root), "categories": cats,
+        "encoder": enc, "weights_note": None if enc["pretrained"] else RANDOM_WEIGHTS_NOTE,
+        "layers": detector.layers, "notes": notes, "wall_time_s": round(time.time() - t0, 3), **provenance(),
+    })
+    return df
+
+
+def format_table(df: pd.DataFrame) -> str:
+    """Metrics in percent, one decimal, for the terminal."""
+    view = df[["category"] + METRIC_NAMES].copy()
+    for c in METRIC_NAMES:
+        view[c] = (view[c].astype(float) * 100).round(1)
+    return view.to_string(index=False, na_rep="nan")
