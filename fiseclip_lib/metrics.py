@@ -65,7 +65,7 @@ def aupro(masks, maps, max_fpr: float = 0.3, num_thresholds: int = 1000) -> floa
     """Area under the per-region-overlap curve up to `max_fpr`, normalised by `max_fpr` (in [0, 1]).
 
     Thresholds are placed at the normal-pixel quantiles for `num_thresholds` FPR targets in [0, max_fpr]
-    plus the lowest score, and each FPR is then computed exactly; the curve is integrated by trapezoids
+    plus the lowest score, each also just above itself, and each FPR is then computed exactly; the curve is integrated by trapezoids
     with linear interpolation at `max_fpr`. Connected regions use 4-connectivity (scipy's default).
     Memory: one sorted float32 copy of the normal pixels plus one image at a time.
     """
@@ -82,7 +82,10 @@ def aupro(masks, maps, max_fpr: float = 0.3, num_thresholds: int = 1000) -> floa
     n = normal.size
     targets = np.linspace(0.0, max_fpr, num_thresholds)
     idx = np.clip(n - 1 - np.floor(targets * n).astype(np.int64), 0, n - 1)
-    thresholds = np.unique(np.r_[normal[idx], normal[0]])  # ascending
+    base = np.unique(np.r_[normal[idx], normal[0]])
+    # Just above each normal value the FPR is that of the next value but the overlap can be higher (defect
+    # pixels in between): evaluating both sides makes the curve exact between consecutive normal values.
+    thresholds = np.unique(np.r_[base, np.nextafter(base, np.float32(np.inf))])  # ascending
     # A pixel is positive when score >= threshold; one more threshold above everything gives (0, 0).
     fpr = (n - np.searchsorted(normal, thresholds, side="left")) / n
     overlap_sum = np.zeros_like(thresholds, dtype=np.float64)

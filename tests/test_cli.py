@@ -1,0 +1,60 @@
+import json
+import subprocess
+import sys
+
+import pandas as pd
+
+from fiseclip_lib.cli import main
+
+
+def tiny_args(root, out, *extra):
+    return ["run", "--dataset", "demo", "--root", str(root), "--model", "fiseclip-tiny", "--pretrained", "none",
+            "--image-size", "64", "--batch-size", "5", "--out", str(out), "--no-progress", *extra]
+
+
+def test_run_cli_writes_named_outputs(small_demo, tmp_path, capsys):
+    assert main(tiny_args(small_demo, tmp_path / "o", "--categories", "textile", "--set", "filter_theta=0.4",
+                          "--save-maps")) == 0
+    out = tmp_path / "o"
+    m = pd.read_csv(out / "metrics.csv")
+    assert list(m.category) == ["textile", "mean"]
+    for col in ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro",
+                "method", "encoder", "pretrained"]:
+        assert col in m.columns
+    assert json.loads((out / "config.json").read_text())["config"]["filter_theta"] == 0.4
+    assert (out / "maps" / "textile.npz").is_file()
+    assert "RANDOM WEIGHTS" in capsys.readouterr().out
+
+
+def test_params_file_reaches_the_config(small_demo, tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text(f"dataset: demo\nroot: {small_demo}\nmodel: fiseclip-tiny\npretrained: none\nimage_size: 64\n"
+                      f"batch_size: 5\nrestore: naclip\ncategories: brick\n")
+    assert main(["run", "--params", str(params), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    conf = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert conf["config"]["restore"] == "naclip" and conf["categories"] == ["brick"]
+
+
+def test_bad_input_is_one_line_error(tmp_path, capsys):
+    code = main(["run", "--dataset", "mvtec", "--root", str(tmp_path / "missing"), "--model", "fiseclip-tiny",
+                 "--pretrained", "none", "--image-size", "64", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("fiseclip: error:") and "missing" in err and "\n" not in err
+    code = main(tiny_args(tmp_path, tmp_path / "o", "--set", "restore=bogus"))
+    assert code == 2 and "unknown restore" in capsys.readouterr().err
+
+
+def test_resume_reuses_finished_categories(small_demo, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(tiny_args(small_demo, out)) == 0
+    first = (out / "metrics.csv").read_bytes()
+    (out / "metrics.csv").unlink()
+    assert main(tiny_args(small_demo, out, "--resume")) == 0
+    assert "reused finished result" in capsys.readouterr().out
+    assert (out / "metrics.csv").read_bytes() == first
+
+
+def test_module_entry_point_runs():
+    r = subprocess.run([sys.executable, "-m", "fiseclip_lib", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "demo-data" in r.stdout and "run" in r.stdout
