@@ -78,6 +78,10 @@ def cmd_run(args) -> int:
     df = run_benchmark(dataset, root, config, out, categories=cats or None, save_maps=args.save_maps,
                        resume=args.resume, progress=not args.no_progress)
     print(format_table(df))
+    if not bool(df["pretrained"].iloc[0]):
+        from .provenance import RANDOM_WEIGHTS_NOTE
+
+        print(f"NOTE: {RANDOM_WEIGHTS_NOTE}")
     print(f"results in {out}/ (metrics.csv, scores.csv, config.json)")
     return 0
 
