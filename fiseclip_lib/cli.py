@@ -1,4 +1,4 @@
-"""Command line: `fiseclip run | demo-data | fetch-weights` (also `python -m fiseclip_lib`).
+"""Command line: `fiseclip run | demo-data | fetch-weights | cache` (also `python -m fiseclip_lib`).
 
 Errors caused by input or environment print one line (`fiseclip: error: ...`) and exit 2; `--debug` shows
 the full traceback.
@@ -51,10 +51,13 @@ def _add_run(sub):
     p.add_argument("--save-maps", action="store_true", help="also write maps/<category>.npz (float16)")
     p.add_argument("--resume", action="store_true", help="reuse categories already finished in --out")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--feature-cache", metavar="DIR", help="feature cache folder (default: ~/.cache/fiseclip/features)")
+    p.add_argument("--no-feature-cache", action="store_true", help="encode every image, store nothing")
     return p
 
 
 def cmd_run(args) -> int:
+    from .cache import FeatureCache
     from .config import FiseConfig
     from .run import format_table, run_benchmark
 
@@ -75,8 +78,9 @@ def cmd_run(args) -> int:
     params.update({k: v for k, v in cli.items() if v is not None})
     config = FiseConfig.from_dict(params).with_overrides(args.set)
     out = out or f"runs/{dataset}-{config.method}"
+    cache = None if args.no_feature_cache else FeatureCache(args.feature_cache)
     df = run_benchmark(dataset, root, config, out, categories=cats or None, save_maps=args.save_maps,
-                       resume=args.resume, progress=not args.no_progress)
+                       resume=args.resume, progress=not args.no_progress, cache=cache)
     print(format_table(df))
     if not bool(df["pretrained"].iloc[0]):
         from .provenance import RANDOM_WEIGHTS_NOTE
@@ -103,6 +107,19 @@ def cmd_fetch_weights(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from .cache import FeatureCache
+
+    cache = FeatureCache(args.dir)
+    if args.action == "clear":
+        print(f"removed {cache.clear()} cached feature files from {cache.root}")
+    else:
+        info = cache.info()
+        print(f"feature cache {info['root']}: {info['entries']} images, {info['bytes'] / 1e6:.1f} MB "
+              f"(cap {info['max_bytes'] / 1e9:.1f} GB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fiseclip", description="FiSeCLIP zero-shot anomaly detection workbench")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -119,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default="openai")
     p.add_argument("--cache-dir")
     p.set_defaults(func=cmd_fetch_weights)
+    p = sub.add_parser("cache", help="inspect or clear the feature cache")
+    p.add_argument("action", choices=["info", "clear"])
+    p.add_argument("--dir", help="cache folder (default: ~/.cache/fiseclip/features)")
+    p.set_defaults(func=cmd_cache)
     return parser
 
 

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .cache import FeatureCache, image_hash, split_features
 from .config import FiseConfig
 from .encoder import Encoder, Features, load_encoder
 from .errors import FiseclipError
@@ -56,8 +57,10 @@ def concat_features(parts: Sequence[Features]) -> Features:
 class Detector:
     """Zero-shot anomaly detector for batches of one category (FiSeCLIP and the baselines of the harness)."""
 
-    def __init__(self, config: FiseConfig | None = None, encoder: Encoder | None = None):
+    def __init__(self, config: FiseConfig | None = None, encoder: Encoder | None = None,
+                 cache: FeatureCache | None = None):
         self.config = (config or FiseConfig()).validate()
+        self.cache = cache
         cfg = self.config
         self.encoder = encoder or load_encoder(cfg.model, cfg.pretrained, cfg.image_size, cfg.device, cfg.precision,
                                                cfg.cache_dir, seed=cfg.seed)
@@ -77,22 +80,43 @@ class Detector:
         return self.config.restore if self.uses_text else None
 
     def encode(self, images: Sequence, return_attention: bool = False) -> Features:
-        """Images (PIL, arrays or paths) -> Features, `encode_batch` images through the encoder at a time."""
+        """Images (PIL, arrays or paths) -> Features, `encode_batch` images through the encoder at a time.
+
+        With a feature cache, images encoded before (same encoder, weights, size, layers, restoration and
+        image content) are read from disk instead; attention maps are never cached.
+        """
         if len(images) == 0:
             raise FiseclipError("an empty batch cannot be scored")
-        step = self.config.encode_batch
+        use_cache = self.cache is not None and not return_attention
+        per_image: list = [None] * len(images)
+        keys = []
+        if use_cache:
+            ident = self.encoder.identity()
+            keys = [self.cache.key(ident, self.layers, self.restore, image_hash(im)) for im in images]
+            per_image = [self.cache.get(k) for k in keys]
+        todo = [i for i, f in enumerate(per_image) if f is None]
         parts = []
-        for s in range(0, len(images), step):
-            chunk = images[s:s + step]
+        step = self.config.encode_batch
+        for s in range(0, len(todo), step):
+            idx = todo[s:s + step]
+            chunk = [images[i] for i in idx]
             feats = self.encoder(self.encoder.preprocess(chunk), layers=self.layers, restore=self.restore,
                                  return_attention=return_attention)
-            bad = [i for i in range(len(chunk)) if not all(torch.isfinite(t[i]).all() for t in feats.layers.values())]
+            bad = [i for n, i in enumerate(idx) if not all(torch.isfinite(t[n]).all() for t in feats.layers.values())]
             if bad:
-                names = [str(chunk[i]) if isinstance(chunk[i], (str, Path)) else f"#{s + i}" for i in bad]
+                names = [str(images[i]) if isinstance(images[i], (str, Path)) else f"#{i}" for i in bad]
                 raise FiseclipError(f"NaN or inf in features of {', '.join(names[:3])}; check these images, "
                                     f"or use --set precision=fp32")
-            parts.append(feats)
-        return concat_features(parts)
+            if return_attention:
+                parts.append(feats)
+                continue
+            for n, (i, piece) in enumerate(zip(idx, split_features(feats))):
+                per_image[i] = piece
+                if use_cache:
+                    self.cache.put(keys[i], feats, n)
+        if return_attention:
+            return concat_features(parts)
+        return concat_features(per_image)
 
     def score_batch(self, images: Sequence, class_name: str) -> BatchResult:
         """Score a batch: each image is referenced by the others. images: PIL images or paths."""

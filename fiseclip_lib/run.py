@@ -24,6 +24,7 @@ import pandas as pd
 
 from . import data as D
 from ._io import atomic_path, write_json_atomic
+from .cache import FeatureCache
 from .config import FiseConfig
 from .errors import FiseclipError
 from .metrics import image_metrics, pixel_metrics
@@ -160,13 +161,17 @@ def _write_csvs(out: Path, results: list[dict], encoder_info: dict, method: str)
 
 
 def run_benchmark(dataset: str, root, config: FiseConfig, out, categories=None, save_maps: bool = False,
-                  resume: bool = False, progress: bool = True, detector: Detector | None = None) -> pd.DataFrame:
-    """Score every category, write metrics.csv, scores.csv, config.json (see module doc); return the metrics."""
+                  resume: bool = False, progress: bool = True, detector: Detector | None = None,
+                  cache: FeatureCache | None = None) -> pd.DataFrame:
+    """Score every category, write metrics.csv, scores.csv, config.json (see module doc); return the metrics.
+
+    cache: a FeatureCache makes reruns with other matching/filtering/fusion options skip the encoder.
+    """
     t0 = time.time()
     out = ensure_writable(out)
     samples = prepare_dataset(dataset, root, categories)
     cats = D.categories_of(samples) if not categories else list(categories)
-    detector = detector or Detector(config)
+    detector = detector or Detector(config, cache=cache)
     enc = detector.encoder.identity()
     if not enc["pretrained"]:
         print(f"NOTE: {RANDOM_WEIGHTS_NOTE}", flush=True)
@@ -215,7 +220,9 @@ def run_benchmark(dataset: str, root, config: FiseConfig, out, categories=None, 
     write_json_atomic(out / "config.json", {
         "config": config.to_dict(), "dataset": dataset, "root": str(root), "categories": cats,
         "encoder": enc, "weights_note": None if enc["pretrained"] else RANDOM_WEIGHTS_NOTE,
-        "layers": detector.layers, "notes": notes, "wall_time_s": round(time.time() - t0, 3), **provenance(),
+        "layers": detector.layers, "notes": notes,
+        "feature_cache": None if detector.cache is None else {
+            "root": str(detector.cache.root), "hits": detector.cache.hits, "misses": detector.cache.misses}, "wall_time_s": round(time.time() - t0, 3), **provenance(),
     })
     return df
 

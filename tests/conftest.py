@@ -3,6 +3,8 @@ import os
 # Offline by construction: an offline pretrained='openai' then fails in milliseconds instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Never touch the user's feature cache from tests.
+os.environ["FISECLIP_FEATURE_CACHE"] = os.path.join(__import__("tempfile").mkdtemp(prefix="fiseclip-test-cache-"))
 
 import pytest  # noqa: E402
 

@@ -1,0 +1,75 @@
+import numpy as np
+import torch
+
+from fiseclip_lib import Detector, FiseConfig
+from fiseclip_lib.cache import FeatureCache
+from fiseclip_lib.run import run_benchmark
+
+TINY = dict(model="fiseclip-tiny", pretrained="none", image_size=64, device="cpu", batch_size=5)
+
+
+class CountingEncoder:
+    """Wraps an encoder and counts images sent through it."""
+
+    def __init__(self, enc):
+        self.enc, self.images = enc, 0
+
+    def __getattr__(self, name):
+        return getattr(self.enc, name)
+
+    def __call__(self, pixels, **kw):
+        self.images += pixels.shape[0]
+        return self.enc(pixels, **kw)
+
+
+def test_cached_features_equal_fresh_ones_and_skip_the_encoder(small_demo, tiny_encoder, tmp_path):
+    paths = sorted(str(p) for p in (small_demo / "textile" / "test").rglob("*.png"))[:6]
+    cache = FeatureCache(tmp_path / "c")
+    enc = CountingEncoder(tiny_encoder)
+    det = Detector(FiseConfig(**TINY), encoder=enc, cache=cache)
+    first = det.encode(paths)
+    assert enc.images == 6 and cache.info()["entries"] == 6
+    second = det.encode(paths)
+    assert enc.images == 6 and cache.hits == 6
+    for l in first.layers:
+        assert torch.equal(first.layers[l], second.layers[l])
+    assert torch.equal(first.dense, second.dense) and torch.equal(first.global_embedding, second.global_embedding)
+    # another restoration is another key
+    Detector(FiseConfig(**TINY, restore="naclip"), encoder=enc, cache=cache).encode(paths)
+    assert enc.images == 12
+
+
+def test_second_run_with_other_matching_options_does_no_encoder_work(small_demo, tiny_encoder, tmp_path):
+    cache = FeatureCache(tmp_path / "c")
+    enc = CountingEncoder(tiny_encoder)
+    cfg = FiseConfig(**TINY)
+    run_benchmark("demo", small_demo, cfg, tmp_path / "a", progress=False, detector=Detector(cfg, enc, cache))
+    n = enc.images
+    assert n == 26
+    other = cfg.replace(filter="soft", fusion="gated", degrees=(1, 3), topmin_max=0.5)
+    run_benchmark("demo", small_demo, other, tmp_path / "b", progress=False, detector=Detector(other, enc, cache))
+    assert enc.images == n
+    # and a cached rerun of the same config reproduces the uncached numbers exactly
+    run_benchmark("demo", small_demo, cfg, tmp_path / "c2", progress=False, detector=Detector(cfg, enc, cache))
+    assert (tmp_path / "a" / "scores.csv").read_bytes() == (tmp_path / "c2" / "scores.csv").read_bytes()
+
+
+def test_size_cap_evicts_least_recently_used(small_demo, tiny_encoder, tmp_path):
+    paths = sorted(str(p) for p in (small_demo / "brick" / "test").rglob("*.png"))[:4]
+    cache = FeatureCache(tmp_path / "c", max_gb=0)
+    Detector(FiseConfig(**TINY), encoder=tiny_encoder, cache=cache).encode(paths)
+    assert cache.info()["entries"] == 0
+    big = FeatureCache(tmp_path / "c", max_gb=1)
+    Detector(FiseConfig(**TINY), encoder=tiny_encoder, cache=big).encode(paths)
+    assert big.info()["entries"] == 4 and big.clear() == 4 and big.info()["entries"] == 0
+
+
+def test_damaged_entry_is_a_miss(small_demo, tiny_encoder, tmp_path):
+    paths = sorted(str(p) for p in (small_demo / "brick" / "test").rglob("*.png"))[:2]
+    cache = FeatureCache(tmp_path / "c")
+    det = Detector(FiseConfig(**TINY), encoder=tiny_encoder, cache=cache)
+    a = det.encode(paths)
+    for f in (tmp_path / "c").rglob("*.safetensors"):
+        f.write_bytes(b"garbage")
+    b = det.encode(paths)
+    np.testing.assert_array_equal(a.dense.numpy(), b.dense.numpy())
