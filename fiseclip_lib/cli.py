@@ -1,4 +1,4 @@
-"""Command line: `fiseclip run | demo-data | fetch-weights | cache` (also `python -m fiseclip_lib`).
+"""Command line: `fiseclip run | report | demo-data | fetch-weights | cache` (also `python -m fiseclip_lib`).
 
 Errors caused by input or environment print one line (`fiseclip: error: ...`) and exit 2; `--debug` shows
 the full traceback.
@@ -107,6 +107,17 @@ def cmd_fetch_weights(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import run_reports
+
+    params = _load_params(args.params) if args.params else {}
+    results = run_reports(args.out, params, only=args.only, notebooks_dir=args.notebooks, timeout=args.timeout)
+    failed = [r["name"] for r in results if r["status"] != "ok"]
+    print(f"reports in {args.out}/index.html: {len(results) - len(failed)} ok" +
+          (f", failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
 def cmd_cache(args) -> int:
     from .cache import FeatureCache
 
@@ -136,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default="openai")
     p.add_argument("--cache-dir")
     p.set_defaults(func=cmd_fetch_weights)
+    p = sub.add_parser("report", help="run the notebook series headless (papermill) into HTML reports")
+    p.add_argument("--params", help="YAML file of notebook parameters (same keys as for run)")
+    p.add_argument("--only", help="comma-separated notebook names or number prefixes, e.g. 00,03")
+    p.add_argument("--out", default="reports", help="output folder (default: reports)")
+    p.add_argument("--notebooks", help="folder of NN_name.ipynb notebooks (default: ./notebooks)")
+    p.add_argument("--timeout", type=int, help="seconds allowed per cell")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("cache", help="inspect or clear the feature cache")
     p.add_argument("action", choices=["info", "clear"])
     p.add_argument("--dir", help="cache folder (default: ~/.cache/fiseclip/features)")

@@ -258,3 +258,18 @@ def validate_category(samples: Sequence[Sample]) -> dict:
     for n in notes:
         warnings.warn(n)
     return {"pixel": pixel, "notes": notes}
+
+
+def compose_batch(samples: Sequence[Sample], size: int, anomalous_share: float, seed: int = 0) -> list[Sample]:
+    """A batch of `size` images of one category with round(share * size) anomalous ones (for contamination
+    studies). Raises when the category has too few images of either kind."""
+    n_bad = int(round(anomalous_share * size))
+    good = [s for s in samples if s.label == 0]
+    bad = [s for s in samples if s.label == 1]
+    if n_bad > len(bad) or size - n_bad > len(good):
+        raise FiseclipError(f"a batch of {size} with {n_bad} anomalous images needs more images than the category "
+                            f"has ({len(good)} normal, {len(bad)} anomalous)")
+    rng = random.Random(seed)
+    batch = rng.sample(good, size - n_bad) + rng.sample(bad, n_bad)
+    rng.shuffle(batch)
+    return batch

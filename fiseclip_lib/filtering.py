@@ -51,3 +51,11 @@ def apply_min_keep(keep: torch.Tensor, text_map: torch.Tensor, min_keep: float) 
     for i in torch.nonzero(keep.sum(1) < need).flatten().tolist():
         keep[i, torch.topk(text_map[i], need, largest=False).indices] = True
     return keep
+
+
+def oracle_keep(masks, grid: tuple[int, int]) -> torch.Tensor:
+    """Keep-mask from ground truth (for studies, not for the method): a patch is kept when no defect pixel
+    falls in it. masks `[N, H, W]` bool -> `[N, h * w]`."""
+    m = torch.as_tensor(masks).float()[:, None]
+    defect = torch.nn.functional.adaptive_max_pool2d(m, grid)[:, 0] > 0
+    return (~defect).flatten(1)

@@ -122,12 +122,16 @@ class Detector:
         """Score a batch: each image is referenced by the others. images: PIL images or paths."""
         return self.score_features(self.encode(images), class_name)
 
-    def score_features(self, feats: Features, class_name: str) -> BatchResult:
+    def score_features(self, feats: Features, class_name: str, keep: torch.Tensor | None = None) -> BatchResult:
+        """Everything after the encoder. keep: a bool `[N, P]` reference keep-mask that replaces the text filter
+        (e.g. an oracle from ground truth, `filtering.oracle_keep`), for studies."""
         cfg = self.config
+        override = keep
         n = next(iter(feats.layers.values())).shape[0]
         grid = feats.grid
         notes: list[str] = []
-        a_t = s_t = keep = a_v = None
+        a_t = s_t = a_v = None
+        keep = None
         if self.uses_text:
             t = text_embeddings(self.encoder, class_name, cfg.class_names)
             a_t = text_map(feats.dense, t, cfg.text_temperature).cpu()
@@ -143,7 +147,9 @@ class Detector:
             patch = a_t if a_t is not None else torch.zeros(1, grid[0] * grid[1])
         else:
             penalty = None
-            if cfg.method == "fiseclip":
+            if override is not None:
+                keep = torch.as_tensor(override, dtype=torch.bool)
+            elif cfg.method == "fiseclip":
                 keep, penalty = reference_keep(a_t, cfg.filter, cfg.filter_theta, cfg.filter_ratio, cfg.filter_min_keep)
             a_v = visual_map(feats.layers, grid, cfg.degrees, keep=keep, penalty=penalty, topmin_max=cfg.topmin_max,
                              dtype=match_dtype).cpu()

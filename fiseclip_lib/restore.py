@@ -118,3 +118,18 @@ def restore_block(block, x: torch.Tensor, grid: tuple[int, int], operator: str =
     if op.mlp:
         out = out + block.ls_2(block.mlp(block.ln_2(out)))
     return out, a
+
+
+def mean_attention_distance(attention: torch.Tensor | None, grid: tuple[int, int]) -> float:
+    """Locality of an attention `[N, heads, L, L]`: the attention-weighted mean distance (in patches) from each
+    patch to the patches it attends to, averaged over patches, heads and images (class token excluded and the
+    patch rows renormalised). Identity attention (None) has distance 0."""
+    if attention is None:
+        return 0.0
+    h, w = grid
+    a = attention[..., 1:, 1:].float()
+    a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], 1).float().to(a.device)
+    dist = torch.cdist(pos, pos)
+    return float((a * dist).sum(-1).mean())

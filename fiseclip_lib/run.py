@@ -68,7 +68,7 @@ def _relpath(path: str, root) -> str:
         return Path(path).as_posix()
 
 
-def _eval_masks(samples: list[D.Sample], size: int) -> np.ndarray:
+def eval_masks(samples: list[D.Sample], size: int) -> np.ndarray:
     """Ground-truth masks at the evaluation resolution (input size, nearest, > 0.5); normal -> zeros."""
     masks = np.zeros((len(samples), size, size), dtype=bool)
     for i, s in enumerate(samples):
@@ -112,7 +112,7 @@ def evaluate_category(samples: list[D.Sample], scores: np.ndarray, maps: np.ndar
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one-class notes are reported once by validate_category
         im = image_metrics(labels, scores)
-        px = pixel_metrics(_eval_masks(samples, maps.shape[-1]), maps) if pixel else {}
+        px = pixel_metrics(eval_masks(samples, maps.shape[-1]), maps) if pixel else {}
     out = {f"image_{k}": v for k, v in im.items()}
     for k in ("auroc", "ap", "f1_max", "aupro"):
         out[f"pixel_{k}"] = px.get(k, float("nan"))

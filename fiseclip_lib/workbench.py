@@ -1,0 +1,125 @@
+"""Notebook helpers: provenance headers, result lines, sweeps over configs, widgets that degrade headless.
+
+Notebooks narrate and plot; everything they compute goes through the library (this module only orchestrates
+`Detector`, `run.score_category` and the metrics).
+"""
+from __future__ import annotations
+
+import html
+import json
+import resource
+import sys
+import time
+import warnings
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import data as D
+from .config import FiseConfig
+from .pipeline import Detector
+from .provenance import RANDOM_WEIGHTS_NOTE, provenance
+from .run import evaluate_category, score_category
+
+RESULT_PREFIX = "RESULT: "
+
+
+def _display(obj):
+    try:
+        from IPython.display import display
+
+        display(obj)
+    except ImportError:  # pragma: no cover - plain Python
+        print(obj)
+
+
+def banner_html(pretrained: bool) -> str:
+    if pretrained:
+        return ""
+    return ('<div style="background:#b00020;color:white;padding:8px 12px;font-weight:bold;border-radius:4px">'
+            f"{html.escape(RANDOM_WEIGHTS_NOTE)}</div>")
+
+
+def show_provenance(dataset: str, root, seed: int, encoders: Sequence, config: FiseConfig | None = None,
+                    **extra) -> dict:
+    """Display (and return) what this notebook's numbers depend on; a red banner for random weights."""
+    from IPython.display import HTML
+
+    info = {
+        "dataset": dataset, "root": str(root), "seed": seed,
+        "encoders": [e.identity() for e in encoders],
+        "config": config.to_dict() if config is not None else None, **extra, **provenance(),
+    }
+    rows = "".join(
+        f"<tr><td><b>{html.escape(str(k))}</b></td><td><code>{html.escape(json.dumps(v, default=str))}</code></td></tr>"
+        for k, v in info.items() if k != "config")
+    cfg = (f"<details><summary>resolved config</summary><pre>{html.escape(json.dumps(info['config'], indent=1))}"
+           f"</pre></details>") if config is not None else ""
+    banners = "".join(banner_html(e.pretrained) for e in encoders if not e.pretrained)[:1000]
+    _display(HTML(f"{banners}<table>{rows}</table>{cfg}"))
+    return info
+
+
+def result(text: str) -> str:
+    """The notebook's one-line finding: shown as Markdown and printed for the report index."""
+    from IPython.display import Markdown
+
+    print(RESULT_PREFIX + text)
+    _display(Markdown(f"**What we saw.** {text}"))
+    return text
+
+
+def explore(fn: Callable, **controls):
+    """Render `fn` once with the controls' default values (a static figure for headless reports), then offer
+    the same function as an interactive widget (JupyterLab). Without ipywidgets only the static view remains."""
+    defaults = {k: getattr(c, "value", c) for k, c in controls.items()}
+    fn(**defaults)
+    try:
+        import ipywidgets as W
+        from IPython.display import Markdown
+    except ImportError:  # pragma: no cover
+        return None
+    _display(Markdown("*Interactive version below (needs a live kernel in JupyterLab):*"))
+    widget = W.interactive(fn, {"manual": False}, **controls)
+    _display(widget)
+    return widget
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB)."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 1e6
+
+
+def evaluate(detector: Detector, samples: Sequence[D.Sample], categories: Sequence[str] | None = None,
+             progress: bool = False, **labels) -> pd.DataFrame:
+    """Score and evaluate each category with one detector; a row per category (metrics, s/img, labels)."""
+    rows = []
+    cats = categories or D.categories_of(samples)
+    for cat in cats:
+        cs = [s for s in samples if s.category == cat]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            check = D.validate_category(cs)
+            t0 = time.perf_counter()
+            scored, maps = score_category(detector, cs, cat, progress=progress)
+            seconds = time.perf_counter() - t0
+            ordered = [r[0] for r in scored]
+            metrics = evaluate_category(ordered, np.array([r[1] for r in scored]), maps, check["pixel"])
+        rows.append({**labels, "category": cat, **metrics, "s_per_image": seconds / len(cs)})
+    return pd.DataFrame(rows)
+
+
+def sweep(configs: dict[str, FiseConfig], encoder, samples: Sequence[D.Sample], cache=None,
+          categories: Sequence[str] | None = None, label: str = "setting") -> pd.DataFrame:
+    """Evaluate several configs on the same encoder (and feature cache); a row per (setting, category)."""
+    frames = [evaluate(Detector(cfg, encoder=encoder, cache=cache), samples, categories, **{label: name})
+              for name, cfg in configs.items()]
+    return pd.concat(frames, ignore_index=True)
+
+
+def mean_row(df: pd.DataFrame, by: str) -> pd.DataFrame:
+    """Unweighted mean over categories per setting."""
+    num = df.select_dtypes("number").columns
+    return df.groupby(by, sort=False)[list(num)].mean().reset_index()
