@@ -14,6 +14,9 @@ from pathlib import Path
 from .errors import FiseclipError
 
 DEFAULT_DEMO_ROOT = "demo_data"
+# Keys a params file may hold for the notebooks (`fiseclip report`); `fiseclip run` ignores them.
+NOTEBOOK_KEYS = {"baseline_model", "baseline_pretrained", "run_dir", "operators", "matching_model",
+                 "matching_pretrained", "batch_sizes", "contamination", "n_references", "n_trials", "thetas", "methods"}
 
 
 def _load_params(path) -> dict:
@@ -62,6 +65,8 @@ def cmd_run(args) -> int:
     from .run import format_table, run_benchmark
 
     params = _load_params(args.params) if args.params else {}
+    params.update(params.pop("options", None) or {})
+    params = {k: v for k, v in params.items() if k not in NOTEBOOK_KEYS}
     dataset = args.dataset or params.pop("dataset", "demo")
     root = args.root or params.pop("root", None) or (DEFAULT_DEMO_ROOT if dataset == "demo" else None)
     params.pop("dataset", None), params.pop("root", None)

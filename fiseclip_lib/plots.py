@@ -55,7 +55,8 @@ def show_maps(images: Sequence, maps: np.ndarray, masks: np.ndarray | None = Non
     labels = ["image", "ground truth", "anomaly map"] if masks is not None else ["image", "anomaly map"]
     for r, lab in enumerate(labels):
         axes[r, 0].set_ylabel(lab, fontsize=9)
-    fig.colorbar(im, ax=axes[:, -1].tolist(), fraction=0.05, label="score (batch scale)")
+    fig.subplots_adjust(right=0.9)
+    fig.colorbar(im, cax=fig.add_axes([0.92, 0.15, 0.012, 0.7]), label="score (batch scale)")
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
     return fig

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -114,9 +115,6 @@ def _index(out: Path, results: list[dict], prov: dict) -> None:
 def run_reports(out, params: dict | None = None, only: str | None = None, notebooks_dir=None,
                 kernel_name: str = "python3", timeout: int | None = None) -> list[dict]:
     """Execute the notebooks into `out` (executed .ipynb + .html each, index.html); returns one record each."""
-    import nbformat
-    import papermill as pm
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     notebooks_dir = Path(notebooks_dir) if notebooks_dir else default_notebooks_dir()
@@ -127,28 +125,42 @@ def run_reports(out, params: dict | None = None, only: str | None = None, notebo
     params.setdefault("run_dir", str((out / "_runs").resolve()))
     prov = provenance()
     results = []
-    for book in list_notebooks(notebooks_dir, only):
-        name = book.stem
-        effective = {**_notebook_params(book), **params}
-        print(f"[report] {name} ...", flush=True)
-        t0 = time.time()
-        status, error = "ok", ""
-        with atomic_path(out / f"{name}.ipynb") as tmp:
-            try:
-                pm.execute_notebook(str(book), str(tmp), parameters=params, cwd=str(notebooks_dir),
-                                    kernel_name=kernel_name, progress_bar=False, execution_timeout=timeout)
-            except pm.PapermillExecutionError as e:
-                status, error = "failed", f"{e.ename}: {str(e.evalue).splitlines()[0] if e.evalue else ''}"
-            except Exception as e:  # kernel died, bad notebook, ...
-                status, error = "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            if not tmp.exists() or tmp.stat().st_size == 0:
-                nbformat.write(nbformat.read(str(book), as_version=4), str(tmp))
-            nb = nbformat.read(str(tmp), as_version=4)
-        wall = time.time() - t0
-        write_text_atomic(out / f"{name}.html", _to_html(nb, _header(name, status, error, wall, effective, prov)))
-        pretrained = str(effective.get("pretrained", "")).lower() not in {"none", "random", ""}
-        results.append({"name": name, "status": status, "error": error, "wall_s": round(wall, 2),
-                        "result": _result_line(nb), "pretrained": pretrained})
-        print(f"[report] {name}: {status} in {wall:.0f} s" + (f" ({error})" if error else ""), flush=True)
-        _index(out, results, prov)
+    # Kernels inherit the environment: a headless MPLBACKEND=Agg there would drop every figure from the report.
+    saved_backend = os.environ.pop("MPLBACKEND", None)
+    try:
+        for book in list_notebooks(notebooks_dir, only):
+            results.append(_run_one(book, out, params, notebooks_dir, kernel_name, timeout, prov))
+            _index(out, results, prov)
+    finally:
+        if saved_backend is not None:
+            os.environ["MPLBACKEND"] = saved_backend
     return results
+
+
+def _run_one(book: Path, out: Path, params: dict, notebooks_dir: Path, kernel_name: str, timeout, prov) -> dict:
+    """Execute one notebook into `out` (.ipynb and .html, both even when it fails); return its record."""
+    import nbformat
+    import papermill as pm
+
+    name = book.stem
+    effective = {**_notebook_params(book), **params}
+    print(f"[report] {name} ...", flush=True)
+    t0 = time.time()
+    status, error = "ok", ""
+    with atomic_path(out / f"{name}.ipynb") as tmp:
+        try:
+            pm.execute_notebook(str(book), str(tmp), parameters=params, cwd=str(notebooks_dir),
+                                kernel_name=kernel_name, progress_bar=False, execution_timeout=timeout)
+        except pm.PapermillExecutionError as e:
+            status, error = "failed", f"{e.ename}: {str(e.evalue).splitlines()[0] if e.evalue else ''}"
+        except Exception as e:  # kernel died, bad notebook, ...
+            status, error = "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if not tmp.exists() or tmp.stat().st_size == 0:
+            nbformat.write(nbformat.read(str(book), as_version=4), str(tmp))
+        nb = nbformat.read(str(tmp), as_version=4)
+    wall = time.time() - t0
+    write_text_atomic(out / f"{name}.html", _to_html(nb, _header(name, status, error, wall, effective, prov)))
+    pretrained = str(effective.get("pretrained", "")).lower() not in {"none", "random", ""}
+    print(f"[report] {name}: {status} in {wall:.0f} s" + (f" ({error})" if error else ""), flush=True)
+    return {"name": name, "status": status, "error": error, "wall_s": round(wall, 2),
+            "result": _result_line(nb), "pretrained": pretrained}

@@ -121,5 +121,5 @@ def sweep(configs: dict[str, FiseConfig], encoder, samples: Sequence[D.Sample], 
 
 def mean_row(df: pd.DataFrame, by: str) -> pd.DataFrame:
     """Unweighted mean over categories per setting."""
-    num = df.select_dtypes("number").columns
-    return df.groupby(by, sort=False)[list(num)].mean().reset_index()
+    num = [c for c in df.select_dtypes("number").columns if c != by]
+    return df.groupby(by, sort=False)[num].mean().reset_index()
