@@ -136,10 +136,17 @@ def cmd_cache(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump), like every other fiseclip error."""
+
+    def error(self, message):
+        self.exit(2, f"fiseclip: error: {message} (see fiseclip {self.prog.split()[-1]} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fiseclip", description="FiSeCLIP zero-shot anomaly detection workbench")
+    parser = _Parser(prog="fiseclip", description="FiSeCLIP zero-shot anomaly detection workbench")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_run(sub).set_defaults(func=cmd_run)
     p = sub.add_parser("demo-data", help="build the offline demo dataset (MVTec layout)")
     p.add_argument("--out", default=DEFAULT_DEMO_ROOT)
@@ -166,28 +173,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not debug:
-        warnings.filterwarnings("ignore", message=".*QuickGELU mismatch.*")
-    try:
-        return args.func(args)
-    except FiseclipError as e:
-        if debug:
-            raise
-        print(f"fiseclip: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fiseclip: interrupted; finished categories are kept (rerun with --resume)", file=sys.stderr)
-        return 130
-    except MemoryError:
-        if debug:
-            raise
-        print("fiseclip: error: out of memory; lower --batch-size or --set encode_batch=1", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():  # restored on return: main() may run inside another program
+        if not debug:
+            warnings.filterwarnings("ignore", message=".*QuickGELU mismatch.*")
+            warnings.showwarning = _one_line_warning
+        try:
+            return args.func(args)
+        except FiseclipError as e:
+            if debug:
+                raise
+            print(f"fiseclip: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("fiseclip: interrupted; finished categories are kept (rerun with --resume)", file=sys.stderr)
+            return 130
+        except MemoryError:
+            if debug:
+                raise
+            print("fiseclip: error: out of memory; lower --batch-size or --set encode_batch=1", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

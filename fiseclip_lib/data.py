@@ -129,6 +129,9 @@ def load_mvtec(root, categories: Sequence[str] | None = None) -> list[Sample]:
     for cat in _select(found, categories, root):
         test = root / cat / "test"
         defects = sorted(d.name for d in test.iterdir() if d.is_dir())
+        if not any(_images_in(test / d) for d in defects):
+            warnings.warn(f"category {cat} has no test images under {test}; skipped")
+            continue
         for defect in defects:
             images = _images_in(test / defect)
             label = 0 if defect == "good" else 1

@@ -74,8 +74,7 @@ def eval_masks(samples: list[D.Sample], size: int) -> np.ndarray:
     for i, s in enumerate(samples):
         if s.label == 1 and s.mask:
             img_size = D.image_size_of(s.path)
-            with warnings.catch_warnings():
-                m = D.load_mask(s.mask)
+            m = D.load_mask(s.mask)
             if m.shape[::-1] != tuple(img_size):
                 warnings.warn(f"mask {s.mask} is {m.shape[1]}x{m.shape[0]} but its image is "
                               f"{img_size[0]}x{img_size[1]}; resized with nearest")
@@ -87,6 +86,8 @@ def score_category(detector: Detector, samples: list[D.Sample], category: str, p
     """Score one category batch by batch; returns (rows, maps [N, S, S] in sample order of rows)."""
     cfg = detector.config
     bs = len(samples) if (cfg.method == "musc" and cfg.musc_pool == "category") else cfg.batch_size
+    if bs > len(samples):
+        warnings.warn(f"batch size {bs} > {len(samples)} images in category {category}: scored as one batch")
     batches = D.make_batches(samples, bs, seed=cfg.seed, shuffle=cfg.shuffle)
     try:
         from tqdm.auto import tqdm
@@ -110,7 +111,9 @@ def score_category(detector: Detector, samples: list[D.Sample], category: str, p
 def evaluate_category(samples: list[D.Sample], scores: np.ndarray, maps: np.ndarray, pixel: bool) -> dict:
     labels = np.array([s.label for s in samples])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # one-class notes are reported once by validate_category
+        # one-class notes are reported once, by validate_category
+        warnings.filterwarnings("ignore", message=".*only one class present.*")
+        warnings.filterwarnings("ignore", message="AU-PRO: needs both.*")
         im = image_metrics(labels, scores)
         px = pixel_metrics(eval_masks(samples, maps.shape[-1]), maps) if pixel else {}
     out = {f"image_{k}": v for k, v in im.items()}
