@@ -242,7 +242,7 @@ class ClipEncoder(Encoder):
 
 
 class EfficientNetEncoder(Encoder):
-    """ImageNet EfficientNet-Lite0 feature maps (stages 1..7), resampled to the stride-8 grid."""
+    """ImageNet EfficientNet-Lite0 feature maps (stages 1..7), resampled to the stride-8 grid (any size >= 32)."""
 
     STRIDES = (2, 4, 8, 16, 16, 32, 32)
 
@@ -251,10 +251,8 @@ class EfficientNetEncoder(Encoder):
                 return_attention: bool = False) -> Features:
         layers = self.check_layers(layers)
         h, w = pixels.shape[-2:]
-        if h % 32 or w % 32:
-            raise FiseclipError(
-                f"image size {h}x{w}: {self.model_name} needs a multiple of 32; use e.g. --image-size {max(32, h // 32 * 32)}"
-            )
+        if min(h, w) < 32:
+            raise FiseclipError(f"image size {h}x{w} is too small for {self.model_name}; use at least 32")
         m = self.model
         dtype = next(m.parameters()).dtype
         gh, gw = h // self.patch_size, w // self.patch_size
@@ -508,10 +506,8 @@ def _load_efficientnet(pretrained: str, image_size: int, dev: torch.device, prec
                        seed: int) -> EfficientNetEncoder:
     import timm
 
-    if image_size % 32:
-        raise FiseclipError(
-            f"image size {image_size}: {EFFICIENTNET_MODEL} needs a multiple of 32; use e.g. {max(32, image_size // 32 * 32)}"
-        )
+    if image_size < 32:
+        raise FiseclipError(f"image size {image_size} is too small for {EFFICIENTNET_MODEL}; use at least 32")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = timm.create_model("efficientnet_lite0", pretrained=False)

@@ -51,8 +51,9 @@ def reference_distances(Z: torch.Tensor, keep: torch.Tensor | None = None, penal
                         dtype: torch.dtype = torch.float32, chunk: int = QUERY_CHUNK) -> torch.Tensor:
     """d[j, i, p]: distance from patch p of image i to its nearest (kept) patch of reference image j.
 
-    Z `[N, P, C]` L2-normalised; keep bool `[N, P]` (reference patches allowed); penalty `[N, P]` added to the
-    distance of each reference patch. The diagonal j == i is +inf (an image is not its own reference).
+    Z `[N, P, C]` (L2-normalised features take a faster path; any features give Euclidean distances); keep bool
+    `[N, P]` (reference patches allowed); penalty `[N, P]` added to the distance of each reference patch. The
+    diagonal j == i is +inf (an image is not its own reference).
 
     Each pair of images is multiplied once: the similarity block S = Z_i Z_j^T gives image i's nearest
     patches in j (max over columns) and image j's nearest patches in i (max over rows). Reference images are
@@ -67,26 +68,29 @@ def reference_distances(Z: torch.Tensor, keep: torch.Tensor | None = None, penal
             warnings.warn(f"reference image {j} has no kept patch; all of its patches are used")
             keep[j] = True
     pen = None if penalty is None else penalty.to(Z.device).float()
+    sq = torch.linalg.vector_norm(Z.float(), dim=-1).pow(2)  # [n, p]; 1 for L2-normalised features
+    unit = bool(torch.allclose(sq, torch.ones_like(sq), atol=2e-3))
     group = max(1, chunk // p)
     for i in range(n - 1):
         for g0 in range(i + 1, n, group):
             js = slice(g0, min(n, g0 + group))
             g = js.stop - js.start
             sim = (Zd[i] @ Zd[js].reshape(g * p, c).T).float().reshape(p, g, p)  # [p_i, j, p_j]
-            if pen is None:
+            if unit and pen is None:  # fast path: the nearest patch is the most similar one
                 row = sim if keep is None else sim.masked_fill(~keep[js][None], -float("inf"))
                 col = sim if keep is None else sim.masked_fill(~keep[i][:, None, None], -float("inf"))
                 out[js, i] = _to_distance(row.amax(dim=2)).T  # i's patches vs references j
                 out[i, js] = _to_distance(col.amax(dim=0))  # j's patches vs reference i
-            else:
-                d = _to_distance(sim)
-                row = d + pen[js][None]
-                col = d + pen[i][:, None, None]
-                if keep is not None:
-                    row = row.masked_fill(~keep[js][None], float("inf"))
-                    col = col.masked_fill(~keep[i][:, None, None], float("inf"))
-                out[js, i] = row.amin(dim=2).T
-                out[i, js] = col.amin(dim=0)
+                continue
+            # general path: ||a - b||^2 = |a|^2 + |b|^2 - 2 a.b, then the penalty of the reference patch
+            d = torch.sqrt(torch.clamp(sq[i][:, None, None] + sq[js][None] - 2.0 * sim, min=0.0))
+            row = d if pen is None else d + pen[js][None]
+            col = d if pen is None else d + pen[i][:, None, None]
+            if keep is not None:
+                row = row.masked_fill(~keep[js][None], float("inf"))
+                col = col.masked_fill(~keep[i][:, None, None], float("inf"))
+            out[js, i] = row.amin(dim=2).T
+            out[i, js] = col.amin(dim=0)
     return out
 
 
@@ -97,7 +101,8 @@ def _to_distance(sim: torch.Tensor) -> torch.Tensor:
 
 def mutual_scores(Z: torch.Tensor, keep: torch.Tensor | None = None, topmin_max: float = 0.3,
                   penalty: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Mutual scoring (MSM) inside a batch. Z `[N, P, C]` (L2-normalised), keep bool `[N, P]` or None -> `[N, P]`.
+    """Mutual scoring (MSM) inside a batch. Z `[N, P, C]` (normally L2-normalised, as `lnamd` returns; any features
+    give Euclidean distances), keep bool `[N, P]` or None -> `[N, P]`.
 
     keep[j, q] False removes patch q of image j from the references of every other image.
     N = 1 has no reference: zeros with a warning (the pipeline then falls back to the text map).

@@ -15,7 +15,7 @@ from helpers import make_mvtec_tree  # noqa: E402
 def tiny_encoder():
     from fiseclip_lib.encoder import load_encoder
 
-    return load_encoder("fiseclip-tiny", "none", image_size=64, device="cpu")
+    return load_encoder("fiseclip-tiny", "none", image_size=112, device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from fiseclip_lib import Detector, FiseConfig
 from fiseclip_lib.cache import FeatureCache
 from fiseclip_lib.run import run_benchmark
 
-TINY = dict(model="fiseclip-tiny", pretrained="none", image_size=64, device="cpu", batch_size=5)
+TINY = dict(model="fiseclip-tiny", pretrained="none", image_size=112, device="cpu", batch_size=5)
 
 
 class CountingEncoder:

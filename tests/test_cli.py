@@ -9,7 +9,7 @@ from fiseclip_lib.cli import main
 
 def tiny_args(root, out, *extra):
     return ["run", "--dataset", "demo", "--root", str(root), "--model", "fiseclip-tiny", "--pretrained", "none",
-            "--image-size", "64", "--batch-size", "5", "--out", str(out), "--no-progress", *extra]
+            "--image-size", "112", "--batch-size", "5", "--out", str(out), "--no-progress", *extra]
 
 
 def test_run_cli_writes_named_outputs(small_demo, tmp_path, capsys):
@@ -28,7 +28,7 @@ def test_run_cli_writes_named_outputs(small_demo, tmp_path, capsys):
 
 def test_params_file_reaches_the_config(small_demo, tmp_path):
     params = tmp_path / "p.yaml"
-    params.write_text(f"dataset: demo\nroot: {small_demo}\nmodel: fiseclip-tiny\npretrained: none\nimage_size: 64\n"
+    params.write_text(f"dataset: demo\nroot: {small_demo}\nmodel: fiseclip-tiny\npretrained: none\nimage_size: 112\n"
                       f"batch_size: 5\nrestore: naclip\ncategories: brick\n")
     assert main(["run", "--params", str(params), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
     conf = json.loads((tmp_path / "o" / "config.json").read_text())
@@ -37,7 +37,7 @@ def test_params_file_reaches_the_config(small_demo, tmp_path):
 
 def test_bad_input_is_one_line_error(tmp_path, capsys):
     code = main(["run", "--dataset", "mvtec", "--root", str(tmp_path / "missing"), "--model", "fiseclip-tiny",
-                 "--pretrained", "none", "--image-size", "64", "--out", str(tmp_path / "o")])
+                 "--pretrained", "none", "--image-size", "112", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("fiseclip: error:") and "missing" in err and "\n" not in err

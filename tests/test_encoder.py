@@ -11,11 +11,11 @@ def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("size", [64, 96])
+@pytest.mark.parametrize("size", [112, 168])
 def test_tiny_encoder_shapes_at_two_input_sizes(tiny_encoder, size):
     x = torch.randn(3, 3, size, size)
     f = tiny_encoder(x, layers=[1, 2, 4], restore="clearclip")
-    g = size // 8
+    g = size // 14
     assert f.grid == (g, g)
     assert sorted(f.layers) == [1, 2, 4]
     for t in f.layers.values():
@@ -27,7 +27,7 @@ def test_tiny_encoder_shapes_at_two_input_sizes(tiny_encoder, size):
 
 def test_tokens_equal_open_clip_forward(tiny_encoder):
     """Every requested layer and the global embedding equal open_clip's own forward at the native size."""
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 112, 112)
     f = tiny_encoder(x, layers=[1, 2, 3, 4], restore="vanilla")
     ref = tiny_encoder.model.visual.forward_intermediates(x, indices=[0, 1, 2, 3], output_fmt="NLC")
     for layer, expected in zip([1, 2, 3, 4], ref["image_intermediates"]):
@@ -40,7 +40,7 @@ def test_tokens_equal_open_clip_forward(tiny_encoder):
 
 
 def test_layers_do_not_alias(tiny_encoder):
-    f = tiny_encoder(torch.randn(2, 3, 64, 64), layers=[1, 2, 3, 4])
+    f = tiny_encoder(torch.randn(2, 3, 112, 112), layers=[1, 2, 3, 4])
     ts = list(f.layers.values())
     for i in range(len(ts)):
         for j in range(i + 1, len(ts)):
@@ -50,8 +50,8 @@ def test_layers_do_not_alias(tiny_encoder):
 
 def test_forward_leaves_parameters_and_positional_embedding_unchanged(tiny_encoder):
     before = snapshot(tiny_encoder.model)
-    tiny_encoder(torch.randn(2, 3, 96, 96), layers=[2, 4], restore="naclip")
-    tiny_encoder(torch.randn(2, 3, 64, 64), layers=[2, 4], restore="sclip")
+    tiny_encoder(torch.randn(2, 3, 168, 168), layers=[2, 4], restore="naclip")
+    tiny_encoder(torch.randn(2, 3, 112, 112), layers=[2, 4], restore="sclip")
     after = snapshot(tiny_encoder.model)
     assert before.keys() == after.keys()
     for k in before:
@@ -61,7 +61,7 @@ def test_forward_leaves_parameters_and_positional_embedding_unchanged(tiny_encod
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
 def test_local_checkpoint_round_trip(tmp_path, fmt):
-    src = load_encoder("fiseclip-tiny", "none", image_size=64, device="cpu", seed=123)
+    src = load_encoder("fiseclip-tiny", "none", image_size=112, device="cpu", seed=123)
     sd = src.model.state_dict()
     path = tmp_path / f"tiny.{fmt}"
     if fmt == "safetensors":
@@ -70,12 +70,12 @@ def test_local_checkpoint_round_trip(tmp_path, fmt):
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     else:
         torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, path)
-    loaded = load_encoder("fiseclip-tiny", str(path), image_size=64, device="cpu", seed=999)
+    loaded = load_encoder("fiseclip-tiny", str(path), image_size=112, device="cpu", seed=999)
     assert loaded.pretrained
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 112, 112)
     a, b = src(x, layers=[4]), loaded(x, layers=[4])
     torch.testing.assert_close(a.layers[4], b.layers[4])
-    other = load_encoder("fiseclip-tiny", "none", image_size=64, device="cpu", seed=999)
+    other = load_encoder("fiseclip-tiny", "none", image_size=112, device="cpu", seed=999)
     assert not torch.allclose(other(x, layers=[4]).layers[4], a.layers[4])
 
 
@@ -85,7 +85,7 @@ def test_checkpoint_that_does_not_fit_is_a_clear_error(tmp_path):
     path = tmp_path / "wrong.safetensors"
     save_file({"foo": torch.zeros(3)}, str(path))
     with pytest.raises(FiseclipError, match="does not fit"):
-        load_encoder("fiseclip-tiny", str(path), image_size=64, device="cpu")
+        load_encoder("fiseclip-tiny", str(path), image_size=112, device="cpu")
 
 
 def test_offline_weights_error_is_fast_and_names_the_way_out(tmp_path, monkeypatch):
@@ -103,20 +103,20 @@ def test_offline_weights_error_is_fast_and_names_the_way_out(tmp_path, monkeypat
 def test_bad_arguments_are_clear_errors():
     with pytest.raises(FiseclipError, match="unknown model"):
         load_encoder("ViT-Z-99", "none", image_size=64, device="cpu")
-    with pytest.raises(FiseclipError, match="multiple of the patch size 8"):
+    with pytest.raises(FiseclipError, match="multiple of the patch size 14"):
         load_encoder("fiseclip-tiny", "none", image_size=60, device="cpu")
     with pytest.raises(FiseclipError, match="fp16 needs CUDA"):
-        load_encoder("fiseclip-tiny", "none", image_size=64, device="cpu", precision="fp16")
+        load_encoder("fiseclip-tiny", "none", image_size=112, device="cpu", precision="fp16")
     with pytest.raises(FiseclipError, match="known tag"):
-        load_encoder("fiseclip-tiny", "openai", image_size=64, device="cpu")
+        load_encoder("fiseclip-tiny", "openai", image_size=112, device="cpu")
     if not torch.cuda.is_available():
         with pytest.raises(FiseclipError, match="CUDA is not available"):
-            load_encoder("fiseclip-tiny", "none", image_size=64, device="cuda")
+            load_encoder("fiseclip-tiny", "none", image_size=112, device="cuda")
 
 
 def test_bf16_cast_close_to_fp32(tiny_encoder):
-    bf = load_encoder("fiseclip-tiny", "none", image_size=64, device="cpu", precision="bf16")
-    x = torch.randn(2, 3, 64, 64)
+    bf = load_encoder("fiseclip-tiny", "none", image_size=112, device="cpu", precision="bf16")
+    x = torch.randn(2, 3, 112, 112)
     a = tiny_encoder(x, layers=[4]).global_embedding
     b = bf(x, layers=[4]).global_embedding
     assert b.dtype == torch.float32
@@ -138,3 +138,5 @@ def test_efficientnet_pretrained_features_load_and_differ_from_random():
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
     with pytest.raises(FiseclipError, match="no text tower"):
         pre.encode_text(["a photo"])
+    odd = load_encoder(EFFICIENTNET_MODEL, "imagenet", image_size=518, device="cpu")  # the paper size works too
+    assert odd(torch.randn(1, 3, 518, 518), layers=[3]).layers[3].shape == (1, 64 * 64, 40)

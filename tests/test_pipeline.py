@@ -11,7 +11,7 @@ from fiseclip_lib.errors import FiseclipError
 from fiseclip_lib.fusion import batch_minmax, fuse
 from fiseclip_lib.run import METRIC_COLUMNS, run_benchmark
 
-TINY = dict(model="fiseclip-tiny", pretrained="none", image_size=64, device="cpu", batch_size=5)
+TINY = dict(model="fiseclip-tiny", pretrained="none", image_size=112, device="cpu", batch_size=5)
 
 
 def batch_paths(root, category="textile", n=5):
@@ -43,7 +43,7 @@ def test_pipeline_runs_with_every_option_on_tiny_clip(small_demo, tiny_encoder, 
     cfg = FiseConfig(**{**TINY, **option})
     det = Detector(cfg, encoder=tiny_encoder)
     res = det.score_batch(batch_paths(small_demo), "textile")
-    assert res.maps.shape == (5, 64, 64) and res.scores.shape == (5,)
+    assert res.maps.shape == (5, 112, 112) and res.scores.shape == (5,)
     assert np.isfinite(res.maps).all() and np.isfinite(res.scores).all()
     if cfg.method in ("fiseclip", "fiseclip-nofilter", "musc"):
         assert res.visual_map.shape == (5, 8, 8)

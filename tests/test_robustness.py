@@ -109,7 +109,7 @@ def test_bad_input(tmp_path, capsys, name, breaker, extra, expect, text):
         (tmp_path / "a_file").write_text("x")
         extra = [e.replace("__file__", str(tmp_path / "a_file")) for e in extra]
     args = ["run", "--dataset", "mvtec", "--root", str(root), "--model", "fiseclip-tiny", "--pretrained", "none",
-            "--image-size", "32", "--batch-size", "4", "--out", str(out), "--no-progress", "--no-feature-cache"]
+            "--image-size", "28", "--batch-size", "4", "--out", str(out), "--no-progress", "--no-feature-cache"]
     try:
         code = main(args + extra)
     except SystemExit as e:  # argparse
@@ -139,7 +139,7 @@ def test_bad_input(tmp_path, capsys, name, breaker, extra, expect, text):
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(FiseclipError):
         main(["--debug", "run", "--dataset", "mvtec", "--root", str(tmp_path / "none"), "--model", "fiseclip-tiny",
-              "--pretrained", "none", "--image-size", "32", "--out", str(tmp_path / "o")])
+              "--pretrained", "none", "--image-size", "28", "--out", str(tmp_path / "o")])
 
 
 def test_nan_features_are_a_clear_error(tiny_encoder, mvtec_tree):
@@ -152,7 +152,7 @@ def test_nan_features_are_a_clear_error(tiny_encoder, mvtec_tree):
             f.layers = {k: v * float("nan") for k, v in f.layers.items()}
             return f
 
-    det = Detector(FiseConfig(model="fiseclip-tiny", pretrained="none", image_size=32, device="cpu"), NaNEncoder())
+    det = Detector(FiseConfig(model="fiseclip-tiny", pretrained="none", image_size=28, device="cpu"), NaNEncoder())
     path = str(img_path(mvtec_tree))
     with pytest.raises(FiseclipError, match="NaN or inf in features of .*000.png"):
         det.score_batch([path, path], "bottle")
@@ -164,7 +164,7 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path):
     root = build_demo(tmp_path / "demo", categories=("textile", "brick", "gravel"), n_good=24, n_defect=8,
                       n_train=0, size=128)
     base = [sys.executable, "-m", "fiseclip_lib", "run", "--dataset", "demo", "--root", str(root), "--model",
-            "fiseclip-tiny", "--pretrained", "none", "--image-size", "128", "--no-progress", "--no-feature-cache"]
+            "fiseclip-tiny", "--pretrained", "none", "--image-size", "112", "--no-progress", "--no-feature-cache"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run(base + ["--out", str(tmp_path / "full")], check=True, env=env, capture_output=True)
     out = tmp_path / "killed"
