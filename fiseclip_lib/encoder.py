@@ -108,9 +108,13 @@ class Encoder:
         """PIL images, arrays or paths -> normalised `[N, 3, S, S]` float tensor on CPU."""
         from .data import load_image
 
+        from PIL import Image
+
         out = []
         for im in images:
-            if not hasattr(im, "convert"):
+            if isinstance(im, np.ndarray):
+                im = Image.fromarray(im if im.dtype == np.uint8 else np.clip(im, 0, 255).astype(np.uint8))
+            elif not hasattr(im, "convert"):
                 im = load_image(im)
             im = im.convert("RGB").resize((self.image_size, self.image_size), resample=3)  # bicubic
             arr = torch.from_numpy(np.array(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
@@ -297,15 +301,24 @@ def _quiet_logging():
         root.setLevel(level)
 
 
-def _hub_offline() -> bool:
-    """True when the weights hub cannot be used: declared offline, or unreachable within 3 s."""
+def _hub_offline(timeout: float = 3.0) -> bool:
+    """True when the weights hub cannot be used: declared offline, or unreachable within `timeout` seconds
+    (name resolution included, which a plain socket timeout does not bound)."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
         return True
+    import concurrent.futures
+
+    def probe():
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        pool.submit(probe).result(timeout=timeout)
         return False
-    except OSError:
+    except Exception:
         return True
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _cached_tag_file(cfg: dict, cache_dir: str | None) -> tuple[str | None, list[str]]:

@@ -111,12 +111,12 @@ def bar_metrics(df, x: str, y: str, hue: str | None = None, title: str = "", yli
     import seaborn as sns
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = plt.subplots(figsize=(8, 3.2))
     sns.barplot(data=df, x=x, y=y, hue=hue, ax=ax)
     ax.set_ylim(*ylim)
     ax.set_title(title, fontsize=10)
     if hue:
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", title=hue)
     fig.tight_layout()
     return fig
 
@@ -125,10 +125,12 @@ def line_metrics(df, x: str, y: str, hue: str | None = None, title: str = "", lo
     import seaborn as sns
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
     sns.lineplot(data=df, x=x, y=y, hue=hue, marker="o", ax=ax)
     if logx:
         ax.set_xscale("log", base=2)
+    if hue:
+        ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", title=hue)
     ax.set_title(title, fontsize=10)
     if ylabel:
         ax.set_ylabel(ylabel)

@@ -53,6 +53,18 @@ def test_pipeline_runs_with_every_option_on_tiny_clip(small_demo, tiny_encoder, 
         assert res.keep.dtype == bool and res.keep.reshape(5, -1).sum(1).min() >= 7  # min-keep guard (10%)
 
 
+def test_paths_pil_images_and_arrays_give_the_same_result(small_demo, tiny_encoder):
+    from PIL import Image
+
+    paths = batch_paths(small_demo)[:3]
+    det = Detector(FiseConfig(**TINY), encoder=tiny_encoder)
+    a = det.score_batch(paths, "textile")
+    b = det.score_batch([Image.open(p) for p in paths], "textile")
+    c = det.score_batch([np.asarray(Image.open(p).convert("RGB")) for p in paths], "textile")
+    np.testing.assert_array_equal(a.maps, b.maps)
+    np.testing.assert_array_equal(a.maps, c.maps)
+
+
 def test_filtering_changes_the_result_and_nofilter_equals_filter_none(small_demo, tiny_encoder):
     paths = batch_paths(small_demo)
     det = Detector(FiseConfig(**TINY), encoder=tiny_encoder)
