@@ -127,11 +127,3 @@ class FeatureCache:
         for p in files:
             p.unlink(missing_ok=True)
         return len(files)
-
-
-def split_features(feats: Features) -> list[Features]:
-    """A batch of Features -> one Features per image (views)."""
-    n = next(iter(feats.layers.values())).shape[0]
-    return [Features(layers={l: t[i:i + 1] for l, t in feats.layers.items()}, grid=feats.grid,
-                     global_embedding=None if feats.global_embedding is None else feats.global_embedding[i:i + 1],
-                     dense=None if feats.dense is None else feats.dense[i:i + 1]) for i in range(n)]

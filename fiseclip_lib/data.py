@@ -18,7 +18,7 @@ from PIL import Image, ImageFile
 
 from .errors import DatasetError, FiseclipError
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".JPG", ".PNG", ".JPEG"}
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 DATASETS = ("mvtec", "visa", "folder", "demo")
 MIN_LAST_BATCH = 5  # a last partial batch smaller than this is merged into the previous one
 
@@ -75,7 +75,7 @@ def image_size_of(path) -> tuple[int, int]:
 def _images_in(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in IMAGE_EXTS and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
 
 
 def _pair_masks(images: list[Path], mask_dir: Path | None, suffixes=("_mask", "")) -> dict[Path, Path | None]:

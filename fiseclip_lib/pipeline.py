@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .cache import FeatureCache, image_hash, split_features
+from .cache import FeatureCache, image_hash
 from .config import FiseConfig
 from .encoder import Encoder, Features, load_encoder
 from .errors import FiseclipError
@@ -52,6 +52,15 @@ def concat_features(parts: Sequence[Features]) -> Features:
         dense=cat([p.dense for p in parts]),
         attention=cat([p.attention for p in parts]),
     )
+
+
+def split_features(feats: Features) -> list[Features]:
+    """A batch of Features -> one Features per image (views, no copies)."""
+    n = next(iter(feats.layers.values())).shape[0]
+    pick = lambda x, i: None if x is None else x[i:i + 1]  # noqa: E731
+    return [Features(layers={l: t[i:i + 1] for l, t in feats.layers.items()}, grid=feats.grid,
+                     global_embedding=pick(feats.global_embedding, i), dense=pick(feats.dense, i))
+            for i in range(n)]
 
 
 class Detector:
@@ -126,12 +135,10 @@ class Detector:
         """Everything after the encoder. keep: a bool `[N, P]` reference keep-mask that replaces the text filter
         (e.g. an oracle from ground truth, `filtering.oracle_keep`), for studies."""
         cfg = self.config
-        override = keep
         n = next(iter(feats.layers.values())).shape[0]
         grid = feats.grid
         notes: list[str] = []
-        a_t = s_t = a_v = None
-        keep = None
+        a_t = s_t = a_v = ref_keep = None
         if self.uses_text:
             t = text_embeddings(self.encoder, class_name, cfg.class_names)
             a_t = text_map(feats.dense, t, cfg.text_temperature).cpu()
@@ -147,12 +154,13 @@ class Detector:
             patch = a_t if a_t is not None else torch.zeros(1, grid[0] * grid[1])
         else:
             penalty = None
-            if override is not None:
-                keep = torch.as_tensor(override, dtype=torch.bool)
+            if keep is not None:
+                ref_keep = torch.as_tensor(keep, dtype=torch.bool)
             elif cfg.method == "fiseclip":
-                keep, penalty = reference_keep(a_t, cfg.filter, cfg.filter_theta, cfg.filter_ratio, cfg.filter_min_keep)
-            a_v = visual_map(feats.layers, grid, cfg.degrees, keep=keep, penalty=penalty, topmin_max=cfg.topmin_max,
-                             dtype=match_dtype).cpu()
+                ref_keep, penalty = reference_keep(a_t, cfg.filter, cfg.filter_theta, cfg.filter_ratio,
+                                                   cfg.filter_min_keep)
+            a_v = visual_map(feats.layers, grid, cfg.degrees, keep=ref_keep, penalty=penalty,
+                             topmin_max=cfg.topmin_max, dtype=match_dtype).cpu()
             patch = a_v if cfg.method == "musc" else fuse(a_v, a_t, cfg.fusion, cfg.alpha, cfg.gate_tau)
         maps = gaussian_smooth(upsample(patch, grid, self.encoder.image_size), cfg.sigma)
         scores = image_scores(maps, s_t, cfg.beta)
@@ -168,6 +176,6 @@ class Detector:
         return BatchResult(
             maps=maps.numpy().astype(np.float32), scores=scores.numpy().astype(np.float64), grid=grid,
             method=cfg.method, visual_map=grid_np(a_v), text_map=grid_np(a_t),
-            keep=None if keep is None else keep.reshape(n, *grid).numpy(),
+            keep=None if ref_keep is None else ref_keep.reshape(n, *grid).numpy(),
             text_scores=None if s_t is None else s_t.numpy(), notes=notes,
         )

@@ -7,6 +7,7 @@ report with its one-line result (the notebook's `RESULT:` line).
 """
 from __future__ import annotations
 
+import ast
 import html
 import json
 import os
@@ -87,9 +88,8 @@ def _notebook_params(path: Path) -> dict:
     out = {}
     for name, spec in pm.inspect_notebook(str(path)).items():
         try:
-            out[name] = json.loads(spec["default"].replace("'", '"').replace("None", "null")
-                                   .replace("True", "true").replace("False", "false"))
-        except (ValueError, AttributeError):
+            out[name] = ast.literal_eval(spec["default"])
+        except (ValueError, SyntaxError):
             out[name] = spec["default"]
     return out
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import time
 import warnings
@@ -129,10 +128,6 @@ def _category_key(cfg: FiseConfig, dataset: str, samples: list[D.Sample], root) 
                           "samples": [(_relpath(s.path, root), s.label, s.mask is not None) for s in samples]},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def _fmt(x):
-    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else FLOAT_FORMAT % x
 
 
 def _write_csvs(out: Path, results: list[dict], encoder_info: dict, method: str) -> pd.DataFrame:
