@@ -68,6 +68,13 @@ class Features:
     dense: torch.Tensor | None = None
     attention: torch.Tensor | None = None
 
+    def to(self, device) -> "Features":
+        """The same features on another device (cached features live on the CPU)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Features(layers={l: t.to(device) for l, t in self.layers.items()}, grid=self.grid,
+                        global_embedding=move(self.global_embedding), dense=move(self.dense),
+                        attention=move(self.attention))
+
 
 @dataclass
 class Encoder:

@@ -102,7 +102,7 @@ class Detector:
         if use_cache:
             ident = self.encoder.identity()
             keys = [self.cache.key(ident, self.layers, self.restore, image_hash(im)) for im in images]
-            per_image = [self.cache.get(k) for k in keys]
+            per_image = [None if f is None else f.to(self.encoder.device) for f in map(self.cache.get, keys)]
         todo = [i for i, f in enumerate(per_image) if f is None]
         parts = []
         step = self.config.encode_batch
