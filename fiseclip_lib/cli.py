@@ -6,7 +6,6 @@ the full traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -67,17 +66,17 @@ def cmd_run(args) -> int:
     params = _load_params(args.params) if args.params else {}
     params.update(params.pop("options", None) or {})
     params = {k: v for k, v in params.items() if k not in NOTEBOOK_KEYS}
-    dataset = args.dataset or params.pop("dataset", "demo")
+    # run-level settings: the command line wins over the params file
+    dataset = args.dataset or params.pop("dataset", None) or "demo"
     root = args.root or params.pop("root", None) or (DEFAULT_DEMO_ROOT if dataset == "demo" else None)
-    params.pop("dataset", None), params.pop("root", None)
+    cats = args.categories or params.pop("categories", None)
+    out = args.out or params.pop("out", None)
+    for key in ("dataset", "root", "categories", "out"):
+        params.pop(key, None)
     if root is None:
         raise FiseclipError(f"--root is required for dataset {dataset}")
-    cats = args.categories or params.pop("categories", None)
-    params.pop("categories", None)
     if isinstance(cats, str):
         cats = [c.strip() for c in cats.split(",") if c.strip()]
-    out = args.out or params.pop("out", None)
-    params.pop("out", None)
     cli = {"method": args.method, "model": args.model, "pretrained": args.pretrained, "image_size": args.image_size,
            "batch_size": args.batch_size, "seed": args.seed, "device": args.device, "cache_dir": args.cache_dir}
     params.update({k: v for k, v in cli.items() if v is not None})

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
 
 from .errors import DatasetError, FiseclipError
 
