@@ -130,31 +130,26 @@ def _category_key(cfg: FiseConfig, dataset: str, samples: list[D.Sample], root) 
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def _write_csv(path: Path, df: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        text = io.StringIO()
+        df.to_csv(text, index=False, float_format=FLOAT_FORMAT, na_rep="nan")
+        tmp.write_text(text.getvalue())
+
+
 def _write_csvs(out: Path, results: list[dict], encoder_info: dict, method: str) -> pd.DataFrame:
-    rows = []
-    for r in results:
-        rows.append({"category": r["category"], **r["metrics"]})
-    df = pd.DataFrame(rows, columns=["category"] + METRIC_NAMES)
+    """metrics.csv (a row per category plus the unweighted `mean`) and scores.csv, from finished categories."""
+    df = pd.DataFrame([{"category": r["category"], **r["metrics"]} for r in results], columns=["category"] + METRIC_NAMES)
     if len(df):
-        mean = {"category": "mean", **{k: float(np.nanmean(df[k].to_numpy(dtype=float)))
-                                       if np.isfinite(df[k].to_numpy(dtype=float)).any() else float("nan")
-                                       for k in METRIC_NAMES}}
+        mean = {"category": "mean", **df[METRIC_NAMES].astype(float).mean(skipna=True).to_dict()}
         df = pd.concat([df, pd.DataFrame([mean])], ignore_index=True)
     df["method"] = method
     df["encoder"] = encoder_info["model"]
     df["weights"] = encoder_info["weights"]
     df["pretrained"] = encoder_info["pretrained"]
     df["images"] = [r["images"] for r in results] + ([sum(r["images"] for r in results)] if results else [])
-    with atomic_path(out / "metrics.csv") as tmp:
-        text = io.StringIO()
-        df.to_csv(text, index=False, float_format=FLOAT_FORMAT, na_rep="nan")
-        tmp.write_text(text.getvalue())
-    scores = [row for r in results for row in r["rows"]]
-    sdf = pd.DataFrame(scores, columns=SCORE_COLUMNS)
-    with atomic_path(out / "scores.csv") as tmp:
-        text = io.StringIO()
-        sdf.to_csv(text, index=False, float_format=FLOAT_FORMAT, na_rep="nan")
-        tmp.write_text(text.getvalue())
+    _write_csv(out / "metrics.csv", df)
+    _write_csv(out / "scores.csv", pd.DataFrame([row for r in results for row in r["rows"]], columns=SCORE_COLUMNS))
     return df
 
 
