@@ -131,6 +131,10 @@ class Encoder:
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return (x - mean) / std
 
+    def _pixels(self, images) -> torch.Tensor:
+        """A normalised pixel tensor as is; anything else (PIL images, arrays, paths) goes through `preprocess`."""
+        return images if torch.is_tensor(images) else self.preprocess(images)
+
     def check_layers(self, layers: Sequence[int] | None) -> list[int]:
         layers = list(self.default_layers if layers is None else layers)
         bad = [l for l in layers if not 1 <= int(l) <= self.num_layers]
@@ -203,6 +207,7 @@ class ClipEncoder(Encoder):
         from .restore import restore_block
 
         layers = self.check_layers(layers)
+        pixels = self._pixels(pixels)
         v = self.model.visual
         h, w = pixels.shape[-2:]
         ps = self.patch_size
@@ -261,6 +266,7 @@ class EfficientNetEncoder(Encoder):
     def forward(self, pixels: torch.Tensor, layers=None, restore: str | None = None,
                 return_attention: bool = False) -> Features:
         layers = self.check_layers(layers)
+        pixels = self._pixels(pixels)
         h, w = pixels.shape[-2:]
         if min(h, w) < 32:
             raise FiseclipError(f"image size {h}x{w} is too small for {self.model_name}; use at least 32")

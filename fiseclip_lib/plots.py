@@ -22,7 +22,8 @@ def weights_mark(pretrained: bool) -> str:
     return "" if pretrained else RANDOM_MARK
 
 
-def _as_rgb(img, size=None):
+def as_rgb(img, size=None):
+    """An image (path or PIL) as an RGB array, optionally resized to size x size."""
     from .data import load_image
 
     im = load_image(img) if not hasattr(img, "convert") else img.convert("RGB")
@@ -41,7 +42,7 @@ def show_maps(images: Sequence, maps: np.ndarray, masks: np.ndarray | None = Non
     fig, axes = plt.subplots(rows, n, figsize=(1.9 * n, 1.9 * rows + 0.4), squeeze=False)
     size = maps.shape[-1]
     for i in range(n):
-        rgb = _as_rgb(images[i], size)
+        rgb = as_rgb(images[i], size)
         axes[0, i].imshow(rgb)
         if titles is not None:
             axes[0, i].set_title(titles[i], fontsize=8)
@@ -70,7 +71,7 @@ def show_patch_maps(images: Sequence, grids: dict[str, np.ndarray], size: int, s
     names = list(grids)
     fig, axes = plt.subplots(len(names) + 1, n, figsize=(1.8 * n, 1.8 * (len(names) + 1)), squeeze=False)
     for i in range(n):
-        axes[0, i].imshow(_as_rgb(images[i], size))
+        axes[0, i].imshow(as_rgb(images[i], size))
     for r, name in enumerate(names, start=1):
         g = grids[name]
         vmin, vmax = (float(g.min()), float(g.max())) if shared_scale else (None, None)
@@ -91,7 +92,7 @@ def show_keep(images: Sequence, keep: np.ndarray, size: int, masks: np.ndarray |
     fig, axes = plt.subplots(1, n, figsize=(1.9 * n, 2.2), squeeze=False)
     for i in range(n):
         ax = axes[0, i]
-        ax.imshow(_as_rgb(images[i], size))
+        ax.imshow(as_rgb(images[i], size))
         dropped = np.kron(~keep[i], np.ones((size // keep.shape[1], size // keep.shape[2])))
         overlay = np.zeros((*dropped.shape, 4))
         overlay[..., 0] = 1.0

@@ -39,6 +39,13 @@ def test_tokens_equal_open_clip_forward(tiny_encoder):
     torch.testing.assert_close(f.dense, final, rtol=1e-5, atol=1e-5)
 
 
+def test_forward_accepts_images_as_well_as_pixels(tiny_encoder, small_demo):
+    paths = sorted(str(p) for p in (small_demo / "brick" / "test" / "good").glob("*.png"))[:2]
+    a = tiny_encoder(paths, layers=[2])
+    b = tiny_encoder(tiny_encoder.preprocess(paths), layers=[2])
+    assert torch.equal(a.layers[2], b.layers[2]) and a.grid == (8, 8)
+
+
 def test_layers_do_not_alias(tiny_encoder):
     f = tiny_encoder(torch.randn(2, 3, 112, 112), layers=[1, 2, 3, 4])
     ts = list(f.layers.values())
