@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help="comma-separated notebook names or number prefixes, e.g. 00,03")
     p.add_argument("--out", default="reports", help="output folder (default: reports)")
     p.add_argument("--notebooks", help="folder of NN_name.ipynb notebooks (default: ./notebooks)")
-    p.add_argument("--timeout", type=int, help="seconds allowed per cell")
+    p.add_argument("--timeout", type=int, help="seconds allowed per cell (default 1800)")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("cache", help="inspect or clear the feature cache")
     p.add_argument("action", choices=["info", "clear"])

@@ -6,7 +6,8 @@ Sources (real photographs shipped inside registry packages, nothing from a hub):
   gravel   - a gravel photograph, `scikit-image` (skimage/data/gravel.png), random crops
 
 Defects are drawn with hard (not anti-aliased) masks and change exactly the masked pixels, so the ground
-truth is exact: scratch, spot, cut, stain, missing piece. The build is deterministic: the same seed gives
+truth is exact: scratch, spot, cut, stain, missing piece, each blended in at a contrast drawn from
+`DEFECT_STRENGTH`. The build is deterministic: the same seed gives
 the same bytes.
 """
 from __future__ import annotations
@@ -25,7 +26,8 @@ from .errors import FiseclipError
 DEFECTS = ("scratch", "spot", "cut", "stain", "missing")
 DEFAULT_CATEGORIES = ("textile", "brick")
 ALL_CATEGORIES = ("textile", "brick", "gravel")
-DEMO_VERSION = 1
+DEMO_VERSION = 2
+DEFECT_STRENGTH = (0.3, 0.7)  # defect contrast drawn per image: visible, not trivially so
 
 
 def _package_dir(pkg: str) -> Path:
@@ -84,8 +86,11 @@ def _blob(rng, size, radius, parts=4):
     return m
 
 
-def synthesize_defect(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
-    """Inject one defect; returns the new image and its exact bool mask (pixels changed ⊆ mask)."""
+def synthesize_defect(image: Image.Image, kind: str, rng: np.random.Generator,
+                      strength: float = 1.0) -> tuple[Image.Image, np.ndarray]:
+    """Inject one defect; returns the new image and its exact bool mask (pixels changed ⊆ mask).
+
+    strength in (0, 1] blends the defect into the image (1 = full contrast; lower = subtler)."""
     size = image.size[0]
     base = np.asarray(image, dtype=np.float32)
     mask_img = Image.new("L", (size, size), 0)
@@ -125,11 +130,11 @@ def synthesize_defect(image: Image.Image, kind: str, rng: np.random.Generator) -
         raise FiseclipError(f"unknown defect kind {kind!r}: choose from {', '.join(DEFECTS)}")
     mask = np.asarray(mask_img) > 127
     out = base.copy()
-    out[mask] = np.clip(target[mask] if target.ndim == 3 else target, 0, 255)
+    out[mask] = np.clip(base[mask] + strength * (target[mask] - base[mask]), 0, 255)
     result = np.rint(out).astype(np.uint8)
     # A masked pixel that happened to keep its value is nudged, so that the mask is exactly the change.
     same = mask & np.all(result == np.asarray(image), axis=-1)
-    result[same] = (result[same].astype(np.int16) + np.where(result[same] > 127, -40, 40)).astype(np.uint8)
+    result[same] = (result[same].astype(np.int16) + np.where(result[same] > 127, -3, 3)).astype(np.uint8)
     return Image.fromarray(result), mask
 
 
@@ -139,14 +144,14 @@ def _save_png(img: Image.Image, path: Path) -> None:
 
 
 def build_demo(out, categories=DEFAULT_CATEGORIES, n_good: int = 44, n_defect: int = 20, n_train: int = 8,
-               size: int = 256, seed: int = 0, force: bool = False) -> Path:
+               size: int = 256, seed: int = 0, force: bool = False, strength=DEFECT_STRENGTH) -> Path:
     """Build the demo set into `out` (MVTec layout). Deterministic; written to a temp folder then renamed.
 
     An existing folder built with the same parameters is reused; one built otherwise needs `force=True`.
     """
     out = Path(out)
     params = {"version": DEMO_VERSION, "categories": list(categories), "n_good": n_good, "n_defect": n_defect,
-              "n_train": n_train, "size": size, "seed": seed}
+              "n_train": n_train, "size": size, "seed": seed, "strength": list(strength)}
     manifest = out / "manifest.json"
     if out.exists():
         if manifest.is_file() and json.loads(manifest.read_text()).get("params") == params:
@@ -167,7 +172,7 @@ def build_demo(out, categories=DEFAULT_CATEGORIES, n_good: int = 44, n_defect: i
             per_kind = {k: 0 for k in DEFECTS}
             for i, im in enumerate(images[n_train + n_good:]):
                 kind = DEFECTS[i % len(DEFECTS)]
-                bad, mask = synthesize_defect(im, kind, rng)
+                bad, mask = synthesize_defect(im, kind, rng, strength=float(rng.uniform(*strength)))
                 j = per_kind[kind]
                 per_kind[kind] += 1
                 _save_png(bad, tmp / cat / "test" / kind / f"{j:03d}.png")

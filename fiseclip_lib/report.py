@@ -18,7 +18,7 @@ from pathlib import Path
 from ._io import atomic_path, write_json_atomic, write_text_atomic
 from .errors import FiseclipError
 from .provenance import RANDOM_WEIGHTS_NOTE, provenance
-from .workbench import RESULT_PREFIX
+from .workbench import HEADLESS_ENV, RESULT_PREFIX
 
 PATH_PARAMS = ("root", "run_dir")  # parameters that are paths: made absolute before reaching the notebooks
 
@@ -112,9 +112,15 @@ def _index(out: Path, results: list[dict], prov: dict) -> None:
     write_json_atomic(out / "index.json", {"reports": results, **prov})
 
 
+CELL_TIMEOUT_S = 1800  # a cell that runs longer fails its notebook instead of stalling the whole series
+
+
 def run_reports(out, params: dict | None = None, only: str | None = None, notebooks_dir=None,
                 kernel_name: str = "python3", timeout: int | None = None) -> list[dict]:
-    """Execute the notebooks into `out` (executed .ipynb + .html each, index.html); returns one record each."""
+    """Execute the notebooks into `out` (executed .ipynb + .html each, index.html); returns one record each.
+
+    timeout: seconds allowed per cell (default CELL_TIMEOUT_S)."""
+    timeout = timeout or CELL_TIMEOUT_S
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     notebooks_dir = Path(notebooks_dir) if notebooks_dir else default_notebooks_dir()
@@ -125,15 +131,21 @@ def run_reports(out, params: dict | None = None, only: str | None = None, notebo
     params.setdefault("run_dir", str((out / "_runs").resolve()))
     prov = provenance()
     results = []
-    # Kernels inherit the environment: a headless MPLBACKEND=Agg there would drop every figure from the report.
-    saved_backend = os.environ.pop("MPLBACKEND", None)
+    # Kernels inherit the environment: a headless MPLBACKEND=Agg there would drop every figure from the report,
+    # and widgets have no frontend to talk to, so the notebooks show their static views instead.
+    saved = {k: os.environ.get(k) for k in ("MPLBACKEND", HEADLESS_ENV)}
+    os.environ.pop("MPLBACKEND", None)
+    os.environ[HEADLESS_ENV] = "1"
     try:
         for book in list_notebooks(notebooks_dir, only):
             results.append(_run_one(book, out, params, notebooks_dir, kernel_name, timeout, prov))
             _index(out, results, prov)
     finally:
-        if saved_backend is not None:
-            os.environ["MPLBACKEND"] = saved_backend
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return results
 
 

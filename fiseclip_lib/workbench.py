@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import resource
 import sys
 import time
@@ -23,6 +24,7 @@ from .provenance import RANDOM_WEIGHTS_NOTE, provenance
 from .run import evaluate_category, score_category
 
 RESULT_PREFIX = "RESULT: "
+HEADLESS_ENV = "FISECLIP_HEADLESS"  # set by `fiseclip report`: widgets are replaced by their static view
 
 
 def _display(obj):
@@ -32,6 +34,15 @@ def _display(obj):
         display(obj)
     except ImportError:  # pragma: no cover - plain Python
         print(obj)
+
+
+def _display_markdown(text: str):
+    try:
+        from IPython.display import Markdown
+    except ImportError:  # pragma: no cover
+        print(text)
+        return
+    _display(Markdown(text))
 
 
 def banner_html(pretrained: bool) -> str:
@@ -75,6 +86,10 @@ def explore(fn: Callable, **controls):
     the same function as an interactive widget (JupyterLab). Without ipywidgets only the static view remains."""
     defaults = {k: getattr(c, "value", c) for k, c in controls.items()}
     fn(**defaults)
+    if os.environ.get(HEADLESS_ENV):
+        # No frontend will ever render a widget here; creating one only adds comm traffic to the kernel.
+        _display_markdown("*Open this notebook in JupyterLab for the interactive version of this view.*")
+        return None
     try:
         import ipywidgets as W
         from IPython.display import Markdown

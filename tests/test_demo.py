@@ -45,11 +45,12 @@ def test_default_demo_has_enough_images_and_anomalies(tmp_path):
 
 
 @pytest.mark.parametrize("kind", DEFECTS)
-def test_defect_changes_exactly_its_mask(kind):
+@pytest.mark.parametrize("strength", [1.0, 0.3])
+def test_defect_changes_exactly_its_mask(kind, strength):
     rng = np.random.default_rng(7)
     arr = np.random.default_rng(0).integers(40, 200, (96, 96, 3), dtype=np.uint8)
     clean = Image.fromarray(arr)
-    bad, mask = synthesize_defect(clean, kind, rng)
+    bad, mask = synthesize_defect(clean, kind, rng, strength=strength)
     changed = np.any(np.asarray(bad) != arr, axis=-1)
     assert mask.any()
     assert not (changed & ~mask).any(), "pixels outside the mask changed"

@@ -22,6 +22,11 @@ def books(tmp_path):
     d.mkdir()
     write_nb(d / "00_ok.ipynb", 'label = "default"\npretrained = "none"',
              'print("RESULT: label is " + label)')
+    write_nb(d / "02_widget.ipynb", 'label = "w"\npretrained = "none"',
+             'import os\nfrom fiseclip_lib import workbench as wb\nimport ipywidgets as W\n'
+             'seen = []\nw = wb.explore(lambda x=1: seen.append(x), x=W.IntSlider(value=3))\n'
+             'print("RESULT: headless=" + os.environ.get("FISECLIP_HEADLESS", "") + " widget=" + str(w) '
+             '+ " static=" + str(seen))')
     write_nb(d / "01_fragile.ipynb", "divisor = 1\npretrained = \"openai\"",
              'x = 1 / divisor\nprint("RESULT: fine <b>")')
     return d
@@ -35,7 +40,9 @@ def test_failure_keeps_other_reports_and_sets_exit_code(books, tmp_path):
     assert code == 1
     index = json.loads((out / "index.json").read_text())
     status = {r["name"]: r["status"] for r in index["reports"]}
-    assert status == {"00_ok": "ok", "01_fragile": "failed"}
+    assert status == {"00_ok": "ok", "01_fragile": "failed", "02_widget": "ok"}
+    widget = next(r for r in index["reports"] if r["name"] == "02_widget")
+    assert widget["result"] == "headless=1 widget=None static=[3]"  # static view, no widget without a frontend
     ok_html = (out / "00_ok.html").read_text()
     assert "label is from-params" in ok_html  # parameters reach the notebook
     assert 'id="fiseclip-provenance"' in ok_html and "RANDOM WEIGHTS" in ok_html and "git commit" in ok_html
@@ -54,6 +61,7 @@ def test_results_are_escaped_in_html(books, tmp_path):
 
 def test_only_selects_and_rejects_unknown(books):
     assert [b.stem for b in list_notebooks(books, "00")] == ["00_ok"]
+    assert [b.stem for b in list_notebooks(books, "00,02_widget")] == ["00_ok", "02_widget"]
     with pytest.raises(Exception, match="no such notebook"):
         list_notebooks(books, "07")
 
