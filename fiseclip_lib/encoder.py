@@ -292,6 +292,11 @@ class EfficientNetEncoder(Encoder):
 
 # --------------------------------------------------------------------------------------------- loading
 
+def is_random_weights(pretrained) -> bool:
+    """Whether a `pretrained` value asks for random initialisation ('none', 'random' or empty)."""
+    return str(pretrained).lower() in {"none", "random", ""}
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -482,7 +487,7 @@ def load_encoder(model: str = "ViT-L-14-336", pretrained: str = "openai", image_
             f"{TINY_MODEL} or {EFFICIENTNET_MODEL}"
         )
     weights_path, weights_id = None, "random:seed=%d" % seed
-    is_random = str(pretrained).lower() in {"none", "random", ""}
+    is_random = is_random_weights(pretrained)
     if not is_random:
         if os.path.isfile(str(pretrained)):
             weights_path = str(pretrained)
@@ -537,7 +542,7 @@ def _load_efficientnet(pretrained: str, image_size: int, dev: torch.device, prec
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = timm.create_model("efficientnet_lite0", pretrained=False)
-    is_random = str(pretrained).lower() in {"none", "random", ""}
+    is_random = is_random_weights(pretrained)
     weights_id = f"random:seed={seed}"
     if not is_random:
         path = Path(pretrained) if os.path.isfile(str(pretrained)) else efficientnet_weights_path()

@@ -9,6 +9,16 @@ RANDOM_WEIGHTS_NOTE = ("RANDOM WEIGHTS: this encoder was randomly initialised; i
                        "and say nothing about the method's quality")
 
 
+def banner_html(pretrained: bool) -> str:
+    """The red banner shown wherever numbers from random weights appear (empty for pretrained weights)."""
+    if pretrained:
+        return ""
+    import html
+
+    return ('<div style="background:#b00020;color:white;padding:8px 12px;margin:6px 0;font-weight:bold">'
+            f"{html.escape(RANDOM_WEIGHTS_NOTE)}</div>")
+
+
 def git_commit() -> str:
     """The commit of the checkout this package runs from ('unknown' outside a git checkout)."""
     root = Path(__file__).resolve().parent.parent

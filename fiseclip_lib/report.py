@@ -17,7 +17,8 @@ from pathlib import Path
 
 from ._io import atomic_path, write_json_atomic, write_text_atomic
 from .errors import FiseclipError
-from .provenance import RANDOM_WEIGHTS_NOTE, provenance
+from .encoder import is_random_weights
+from .provenance import banner_html, provenance
 from .workbench import HEADLESS_ENV, RESULT_PREFIX
 
 PATH_PARAMS = ("root", "run_dir")  # parameters that are paths: made absolute before reaching the notebooks
@@ -54,7 +55,7 @@ def _result_line(nb) -> str:
 
 
 def _header(name: str, status: str, error: str, wall: float, params: dict, prov: dict) -> str:
-    pretrained = str(params.get("pretrained", "")).lower() not in {"none", "random", ""}
+    pretrained = not is_random_weights(params.get("pretrained", ""))
     rows = [("notebook", name), ("status", status + (f" ({error})" if error else "")), ("wall time", f"{wall:.1f} s"),
             ("encoder", f"{params.get('model', '?')} / weights {params.get('pretrained', '?')} / "
                         f"{params.get('image_size', '?')} px"),
@@ -63,9 +64,7 @@ def _header(name: str, status: str, error: str, wall: float, params: dict, prov:
             ("seed", params.get("seed", "?")), ("git commit", prov["git_commit"]),
             ("versions", ", ".join(f"{k} {v}" for k, v in prov["versions"].items())),
             ("parameters", json.dumps(params, sort_keys=True, default=str))]
-    banner = "" if pretrained else (
-        '<div style="background:#b00020;color:white;padding:8px 12px;margin:6px 0;font-weight:bold">'
-        f"{html.escape(RANDOM_WEIGHTS_NOTE)}</div>")
+    banner = banner_html(pretrained)
     body = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(str(k))}</th>"
                    f"<td><code>{html.escape(str(v))}</code></td></tr>" for k, v in rows)
     return (f'<div id="fiseclip-provenance" style="font-family:sans-serif;border:1px solid #999;padding:8px;'
@@ -99,9 +98,7 @@ def _index(out: Path, results: list[dict], prov: dict) -> None:
         f"<tr><td><a href='{html.escape(r['name'])}.html'>{html.escape(r['name'])}</a></td>"
         f"<td style='color:{'green' if r['status'] == 'ok' else '#b00020'}'>{html.escape(r['status'])}</td>"
         f"<td>{r['wall_s']:.1f} s</td><td>{html.escape(r['result'] or r['error'])}</td></tr>" for r in results)
-    random = any(not r["pretrained"] for r in results)
-    banner = (f"<p style='background:#b00020;color:white;padding:8px'>{html.escape(RANDOM_WEIGHTS_NOTE)}</p>"
-              if random else "")
+    banner = banner_html(all(r["pretrained"] for r in results))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>fiseclip reports</title></head>"
             f"<body style='font-family:sans-serif'><h1>fiseclip reports</h1>{banner}"
             f"<p>git commit <code>{html.escape(prov['git_commit'])}</code>, fiseclip "
@@ -172,7 +169,7 @@ def _run_one(book: Path, out: Path, params: dict, notebooks_dir: Path, kernel_na
         nb = nbformat.read(str(tmp), as_version=4)
     wall = time.time() - t0
     write_text_atomic(out / f"{name}.html", _to_html(nb, _header(name, status, error, wall, effective, prov)))
-    pretrained = str(effective.get("pretrained", "")).lower() not in {"none", "random", ""}
+    pretrained = not is_random_weights(effective.get("pretrained", ""))
     print(f"[report] {name}: {status} in {wall:.0f} s" + (f" ({error})" if error else ""), flush=True)
     return {"name": name, "status": status, "error": error, "wall_s": round(wall, 2),
             "result": _result_line(nb), "pretrained": pretrained}

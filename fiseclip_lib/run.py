@@ -121,6 +121,14 @@ def evaluate_category(samples: list[D.Sample], scores: np.ndarray, maps: np.ndar
     return out
 
 
+def score_and_evaluate(detector: Detector, samples: list[D.Sample], category: str, progress: bool = True):
+    """Validate, score and evaluate one category: (rows sorted by path, maps in that order, metrics)."""
+    check = D.validate_category(samples)
+    rows, maps = score_category(detector, samples, category, progress=progress)
+    scores = np.array([r[1] for r in rows])
+    return rows, maps, evaluate_category([r[0] for r in rows], scores, maps, check["pixel"])
+
+
 def _category_key(cfg: FiseConfig, dataset: str, samples: list[D.Sample], root) -> str:
     """What a finished category's results depend on; --resume reuses a result only if this matches."""
     relevant = {k: v for k, v in cfg.to_dict().items() if k not in {"encode_batch", "device", "cache_dir"}}
@@ -187,10 +195,7 @@ def run_benchmark(dataset: str, root, config: FiseConfig, out, categories=None, 
                 continue
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            check = D.validate_category(cs)
-            rows, maps = score_category(detector, cs, cat, progress=progress)
-            ordered = [r[0] for r in rows]
-            metrics = evaluate_category(ordered, np.array([r[1] for r in rows]), maps, check["pixel"])
+            rows, maps, metrics = score_and_evaluate(detector, cs, cat, progress=progress)
         cat_notes = sorted({str(w.message) for w in caught})
         for n in cat_notes:
             print(f"warning: {n}", flush=True)
@@ -204,7 +209,7 @@ def run_benchmark(dataset: str, root, config: FiseConfig, out, categories=None, 
             with atomic_path(out / "maps" / f"{cat}.npz") as tmp:
                 with open(tmp, "wb") as f:
                     np.savez_compressed(f, maps=maps.astype(np.float16),
-                                        paths=np.array([_relpath(s.path, root) for s in ordered]))
+                                        paths=np.array([_relpath(r[0].path, root) for r in rows]))
         write_json_atomic(done, result)
         results.append(result)
         notes.extend(cat_notes)

@@ -14,14 +14,13 @@ import time
 import warnings
 from typing import Callable, Sequence
 
-import numpy as np
 import pandas as pd
 
 from . import data as D
 from .config import FiseConfig
 from .pipeline import Detector
-from .provenance import RANDOM_WEIGHTS_NOTE, provenance
-from .run import evaluate_category, score_category
+from .provenance import banner_html, provenance
+from .run import score_and_evaluate
 
 RESULT_PREFIX = "RESULT: "
 HEADLESS_ENV = "FISECLIP_HEADLESS"  # set by `fiseclip report`: widgets are replaced by their static view
@@ -45,13 +44,6 @@ def _display_markdown(text: str):
     _display(Markdown(text))
 
 
-def banner_html(pretrained: bool) -> str:
-    if pretrained:
-        return ""
-    return ('<div style="background:#b00020;color:white;padding:8px 12px;font-weight:bold;border-radius:4px">'
-            f"{html.escape(RANDOM_WEIGHTS_NOTE)}</div>")
-
-
 def show_provenance(dataset: str, root, seed: int, encoders: Sequence, config: FiseConfig | None = None,
                     **extra) -> dict:
     """Display (and return) what this notebook's numbers depend on; a red banner for random weights."""
@@ -67,8 +59,7 @@ def show_provenance(dataset: str, root, seed: int, encoders: Sequence, config: F
         for k, v in info.items() if k != "config")
     cfg = (f"<details><summary>resolved config</summary><pre>{html.escape(json.dumps(info['config'], indent=1))}"
            f"</pre></details>") if config is not None else ""
-    banners = "".join(banner_html(e.pretrained) for e in encoders if not e.pretrained)[:1000]
-    _display(HTML(f"{banners}<table>{rows}</table>{cfg}"))
+    _display(HTML(f"{banner_html(all(e.pretrained for e in encoders))}<table>{rows}</table>{cfg}"))
     return info
 
 
@@ -116,12 +107,9 @@ def evaluate(detector: Detector, samples: Sequence[D.Sample], categories: Sequen
         cs = [s for s in samples if s.category == cat]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            check = D.validate_category(cs)
             t0 = time.perf_counter()
-            scored, maps = score_category(detector, cs, cat, progress=progress)
+            _, _, metrics = score_and_evaluate(detector, cs, cat, progress=progress)
             seconds = time.perf_counter() - t0
-            ordered = [r[0] for r in scored]
-            metrics = evaluate_category(ordered, np.array([r[1] for r in scored]), maps, check["pixel"])
         rows.append({**labels, "category": cat, **metrics, "s_per_image": seconds / len(cs)})
     return pd.DataFrame(rows)
 
