@@ -60,9 +60,15 @@ def load_mask(path, size: tuple[int, int] | None = None) -> np.ndarray:
             m = im.convert("L")
     except Exception as e:
         raise FiseclipError(f"mask {path} cannot be read ({type(e).__name__}); replace or remove it") from None
-    if size is not None and m.size != tuple(size):
-        m = m.resize(tuple(size), resample=Image.NEAREST)
-    return np.asarray(m, dtype=np.float32) / 255.0 > 0.5
+    mask = np.asarray(m, dtype=np.float32) / 255.0 > 0.5
+    return mask if size is None else resize_mask(mask, size)
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a bool mask to `size` (w, h); thresholding commutes with nearest."""
+    if mask.shape[::-1] == tuple(size):
+        return mask
+    return np.asarray(Image.fromarray(mask).resize(tuple(size), resample=Image.NEAREST))
 
 
 def image_size_of(path) -> tuple[int, int]:

@@ -148,7 +148,8 @@ class Encoder:
                 return_attention: bool = False) -> Features:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    __call__ = forward
+    def __call__(self, pixels, **kw) -> Features:
+        return self.forward(pixels, **kw)
 
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         raise FiseclipError(
@@ -246,8 +247,6 @@ class ClipEncoder(Encoder):
         return Features(layers=tokens, grid=(int(gh), int(gw)), global_embedding=glob, dense=dense,
                         attention=attention)
 
-    __call__ = forward
-
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompts -> `[len(prompts), D]` L2-normalised text embeddings."""
@@ -286,8 +285,6 @@ class EfficientNetEncoder(Encoder):
                 if i >= max(layers):
                     break
         return Features(layers=tokens, grid=(gh, gw))
-
-    __call__ = forward
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -77,7 +77,7 @@ def eval_masks(samples: list[D.Sample], size: int) -> np.ndarray:
             if m.shape[::-1] != tuple(img_size):
                 warnings.warn(f"mask {s.mask} is {m.shape[1]}x{m.shape[0]} but its image is "
                               f"{img_size[0]}x{img_size[1]}; resized with nearest")
-            masks[i] = D.load_mask(s.mask, (size, size))
+            masks[i] = D.resize_mask(m, (size, size))
     return masks
 
 
