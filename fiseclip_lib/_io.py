@@ -8,9 +8,20 @@ import tempfile
 from pathlib import Path
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it; there is no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The file ends with the permissions a plain `open()` would give it (0666 minus the umask, so 0644 under
+    022), not the 0600 of `mkstemp`: outputs are meant to be read by others.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the temp name keeps the real suffix (tools such as papermill check it) and starts with a dot
@@ -18,6 +29,8 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        if os.path.exists(tmp):
+            os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -25,8 +38,10 @@ def atomic_path(path: str | os.PathLike):
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text atomically; characters that UTF-8 cannot hold (undecodable bytes of a file name,
+    kept by Python as lone surrogates) are written as backslash escapes instead of failing."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -36,3 +51,62 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+LOCK_NAME = ".fiseclip.lock"
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike, command: str = "fiseclip"):
+    """Hold the one-writer lock of an output folder for the duration of the block.
+
+    The lock is an exclusive `flock` on `<folder>/.fiseclip.lock`, which the kernel releases when its holder
+    exits in any way (a lock left by a killed run is therefore taken over, with a note). The file records the
+    holder's pid, command and start time so that a second writer can name it. A second writer stops at once.
+    """
+    import fcntl
+    import socket
+    import time
+
+    from .errors import FiseclipError
+
+    folder = Path(folder)
+    path = folder / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+    except OSError as e:
+        raise FiseclipError(f"output folder {folder} is not writable ({e.strerror}); choose another --out") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_lock(fd)
+            who = (f"{holder.get('command', 'fiseclip')} (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+                   f"started {holder.get('started', '?')})") if holder else "another fiseclip process"
+            raise FiseclipError(f"output folder {folder} is in use by {who}; wait for it to finish or choose "
+                                f"another --out") from None
+        previous = _read_lock(fd)
+        if previous.get("pid") and previous.get("pid") != os.getpid():
+            import warnings
+
+            warnings.warn(f"output folder {folder}: took over the lock left by {previous.get('command', 'a run')} "
+                          f"(pid {previous['pid']}, started {previous.get('started', '?')}), which did not finish")
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        try:
+            yield record
+        finally:
+            os.ftruncate(fd, 0)  # a clean exit leaves an empty (free) lock file
+    finally:
+        os.close(fd)
+
+
+def _read_lock(fd: int) -> dict:
+    try:
+        data = os.pread(fd, 4096, 0)
+        info = json.loads(data.decode("utf-8")) if data.strip() else {}
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}

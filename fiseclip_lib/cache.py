@@ -1,23 +1,34 @@
 """On-disk feature cache: encoder outputs per image, so that sweeps over matching, filtering and fusion
 options do no encoder work.
 
-Key = sha256 of (encoder identity: model, weights, input size, precision; requested layers; restoration
-operator; image content hash). Values are safetensors files in the encoder's own float32 output, so a cached
-run gives the same numbers as an uncached one. Writes are atomic; a size cap evicts the least recently used
-files. Location: `FISECLIP_FEATURE_CACHE` or `$XDG_CACHE_HOME/fiseclip/features` (default `~/.cache/...`).
+Key = sha256 of (encoder identity: model, content hash of the weights, QuickGELU, preprocessing statistics,
+precision, input size, restoration depth; requested layers; restoration operator; image content hash). Values
+are safetensors files in the encoder's own float32 output, so a cached run gives the same numbers as an
+uncached one. Each entry carries its key, its shapes and a checksum of its bytes; an entry that fails any of
+these checks (truncated, corrupted, mis-shaped, written for another key) is reported once, deleted and
+re-encoded, never trusted. Writes are atomic (concurrent processes may share a cache); a size cap evicts the
+least recently used entries. `clear` removes only files in this cache's own format.
+Location: `FISECLIP_FEATURE_CACHE` or `$XDG_CACHE_HOME/fiseclip/features` (default `~/.cache/...`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
+import warnings
 from pathlib import Path
+
+import torch
 
 from ._io import atomic_path
 from .encoder import Features
 
 DEFAULT_MAX_GB = 8.0
-CACHE_VERSION = 1  # bump when preprocessing or the stored layout changes
+CACHE_VERSION = 2  # bump when preprocessing or the stored layout changes
+FORMAT = "fiseclip-features"
+_ENTRY_NAME = re.compile(r"^[0-9a-f]{64}\.safetensors$")
+_TMP_NAME = re.compile(r"^\.[0-9a-f]{64}\..*\.tmp\.safetensors$")
 
 
 def default_cache_dir() -> Path:
@@ -32,9 +43,14 @@ def image_hash(image) -> str:
     """Content hash of a path (file bytes) or an in-memory image (mode, size, pixels)."""
     h = hashlib.sha256()
     if isinstance(image, (str, os.PathLike)):
-        with open(image, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        try:
+            with open(image, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as e:
+            from .errors import FiseclipError
+
+            raise FiseclipError(f"image {image} cannot be read ({e.strerror or type(e).__name__})") from None
     elif hasattr(image, "tobytes"):
         h.update(f"{getattr(image, 'mode', '')}{getattr(image, 'size', '')}{getattr(image, 'shape', '')}".encode())
         h.update(image.tobytes())
@@ -43,49 +59,116 @@ def image_hash(image) -> str:
     return h.hexdigest()
 
 
+def tensors_checksum(tensors: dict) -> str:
+    """A checksum over names, dtypes, shapes and bytes of a dict of CPU tensors."""
+    h = hashlib.blake2b(digest_size=20)
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class CacheEntryError(ValueError):
+    """A cache entry that cannot be trusted."""
+
+
 class FeatureCache:
-    """Per-image encoder outputs on disk. `max_gb` caps the folder (least recently used files go first)."""
+    """Per-image encoder outputs on disk. `max_gb` caps the folder (least recently used files go first).
+
+    Args:
+        root: the cache folder (default `default_cache_dir()`).
+        max_gb: size cap in GB.
+
+    Example:
+        >>> cache = FeatureCache("/tmp/fc")  # doctest: +SKIP
+        >>> Detector(cfg, cache=cache).score_batch(paths, "bottle")  # second call skips the encoder  # doctest: +SKIP
+    """
 
     def __init__(self, root: str | os.PathLike | None = None, max_gb: float = DEFAULT_MAX_GB):
         self.root = Path(root) if root is not None else default_cache_dir()
         self.max_bytes = int(max_gb * 1e9)
         self.hits = 0
         self.misses = 0
+        self.damaged = 0
 
     # ------------------------------------------------------------------ keys and files
     @staticmethod
     def key(encoder_identity: dict, layers, restore: str | None, content_hash: str) -> str:
-        payload = json.dumps({"version": CACHE_VERSION, "encoder": encoder_identity, "layers": sorted(layers), "restore": restore,
-                              "image": content_hash}, sort_keys=True)
+        payload = json.dumps({"version": CACHE_VERSION, "encoder": encoder_identity, "layers": sorted(layers),
+                              "restore": restore, "image": content_hash}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def get(self, key: str) -> Features | None:
-        from safetensors import safe_open
+    def get(self, key: str, layers=None) -> Features | None:
+        """The cached features of one image (`[1, ...]` tensors), or None on a miss.
 
+        A damaged entry (unreadable, truncated, wrong checksum, wrong key, mis-shaped, other layers than
+        `layers`) is reported once with a warning naming it, deleted, and counted as a miss.
+        """
         path = self._path(key)
         if not path.is_file():
             self.misses += 1
             return None
         try:
+            feats = self._read(path, key, layers)
+        except CacheEntryError as e:
+            self.misses += 1
+            self.damaged += 1
+            warnings.warn(f"feature cache entry {path} is damaged ({e}); it is deleted and the image re-encoded")
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            return None
+        try:
+            os.utime(path)  # recency for LRU eviction
+        except OSError:
+            pass
+        self.hits += 1
+        return feats
+
+    @staticmethod
+    def _read(path: Path, key: str, layers) -> Features:
+        from safetensors import safe_open
+
+        try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise CacheEntryError(f"unreadable: {type(e).__name__}") from None
+        if meta.get("format") != FORMAT or meta.get("version") != str(CACHE_VERSION):
+            raise CacheEntryError("not written by this version of fiseclip")
+        if meta.get("key") != key:
+            raise CacheEntryError("written for another key")
+        if meta.get("checksum") != tensors_checksum(tensors):
+            raise CacheEntryError("checksum mismatch")
+        try:
             grid = tuple(int(x) for x in meta["grid"].split(","))
-        except Exception:  # a damaged entry is a miss, never an error
-            self.misses += 1
-            return None
-        os.utime(path)  # recency for LRU eviction
-        self.hits += 1
-        layers = {int(k.split(".", 1)[1]): v[None] for k, v in tensors.items() if k.startswith("layer.")}
-        return Features(layers=dict(sorted(layers.items())), grid=grid,
+            p = grid[0] * grid[1]
+        except (KeyError, ValueError, IndexError):
+            raise CacheEntryError("no valid grid") from None
+        found = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("layer.")}
+        if layers is not None and sorted(found) != sorted(int(l) for l in layers):
+            raise CacheEntryError(f"layers {sorted(found)} instead of {sorted(layers)}")
+        shapes_ok = all(t.ndim == 2 and t.shape[0] == p for t in found.values()) and found
+        if "dense" in tensors:
+            shapes_ok = shapes_ok and tensors["dense"].ndim == 2 and tensors["dense"].shape[0] == p
+        if "global" in tensors:
+            shapes_ok = shapes_ok and tensors["global"].ndim == 1
+        if not shapes_ok:
+            raise CacheEntryError("mis-shaped tensors")
+        if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+            raise CacheEntryError("non-finite values")
+        return Features(layers={l: found[l][None] for l in sorted(found)}, grid=grid,
                         global_embedding=tensors["global"][None] if "global" in tensors else None,
                         dense=tensors["dense"][None] if "dense" in tensors else None)
 
     def put(self, key: str, feats: Features, index: int) -> None:
-        """Store image `index` of a batch of features."""
+        """Store image `index` of a batch of features (atomically; a full or read-only disk costs speed only)."""
         from safetensors.torch import save_file
 
         tensors = {f"layer.{l}": t[index].contiguous().cpu() for l, t in feats.layers.items()}
@@ -93,28 +176,49 @@ class FeatureCache:
             tensors["global"] = feats.global_embedding[index].contiguous().cpu()
         if feats.dense is not None:
             tensors["dense"] = feats.dense[index].contiguous().cpu()
+        meta = {"format": FORMAT, "version": str(CACHE_VERSION), "key": key,
+                "grid": ",".join(map(str, feats.grid)), "checksum": tensors_checksum(tensors)}
         path = self._path(key)
         try:
             with atomic_path(path) as tmp:
-                save_file(tensors, str(tmp), metadata={"grid": ",".join(map(str, feats.grid))})
+                save_file(tensors, str(tmp), metadata=meta)
         except OSError:
-            return  # a full or read-only disk costs speed, not results
+            return
         self._enforce_cap()
 
     # ------------------------------------------------------------------ maintenance
     def _files(self) -> list[Path]:
-        return list(self.root.glob("*/*.safetensors")) if self.root.is_dir() else []
+        """Files named like this cache's entries (`<2 hex>/<64 hex>.safetensors`)."""
+        if not self.root.is_dir():
+            return []
+        return [p for p in self.root.glob("[0-9a-f][0-9a-f]/*.safetensors")
+                if _ENTRY_NAME.match(p.name) and p.parent.name == p.name[:2]]
+
+    def _is_own(self, path: Path) -> bool:
+        """Whether a file carries this cache's format in its safetensors header."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return (f.metadata() or {}).get("format") == FORMAT
+        except Exception:
+            return False
 
     def _enforce_cap(self) -> None:
         files = self._files()
-        sizes = {p: p.stat().st_size for p in files}
-        total = sum(sizes.values())
+        sizes = {}
+        for p in files:
+            try:
+                sizes[p] = p.stat()
+            except OSError:
+                continue
+        total = sum(st.st_size for st in sizes.values())
         if total <= self.max_bytes:
             return
-        for p in sorted(files, key=lambda p: p.stat().st_mtime):
+        for p, st in sorted(sizes.items(), key=lambda kv: kv[1].st_mtime):
             if total <= self.max_bytes:
                 break
-            total -= sizes[p]
+            total -= st.st_size
             p.unlink(missing_ok=True)
 
     def info(self) -> dict:
@@ -123,7 +227,19 @@ class FeatureCache:
         return {"root": str(self.root), "entries": len(files), "bytes": size, "max_bytes": self.max_bytes}
 
     def clear(self) -> int:
-        files = self._files()
-        for p in files:
-            p.unlink(missing_ok=True)
-        return len(files)
+        """Delete this cache's entries (and temp files of interrupted writes); other files are left alone."""
+        removed = 0
+        for p in self._files():
+            if self._is_own(p):
+                p.unlink(missing_ok=True)
+                removed += 1
+        if self.root.is_dir():
+            for p in self.root.glob("[0-9a-f][0-9a-f]/.*.tmp.safetensors"):
+                if _TMP_NAME.match(p.name):
+                    p.unlink(missing_ok=True)
+            for d in self.root.glob("[0-9a-f][0-9a-f]"):
+                try:
+                    d.rmdir()  # only when empty
+                except OSError:
+                    pass
+        return removed

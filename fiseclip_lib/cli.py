@@ -6,6 +6,7 @@ the full traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import warnings
 from pathlib import Path
@@ -19,18 +20,60 @@ NOTEBOOK_KEYS = {"baseline_model", "baseline_pretrained", "run_dir", "operators"
 
 
 def _load_params(path) -> dict:
+    """Read a params file: a YAML mapping with string keys. Anything else is a one-line error naming the file."""
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise FiseclipError(f"params file {p} is a folder; pass a .yaml file")
     if not p.is_file():
         raise FiseclipError(f"params file {p} does not exist")
     try:
-        params = yaml.safe_load(p.read_text()) or {}
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FiseclipError(f"params file {p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise FiseclipError(f"params file {p} cannot be read ({e.strerror})") from None
+    try:
+        params = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise FiseclipError(f"params file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(params, dict):
-        raise FiseclipError(f"params file {p} must hold a mapping of name: value")
+        raise FiseclipError(f"params file {p} must hold a mapping of name: value, not a {type(params).__name__}")
+    _check_keys(params, p)
+    options = params.get("options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise FiseclipError(f"params file {p}: options must be a mapping of config field: value, "
+                                f"not a {type(options).__name__}")
+        _check_keys(options, p, "options")
     return params
+
+
+def _check_keys(mapping: dict, path, where: str = "") -> None:
+    bad = [k for k in mapping if not isinstance(k, str)]
+    if bad:
+        raise FiseclipError(f"params file {path}: key {bad[0]!r}{' in ' + where if where else ''} is not a name; "
+                            f"write every key as text (e.g. quote it)")
+
+
+def _text_param(params: dict, name: str, source: str):
+    """A run-level setting that must be text (dataset, root, out), or None when absent."""
+    value = params.get(name)
+    if value is not None and not isinstance(value, str):
+        raise FiseclipError(f"{source}: {name} must be text, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _categories_param(value, source: str):
+    """categories: a comma-separated string or a list of names."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [c.strip() for c in value.split(",") if c.strip()]
+    if isinstance(value, list) and all(isinstance(c, str) for c in value):
+        return [c.strip() for c in value if c.strip()]
+    raise FiseclipError(f"{source}: categories must be a list of names or a comma-separated string, got {value!r}")
 
 
 def _add_run(sub):
@@ -64,19 +107,21 @@ def cmd_run(args) -> int:
     from .run import format_table, run_benchmark
 
     params = _load_params(args.params) if args.params else {}
+    source = f"params file {args.params}"
     params.update(params.pop("options", None) or {})
     params = {k: v for k, v in params.items() if k not in NOTEBOOK_KEYS}
     # run-level settings: the command line wins over the params file
-    dataset = args.dataset or params.pop("dataset", None) or "demo"
-    root = args.root or params.pop("root", None) or (DEFAULT_DEMO_ROOT if dataset == "demo" else None)
-    cats = args.categories or params.pop("categories", None)
-    out = args.out or params.pop("out", None)
+    dataset = args.dataset or _text_param(params, "dataset", source) or "demo"
+    root = args.root or _text_param(params, "root", source) or (DEFAULT_DEMO_ROOT if dataset == "demo" else None)
+    cats = _categories_param(args.categories, "--categories") if args.categories else \
+        _categories_param(params.get("categories"), source)
+    out = args.out or _text_param(params, "out", source)
     for key in ("dataset", "root", "categories", "out"):
         params.pop(key, None)
+    if dataset not in ("mvtec", "visa", "folder", "demo"):
+        raise FiseclipError(f"{source}: unknown dataset {dataset!r}; use mvtec, visa, folder or demo")
     if root is None:
         raise FiseclipError(f"--root is required for dataset {dataset}")
-    if isinstance(cats, str):
-        cats = [c.strip() for c in cats.split(",") if c.strip()]
     cli = {"method": args.method, "model": args.model, "pretrained": args.pretrained, "image_size": args.image_size,
            "batch_size": args.batch_size, "seed": args.seed, "device": args.device, "cache_dir": args.cache_dir}
     params.update({k: v for k, v in cli.items() if v is not None})
@@ -115,6 +160,10 @@ def cmd_report(args) -> int:
     from .report import run_reports
 
     params = _load_params(args.params) if args.params else {}
+    source = f"params file {args.params}"
+    for key in ("dataset", "root", "model", "pretrained", "run_dir"):
+        _text_param(params, key, source)
+    _categories_param(params.get("categories"), source)
     results = run_reports(args.out, params, only=args.only, notebooks_dir=args.notebooks, timeout=args.timeout)
     failed = [r["name"] for r in results if r["status"] != "ok"]
     print(f"reports in {args.out}/index.html: {len(results) - len(failed)} ok" +
@@ -173,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {message}", file=file or sys.stderr)
+    print(f"warning: {_one_line(str(message))}", file=file or sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -190,16 +239,53 @@ def main(argv=None) -> int:
         except FiseclipError as e:
             if debug:
                 raise
-            print(f"fiseclip: error: {e}", file=sys.stderr)
+            print(f"fiseclip: error: {_one_line(str(e))}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("fiseclip: interrupted; finished categories are kept (rerun with --resume)", file=sys.stderr)
             return 130
-        except MemoryError:
-            if debug:
+        except (MemoryError, RuntimeError) as e:
+            if debug or not _is_out_of_memory(e):
                 raise
-            print("fiseclip: error: out of memory; lower --batch-size or --set encode_batch=1", file=sys.stderr)
+            print(f"fiseclip: error: out of memory ({_first_line(e)}); lower --set encode_batch=1, --batch-size, "
+                  f"--set precision=bf16 (CPU) or fp16 (CUDA), or --image-size", file=sys.stderr)
             return 2
+        except OSError as e:
+            if debug or e.errno not in _ENV_ERRNOS:
+                raise
+            where = f" writing {e.filename}" if e.filename else ""
+            print(f"fiseclip: error: {e.strerror or _first_line(e)}{where}; nothing half-written was left. "
+                  f"{_ENV_ERRNOS[e.errno]}", file=sys.stderr)
+            return 2
+
+
+_ENV_ERRNOS = {
+    errno.ENOSPC: "Free disk space or write elsewhere (--out, FISECLIP_FEATURE_CACHE), then rerun with --resume.",
+    errno.EDQUOT: "Free quota or write elsewhere (--out, FISECLIP_FEATURE_CACHE), then rerun with --resume.",
+    errno.EROFS: "The file system is read-only: choose another --out.",
+    errno.EACCES: "Permission denied: choose another --out or fix the folder's permissions.",
+    errno.EPERM: "Permission denied: choose another --out or fix the folder's permissions.",
+}
+
+
+def _one_line(text: str) -> str:
+    """Messages quote user data (file and category names), which may hold line breaks: keep one line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError is a RuntimeError, and so is a failed CPU allocation."""
+    import torch
+
+    if isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+        return True
+    text = str(e).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
 
 
 if __name__ == "__main__":  # pragma: no cover

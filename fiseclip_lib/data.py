@@ -36,31 +36,62 @@ class Sample:
 
 # ------------------------------------------------------------------------------------------- images
 
+class ConversionWarning(UserWarning):
+    """An image was not 8-bit RGB and was converted; `fiseclip run` reports these once per category and mode."""
+
+    def __init__(self, mode: str, path):
+        self.mode, self.path = mode, str(path)
+        super().__init__(f"{describe_mode(mode)} image converted to 8-bit RGB: {path}")
+
+
+def describe_mode(mode: str) -> str:
+    """A reader's name for a PIL image mode."""
+    names = {"L": "grayscale", "LA": "grayscale+alpha", "1": "1-bit", "P": "palette", "PA": "palette+alpha",
+             "RGBA": "RGBA", "CMYK": "CMYK", "YCbCr": "YCbCr", "I;16": "16-bit", "I;16B": "16-bit",
+             "I;16L": "16-bit", "I;16N": "16-bit", "I": "32-bit integer", "F": "32-bit float"}
+    return names.get(mode, mode)
+
+
 def load_image(path) -> Image.Image:
-    """Read an image as 8-bit RGB: grayscale, RGBA, palette and 16-bit images are converted."""
+    """Read an image as 8-bit RGB. Grayscale, RGBA, palette and 16-bit images are converted, each with a
+    `ConversionWarning` (16-bit images are scaled by their own maximum when it exceeds 255)."""
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
                 arr = np.asarray(im, dtype=np.float64)
                 hi = arr.max() if arr.max() > 255 else 255.0
                 im = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8))
-            return im.convert("RGB")
+            rgb = im.convert("RGB")
     except FileNotFoundError:
         raise FiseclipError(f"image {path} does not exist") from None
     except Exception as e:
         raise FiseclipError(f"image {path} cannot be read ({type(e).__name__}: {e}); replace or remove it") from None
+    if mode != "RGB":
+        warnings.warn(ConversionWarning(mode, path))
+    return rgb
+
+
+def mask_array(im: Image.Image) -> np.ndarray:
+    """A mask image -> bool array, True where a pixel is non-zero, whatever the encoding: 0/255 (MVTec AD),
+    0/1 (raw VisA), 16-bit, palette (the stored index), 1-bit, or colour (any colour channel non-zero)."""
+    if im.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA"):
+        bands = {"RGBA": 3, "LA": 1, "PA": 1}.get(im.mode)
+        arr = np.asarray(im)
+        arr = arr[..., :bands] if bands else arr
+        return arr.reshape(arr.shape[0], arr.shape[1], -1).any(axis=-1)
+    return np.asarray(im) != 0
 
 
 def load_mask(path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a mask as a bool array (> 0.5 after scaling to [0, 1]); resized with nearest to `size` (w, h)."""
+    """Read a mask as a bool array (non-zero = defect, see `mask_array`); resized with nearest to `size` (w, h)."""
     try:
         with Image.open(path) as im:
             im.load()
-            m = im.convert("L")
+            mask = mask_array(im)
     except Exception as e:
         raise FiseclipError(f"mask {path} cannot be read ({type(e).__name__}); replace or remove it") from None
-    mask = np.asarray(m, dtype=np.float32) / 255.0 > 0.5
     return mask if size is None else resize_mask(mask, size)
 
 
@@ -72,8 +103,12 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def image_size_of(path) -> tuple[int, int]:
-    with Image.open(path) as im:
-        return im.size
+    """(width, height) of an image file, read from its header."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as e:
+        raise FiseclipError(f"image {path} cannot be read ({type(e).__name__}); replace or remove it") from None
 
 
 # ------------------------------------------------------------------------------------------- loaders
@@ -157,12 +192,20 @@ def load_visa(root, categories: Sequence[str] | None = None) -> list[Sample]:
             return load_mvtec(root, categories)
         raise DatasetError(f"{root} is neither raw VisA (missing split_csv/1cls.csv) nor MVTec-like (<cat>/test/)")
     rows = []
-    with open(split, newline="") as f:
-        reader = csv.DictReader(f)
-        need = {"object", "split", "label", "image", "mask"}
-        if not need <= set(reader.fieldnames or []):
-            raise DatasetError(f"{split}: columns {sorted(need)} expected, found {reader.fieldnames}")
-        rows = [r for r in reader if r["split"] == "test"]
+    try:
+        with open(split, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            need = {"object", "split", "label", "image", "mask"}
+            if not need <= set(reader.fieldnames or []):
+                raise DatasetError(f"{split}: columns {sorted(need)} expected, found {reader.fieldnames}")
+            rows = [r for r in reader if r["split"] == "test"]
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{split} is not UTF-8 text (byte {e.start}); save it as UTF-8 CSV") from None
+    except csv.Error as e:
+        raise DatasetError(f"{split} is not a valid CSV file ({e})") from None
+    bad = [r for r in rows if any(r.get(k) is None for k in ("object", "label", "image"))]
+    if bad:
+        raise DatasetError(f"{split}: a test row has missing fields (e.g. {bad[0]}); fix the file")
     found = sorted({r["object"] for r in rows})
     cats = set(_select(found, categories, root))
     samples = []

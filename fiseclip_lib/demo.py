@@ -143,6 +143,22 @@ def _save_png(img: Image.Image, path: Path) -> None:
     img.save(path, format="PNG", optimize=False, compress_level=6)
 
 
+MANIFEST = "manifest.json"
+
+
+def read_manifest(root) -> dict:
+    """The demo set's manifest; a damaged one is a one-line error that says how to rebuild."""
+    path = Path(root) / MANIFEST
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(info, dict) or not isinstance(info.get("params"), dict):
+            raise ValueError("no params")
+        return info
+    except (OSError, ValueError) as e:
+        raise FiseclipError(f"demo manifest {path} is damaged ({type(e).__name__}); rebuild the demo set with "
+                            f"`fiseclip demo-data --force --out {root}`") from None
+
+
 def build_demo(out, categories=DEFAULT_CATEGORIES, n_good: int = 44, n_defect: int = 20, n_train: int = 8,
                size: int = 256, seed: int = 0, force: bool = False, strength=DEFECT_STRENGTH) -> Path:
     """Build the demo set into `out` (MVTec layout). Deterministic; written to a temp folder then renamed.
@@ -152,9 +168,8 @@ def build_demo(out, categories=DEFAULT_CATEGORIES, n_good: int = 44, n_defect: i
     out = Path(out)
     params = {"version": DEMO_VERSION, "categories": list(categories), "n_good": n_good, "n_defect": n_defect,
               "n_train": n_train, "size": size, "seed": seed, "strength": list(strength)}
-    manifest = out / "manifest.json"
     if out.exists():
-        if manifest.is_file() and json.loads(manifest.read_text()).get("params") == params:
+        if (out / MANIFEST).is_file() and not force and read_manifest(out).get("params") == params:
             return out
         if not force and any(out.iterdir()):
             raise FiseclipError(f"{out} exists and is not this demo set; pass --force to rebuild it or choose another --out")
@@ -188,7 +203,7 @@ def build_demo(out, categories=DEFAULT_CATEGORIES, n_good: int = 44, n_defect: i
             },
             "note": "synthetic defects on real textures; for demonstration and tests, not a benchmark",
         }
-        (tmp / "manifest.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -15,7 +15,7 @@ import re
 import time
 from pathlib import Path
 
-from ._io import atomic_path, write_json_atomic, write_text_atomic
+from ._io import atomic_path, output_lock, write_json_atomic, write_text_atomic
 from .errors import FiseclipError
 from .encoder import is_random_weights
 from .provenance import banner_html, provenance
@@ -117,9 +117,15 @@ def run_reports(out, params: dict | None = None, only: str | None = None, notebo
     """Execute the notebooks into `out` (executed .ipynb + .html each, index.html); returns one record each.
 
     timeout: seconds allowed per cell (default CELL_TIMEOUT_S)."""
+    from .run import ensure_writable
+
     timeout = timeout or CELL_TIMEOUT_S
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable(out)
+    with output_lock(out, command="fiseclip report"):
+        return _run_reports_locked(out, params, only, notebooks_dir, kernel_name, timeout)
+
+
+def _run_reports_locked(out: Path, params, only, notebooks_dir, kernel_name, timeout) -> list[dict]:
     notebooks_dir = Path(notebooks_dir) if notebooks_dir else default_notebooks_dir()
     params = dict(params or {})
     for key in PATH_PARAMS:

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from . import data as D
-from ._io import atomic_path, write_json_atomic
+from ._io import atomic_path, output_lock, write_json_atomic, write_text_atomic
 from .cache import FeatureCache
 from .config import FiseConfig
 from .errors import FiseclipError
@@ -51,12 +51,13 @@ def ensure_writable(out: Path) -> Path:
 def prepare_dataset(dataset: str, root, categories=None) -> list[D.Sample]:
     """Load samples; `demo` builds the demo set into `root` first when it is not there."""
     if dataset == "demo":
-        from .demo import build_demo
+        from .demo import MANIFEST, build_demo, read_manifest
 
         root = Path(root)
-        if not (root / "manifest.json").is_file():
+        if not (root / MANIFEST).is_file():
             print(f"building the demo dataset into {root} ...", flush=True)
             build_demo(root)
+        read_manifest(root)
     return D.load_dataset(dataset, root, categories)
 
 
@@ -68,21 +69,41 @@ def _relpath(path: str, root) -> str:
 
 
 def eval_masks(samples: list[D.Sample], size: int) -> np.ndarray:
-    """Ground-truth masks at the evaluation resolution (input size, nearest, > 0.5); normal -> zeros."""
+    """Ground-truth masks at the evaluation resolution (input size, nearest; non-zero = defect); normal -> zeros.
+
+    An anomalous image whose mask is empty gets a warning naming the file; when every mask of the category
+    is empty the category's pixel metrics are undefined, and a note says so.
+    """
     masks = np.zeros((len(samples), size, size), dtype=bool)
+    empty = []
+    with_mask = 0
     for i, s in enumerate(samples):
         if s.label == 1 and s.mask:
+            with_mask += 1
             img_size = D.image_size_of(s.path)
             m = D.load_mask(s.mask)
             if m.shape[::-1] != tuple(img_size):
                 warnings.warn(f"mask {s.mask} is {m.shape[1]}x{m.shape[0]} but its image is "
                               f"{img_size[0]}x{img_size[1]}; resized with nearest")
+            if not m.any():
+                empty.append(s.mask)
+                warnings.warn(f"mask {s.mask} of anomalous image {Path(s.path).name} is empty (no non-zero pixel)")
             masks[i] = D.resize_mask(m, (size, size))
+    if with_mask and len(empty) == with_mask:
+        cat = samples[0].category
+        warnings.warn(f"category {cat}: all {with_mask} masks are empty; pixel metrics are undefined (NaN)")
     return masks
 
 
-def score_category(detector: Detector, samples: list[D.Sample], category: str, progress: bool = True):
-    """Score one category batch by batch; returns (rows, maps [N, S, S] in sample order of rows)."""
+def score_category(detector: Detector, samples: list[D.Sample], category: str, progress: bool = True,
+                   dataset: str | None = None):
+    """Score one category batch by batch; returns (rows, maps [N, S, S] in sample order of rows).
+
+    With RsCIN (`config.use_rscin`) the image scores are re-scored over the whole category after the last
+    batch, with `rscin_ks` or MuSc's k list for `dataset` (postprocess.default_rscin_ks).
+    """
+    from .postprocess import default_rscin_ks, rscin
+
     cfg = detector.config
     bs = len(samples) if (cfg.method == "musc" and cfg.musc_pool == "category") else cfg.batch_size
     if bs > len(samples):
@@ -93,16 +114,21 @@ def score_category(detector: Detector, samples: list[D.Sample], category: str, p
     except ImportError:  # pragma: no cover
         tqdm = None
     bar = tqdm(total=len(samples), desc=category, unit="img", disable=not progress) if tqdm else None
-    rows, maps = [], []
+    rows, maps, embs = [], [], []
     for b, batch in enumerate(batches):
         res = detector.score_batch([s.path for s in batch], category)
         for s, score, m in zip(batch, res.scores, res.maps):
             rows.append((s, float(score), b))
             maps.append(m)
+        embs.append(res.embeddings)
         if bar:
             bar.update(len(batch))
     if bar:
         bar.close()
+    if cfg.use_rscin:
+        ks = cfg.rscin_ks or default_rscin_ks(dataset)
+        new = rscin(np.array([r[1] for r in rows]), np.concatenate(embs), ks).numpy()
+        rows = [(s, float(v), b) for (s, _, b), v in zip(rows, new)]
     order = sorted(range(len(rows)), key=lambda i: rows[i][0].path)
     return [rows[i] for i in order], np.stack([maps[i] for i in order])
 
@@ -129,36 +155,83 @@ def score_and_evaluate(detector: Detector, samples: list[D.Sample], category: st
     return rows, maps, evaluate_category([r[0] for r in rows], scores, maps, check["pixel"])
 
 
-def _category_key(cfg: FiseConfig, dataset: str, samples: list[D.Sample], root) -> str:
-    """What a finished category's results depend on; --resume reuses a result only if this matches."""
+def _category_key(cfg: FiseConfig, dataset: str, samples: list[D.Sample], root, encoder: dict | None = None) -> str:
+    """What a finished category's results depend on; --resume reuses a result only if this matches.
+
+    It covers the config (less knobs that change no number), the dataset kind, the encoder identity (weights
+    content, preprocessing, precision), and the *content* of every image and mask, not only their names.
+    """
+    from .cache import image_hash
+
     relevant = {k: v for k, v in cfg.to_dict().items() if k not in {"encode_batch", "device", "cache_dir"}}
-    payload = json.dumps({"config": relevant, "dataset": dataset,
-                          "samples": [(_relpath(s.path, root), s.label, s.mask is not None) for s in samples]},
-                         sort_keys=True)
+    files = [(_relpath(s.path, root), s.label, image_hash(s.path), image_hash(s.mask) if s.mask else None)
+             for s in samples]
+    payload = json.dumps({"config": relevant, "dataset": dataset, "encoder": encoder, "samples": files},
+                         sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _write_csv(path: Path, df: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        text = io.StringIO()
-        df.to_csv(text, index=False, float_format=FLOAT_FORMAT, na_rep="nan")
-        tmp.write_text(text.getvalue())
+    text = io.StringIO()
+    df.to_csv(text, index=False, float_format=FLOAT_FORMAT, na_rep="nan")
+    write_text_atomic(path, text.getvalue())
 
 
-def _write_csvs(out: Path, results: list[dict], encoder_info: dict, method: str) -> pd.DataFrame:
-    """metrics.csv (a row per category plus the unweighted `mean`) and scores.csv, from finished categories."""
+MEAN_ROW = "mean"
+
+
+def _metrics_frame(results: list[dict], encoder_info: dict, method: str) -> pd.DataFrame:
+    """A row per category plus the unweighted mean row. The mean row is labelled `mean`, or `mean (all
+    categories)` when a category is itself called `mean`, so that the label always names one row."""
     df = pd.DataFrame([{"category": r["category"], **r["metrics"]} for r in results], columns=["category"] + METRIC_NAMES)
     if len(df):
-        mean = {"category": "mean", **df[METRIC_NAMES].astype(float).mean(skipna=True).to_dict()}
+        label = MEAN_ROW if MEAN_ROW not in set(df["category"]) else f"{MEAN_ROW} (all categories)"
+        mean = {"category": label, **df[METRIC_NAMES].astype(float).mean(skipna=True).to_dict()}
         df = pd.concat([df, pd.DataFrame([mean])], ignore_index=True)
     df["method"] = method
     df["encoder"] = encoder_info["model"]
     df["weights"] = encoder_info["weights"]
     df["pretrained"] = encoder_info["pretrained"]
     df["images"] = [r["images"] for r in results] + ([sum(r["images"] for r in results)] if results else [])
-    _write_csv(out / "metrics.csv", df)
-    _write_csv(out / "scores.csv", pd.DataFrame([row for r in results for row in r["rows"]], columns=SCORE_COLUMNS))
     return df
+
+
+def _write_outputs(out: Path, results: list[dict], encoder_info: dict, config_record: dict) -> pd.DataFrame:
+    """metrics.csv, scores.csv and the config.json that describes them, from the finished categories.
+
+    Order: the old CSVs go first, then config.json, then the new CSVs, so that a metrics.csv on disk is always
+    described by the config.json beside it (each file is replaced atomically)."""
+    df = _metrics_frame(results, encoder_info, config_record["config"]["method"])
+    scores = pd.DataFrame([row for r in results for row in r["rows"]], columns=SCORE_COLUMNS)
+    for name in ("metrics.csv", "scores.csv"):
+        (out / name).unlink(missing_ok=True)
+    write_json_atomic(out / "config.json", {**config_record, "categories_done": [r["category"] for r in results]})
+    _write_csv(out / "scores.csv", scores)
+    _write_csv(out / "metrics.csv", df)
+    return df
+
+
+def _load_finished(done: Path, key: str, maps_path: Path | None) -> dict | None:
+    """A finished category's saved result if it can be reused (same key, intact, maps present if asked for)."""
+    if not done.is_file():
+        return None
+    try:
+        saved = json.loads(done.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict) or not {"category", "key", "metrics", "images", "rows"} <= set(saved):
+            raise ValueError("fields missing")
+    except (OSError, ValueError) as e:
+        warnings.warn(f"finished result {done} is damaged ({type(e).__name__}); the category is recomputed")
+        return None
+    if saved.get("key") != key:
+        return None
+    if maps_path is not None:
+        try:
+            with np.load(maps_path) as z:
+                if z["maps"].shape[0] != len(saved["rows"]):
+                    return None
+        except Exception:
+            return None  # asked for maps that are missing or damaged: recompute them
+    return saved
 
 
 def run_benchmark(dataset: str, root, config: FiseConfig, out, categories=None, save_maps: bool = False,
@@ -166,63 +239,87 @@ def run_benchmark(dataset: str, root, config: FiseConfig, out, categories=None, 
                   cache: FeatureCache | None = None) -> pd.DataFrame:
     """Score every category, write metrics.csv, scores.csv, config.json (see module doc); return the metrics.
 
+    One writer per output folder: a second run into the same `out` stops at once naming the first.
     cache: a FeatureCache makes reruns with other matching/filtering/fusion options skip the encoder.
     """
-    t0 = time.time()
     out = ensure_writable(out)
+    with output_lock(out, command=f"fiseclip run (dataset {dataset}, method {config.method})"):
+        return _run_locked(dataset, root, config, out, categories, save_maps, resume, progress, detector, cache)
+
+
+def _run_locked(dataset, root, config, out, categories, save_maps, resume, progress, detector, cache):
+    t0 = time.time()
     samples = prepare_dataset(dataset, root, categories)
     cats = D.categories_of(samples) if not categories else list(categories)
     detector = detector or Detector(config, cache=cache)
     enc = detector.encoder.identity()
     if not enc["pretrained"]:
         print(f"NOTE: {RANDOM_WEIGHTS_NOTE}", flush=True)
+    record = {
+        "config": config.to_dict(), "dataset": dataset, "root": str(root), "categories": cats,
+        "encoder": enc, "weights_note": None if enc["pretrained"] else RANDOM_WEIGHTS_NOTE,
+        "layers": detector.layers, "save_maps": save_maps, **provenance(),
+    }
     results, notes = [], []
+    # Outputs of an earlier run into this folder are replaced, never mixed with this run's.
+    _write_outputs(out, results, enc, {**record, "status": "running"})
     for cat in cats:
         cs = [s for s in samples if s.category == cat]
         if not cs:
             raise FiseclipError(f"category {cat} has no test images under {root}")
-        key = _category_key(config, dataset, cs, root)
+        key = _category_key(config, dataset, cs, root, enc)
         done = out / "categories" / f"{cat}.json"
-        if resume and done.is_file():
-            try:
-                saved = json.loads(done.read_text())
-            except (OSError, json.JSONDecodeError):
-                saved = {}
-            if saved.get("key") == key:
-                results.append(saved)
-                notes.extend(saved.get("notes", []))
-                print(f"{cat}: reused finished result ({done})", flush=True)
-                continue
+        maps_path = out / "maps" / f"{cat}.npz"
+        saved = _load_finished(done, key, maps_path if save_maps else None) if resume else None
+        if saved is not None:
+            results.append(saved)
+            notes.extend(saved.get("notes", []))
+            print(f"{cat}: reused finished result ({done})", flush=True)
+            continue
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             rows, maps, metrics = score_and_evaluate(detector, cs, cat, progress=progress)
-        cat_notes = sorted({str(w.message) for w in caught})
+        cat_notes = summarize_warnings([w.message for w in caught], cat)
         for n in cat_notes:
-            print(f"warning: {n}", flush=True)
+            print("warning: " + n.replace("\r", "\\r").replace("\n", "\\n"), flush=True)
         result = {
             "category": cat, "key": key, "metrics": metrics, "images": len(cs), "notes": cat_notes,
             "rows": [[_relpath(s.path, root), s.category, s.label, s.defect, float(score), b]
                      for s, score, b in rows],
         }
         if save_maps:
-            (out / "maps").mkdir(exist_ok=True)
-            with atomic_path(out / "maps" / f"{cat}.npz") as tmp:
+            with atomic_path(maps_path) as tmp:
                 with open(tmp, "wb") as f:
                     np.savez_compressed(f, maps=maps.astype(np.float16),
                                         paths=np.array([_relpath(r[0].path, root) for r in rows]))
+        else:
+            maps_path.unlink(missing_ok=True)  # maps of an earlier run would not match these results
         write_json_atomic(done, result)
         results.append(result)
         notes.extend(cat_notes)
-        _write_csvs(out, results, enc, config.method)
-    df = _write_csvs(out, results, enc, config.method)
-    write_json_atomic(out / "config.json", {
-        "config": config.to_dict(), "dataset": dataset, "root": str(root), "categories": cats,
-        "encoder": enc, "weights_note": None if enc["pretrained"] else RANDOM_WEIGHTS_NOTE,
-        "layers": detector.layers, "notes": notes,
-        "feature_cache": None if detector.cache is None else {
-            "root": str(detector.cache.root), "hits": detector.cache.hits, "misses": detector.cache.misses}, "wall_time_s": round(time.time() - t0, 3), **provenance(),
-    })
-    return df
+        _write_outputs(out, results, enc, {**record, "status": "running", "notes": notes})
+    feature_cache = None if detector.cache is None else {
+        "root": str(detector.cache.root), "hits": detector.cache.hits, "misses": detector.cache.misses,
+        "damaged": detector.cache.damaged}
+    return _write_outputs(out, results, enc, {**record, "status": "finished", "notes": notes,
+                                              "feature_cache": feature_cache,
+                                              "wall_time_s": round(time.time() - t0, 3)})
+
+
+def summarize_warnings(messages, category: str) -> list[str]:
+    """Warnings of one category as sorted unique lines; image conversions are counted per mode (one line
+    per mode and category instead of one per image)."""
+    lines, conversions = set(), {}
+    for m in messages:
+        if isinstance(m, D.ConversionWarning):
+            conversions.setdefault(m.mode, []).append(m.path)
+        else:
+            lines.add(str(m))
+    for mode, paths in conversions.items():
+        unique = sorted(set(paths))
+        lines.add(f"category {category}: {len(unique)} {D.describe_mode(mode)} image(s) converted to 8-bit RGB "
+                  f"(e.g. {unique[0]})")
+    return sorted(lines)
 
 
 def format_table(df: pd.DataFrame) -> str:
