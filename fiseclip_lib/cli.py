@@ -116,8 +116,16 @@ def cmd_run(args) -> int:
     cats = _categories_param(args.categories, "--categories") if args.categories else \
         _categories_param(params.get("categories"), source)
     out = args.out or _text_param(params, "out", source)
+    for key in ("dataset", "root", "out"):
+        _text_param(params, key, source)  # checked even when the command line overrides it: the file is wrong
+    _categories_param(params.get("categories"), source)
     for key in ("dataset", "root", "categories", "out"):
         params.pop(key, None)
+    if args.params:
+        try:
+            FiseConfig.from_dict(params)
+        except FiseclipError as e:
+            raise FiseclipError(f"{source}: {e}") from None
     if dataset not in ("mvtec", "visa", "folder", "demo"):
         raise FiseclipError(f"{source}: unknown dataset {dataset!r}; use mvtec, visa, folder or demo")
     if root is None:

@@ -9,7 +9,13 @@ from typing import Sequence
 
 import numpy as np
 
+import matplotlib
+
 RANDOM_MARK = " (random weights)"
+# Our figures use no mathtext, and their texts quote user data (category and file names, also through seaborn
+# legends and tick labels): a `$` in a name must show as a dollar sign, not switch on math mode. Set once for
+# every figure of a notebook that imports this module.
+matplotlib.rcParams["text.parse_math"] = False
 
 
 def _plt():

@@ -63,12 +63,23 @@ def show_provenance(dataset: str, root, seed: int, encoders: Sequence, config: F
     return info
 
 
+_MARKDOWN_SPECIAL = set("\\`*_{}[]()<>#+-.!|$~&")
+
+
+def markdown_escape(text: str) -> str:
+    """Plain text -> Markdown that shows exactly that text: names are data (a `$` in a category name must not
+    start math, a `<` must not start HTML, a `*` must not start emphasis)."""
+    return "".join("\\" + ch if ch in _MARKDOWN_SPECIAL else ch for ch in str(text)).replace("\n", " ")
+
+
 def result(text: str) -> str:
-    """The notebook's one-line finding: shown as Markdown and printed for the report index."""
+    """The notebook's one-line finding: shown as Markdown (escaped: it quotes names) and printed for the
+    report index (one line)."""
     from IPython.display import Markdown
 
+    text = " ".join(str(text).split())
     print(RESULT_PREFIX + text)
-    _display(Markdown(f"**What we saw.** {text}"))
+    _display(Markdown(f"**What we saw.** {markdown_escape(text)}"))
     return text
 
 
