@@ -76,23 +76,34 @@ def _categories_param(value, source: str):
     raise FiseclipError(f"{source}: categories must be a list of names or a comma-separated string, got {value!r}")
 
 
+_RUN_FLAGS = {"method", "model", "pretrained", "image_size", "batch_size", "seed", "device", "cache_dir"}
+
+
 def _add_run(sub):
+    from .config import DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZES, METHODS, FiseConfig
+
     p = sub.add_parser("run", help="score a dataset with one method and write metrics.csv, scores.csv, config.json")
     p.add_argument("--params", help="YAML file of options (config fields plus dataset/root/categories/out)")
     p.add_argument("--dataset", choices=["mvtec", "visa", "folder", "demo"], default=None,
                    help="dataset layout (default: demo)")
     p.add_argument("--root", help=f"dataset root (default for demo: ./{DEFAULT_DEMO_ROOT}, built if missing)")
     p.add_argument("--categories", help="comma-separated subset of categories")
-    p.add_argument("--method", help="fiseclip | fiseclip-nofilter | musc | text")
-    p.add_argument("--model", help="open_clip model name, fiseclip-tiny or efficientnet-lite0")
-    p.add_argument("--pretrained", help="open_clip tag, local weights file, or none (random)")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device")
-    p.add_argument("--cache-dir", help="where pretrained weights are cached")
+    d = FiseConfig()
+    p.add_argument("--method", help=f"{' | '.join(METHODS)} (default: {d.method})")
+    p.add_argument("--model", help=f"open_clip model name, fiseclip-tiny or efficientnet-lite0 (default: {d.model})")
+    p.add_argument("--pretrained", help=f"open_clip tag, hf-hub:org/name, local weights file, or none for random "
+                                        f"weights (default: {d.pretrained})")
+    p.add_argument("--image-size", type=int, help=f"input side in px (default: {DEFAULT_IMAGE_SIZE} for CLIP, "
+                                                  f"{DEFAULT_IMAGE_SIZES['efficientnet-lite0']} for efficientnet-lite0)")
+    p.add_argument("--batch-size", type=int, help=f"images per test batch (default: {d.batch_size})")
+    p.add_argument("--seed", type=int, help=f"batch shuffle seed and random-weight seed (default: {d.seed})")
+    p.add_argument("--device", help=f"auto, cpu or cuda[:N] (default: {d.device})")
+    p.add_argument("--cache-dir", help="where pretrained weights are cached (default: the Hugging Face cache)")
     p.add_argument("--out", help="output folder (default: runs/<dataset>-<method>)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, repeatable")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config field, repeatable; fields and defaults: " +
+                        ", ".join(f"{k}={'auto' if v is None else v}" for k, v in d.to_dict().items()
+                                  if k not in _RUN_FLAGS) + " (auto: see README, Options)")
     p.add_argument("--save-maps", action="store_true", help="also write maps/<category>.npz (float16)")
     p.add_argument("--resume", action="store_true", help="reuse categories already finished in --out")
     p.add_argument("--no-progress", action="store_true")

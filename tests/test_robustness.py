@@ -184,3 +184,28 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path):
     assert "reused finished result" in r.stdout
     for name in ("metrics.csv", "scores.csv"):
         assert (out / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+
+
+@pytest.mark.parametrize("method", ["fiseclip", "musc"])
+def test_encode_batch_and_cache_change_no_byte(small_demo, tmp_path, method):
+    """encode_batch, a cold or warm feature cache and --no-feature-cache give byte-identical CSVs."""
+    base = ["run", "--dataset", "demo", "--root", str(small_demo), "--model", "fiseclip-tiny", "--pretrained",
+            "none", "--image-size", "112", "--batch-size", "6", "--method", method, "--no-progress"]
+    cache = ["--feature-cache", str(tmp_path / "fc")]
+    variants = {
+        "nocache-8": ["--no-feature-cache", "--set", "encode_batch=8"],
+        "nocache-1": ["--no-feature-cache", "--set", "encode_batch=1"],
+        "cold-3": [*cache, "--set", "encode_batch=3"],
+        "warm-5": [*cache, "--set", "encode_batch=5"],
+    }
+    outputs = {}
+    for name, extra in variants.items():
+        out = tmp_path / name
+        assert main(base + ["--out", str(out)] + extra) == 0
+        outputs[name] = {f: (out / f).read_bytes() for f in ("metrics.csv", "scores.csv")}
+        if name == "warm-5":
+            conf = __import__("json").loads((out / "config.json").read_text())
+            assert conf["feature_cache"]["misses"] == 0 and conf["feature_cache"]["hits"] > 0
+    first = outputs.pop("nocache-8")
+    for name, files in outputs.items():
+        assert files == first, name
