@@ -1,15 +1,26 @@
 """Speed and memory benchmark: prints ratios measured in one run and writes them to CSV.
 
-Random weights throughout (speed does not depend on them; nothing is downloaded). Sections:
-  encoder   encoder-only vs full-pipeline seconds per image at N = 4, 8, 16, 32, per model and device
-  gemm      our matching's GFLOP/s vs plain torch.mm of the same shapes
-  sweep     a 10-configuration sweep with the feature cache vs one uncached run
-  memory    peak extra memory of matching at N = 16, 32, 64 (paper grid P = 1369, C = 1024), in subprocesses
-  musc      our matching vs a MuSc-style cdist formulation on the same features: speed ratio, max difference
+Random weights throughout (speed does not depend on them; nothing is downloaded). Every timed comparison is
+run as interleaved repeats (A, B, A, B, ...) after a warm-up of each side; the median and the spread (min-max)
+of the per-repeat values are reported, so a load spike on a shared machine hits both sides. Sections:
+  pipeline  encoder-only vs full pipeline (encoder + score_features) per model@size, device and precision
+            (fp32; bf16 = precision=bf16 + match_dtype=bf16); one-off costs (model load, text embeddings)
+            are reported separately and paid before timing
+  matching  the matching as the pipeline calls it (visual_map: raw tokens -> lnamd -> masked MSM over layers
+            x degrees, the text filter's keep-mask on) vs torch.mm of the same GEMM shapes; bf16 score error
+  sweep     a 10-configuration sweep with the feature cache vs one uncached run (model load and text
+            embeddings paid before both sides, reported separately)
+  memory    peak extra memory of matching at N = 16, 32 (64 as a dry run: GEMM outputs allocated, not
+            computed), paper grid P = 1369, C = 1024, in subprocesses
+  musc      ours vs a MuSc-style cdist formulation on the same features, both warm: speed ratio, max difference
+  dask      `fiseclip sweep`: a 12-task grid on 2 local Dask workers vs the serial executor (wall-time ratio;
+            the cluster start reported separately)
+  stream    streaming (one image at a time, bank of K = 8, 16, 32) vs batch scoring of the same images (N = K + 1):
+            images per second for efficientnet-lite0 and the tiny CLIP, and their ratio
 
-    python benchmarks/bench.py                 # everything (about 15-25 min on 2 CPU cores)
-    python benchmarks/bench.py --quick         # smaller shapes, a few minutes
-    python benchmarks/bench.py --sections gemm,musc
+    python benchmarks/bench.py --quick     # tiny model, small shapes, no sweep: < 60 s (CI smoke run)
+    python benchmarks/bench.py             # paper setting: ViT-L-14-336 at 336 and 518 px (hours on 2 CPU cores)
+    python benchmarks/bench.py --sections matching,musc --repeats 5
 """
 from __future__ import annotations
 
@@ -18,6 +29,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,13 +37,18 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "FISECLIP_FEATURE_CACHE" not in os.environ:  # a cold, private text cache: one-off costs are really paid here
+    os.environ["FISECLIP_FEATURE_CACHE"] = tempfile.mkdtemp(prefix="fiseclip-bench-")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from fiseclip_lib import Detector, FiseConfig, load_encoder  # noqa: E402
-from fiseclip_lib.matching import interval_count, lnamd, mutual_scores, reference_distances  # noqa: E402
+from fiseclip_lib.encoder import Features  # noqa: E402
+from fiseclip_lib.matching import (QUERY_CHUNK, interval_count, lnamd, mutual_scores,  # noqa: E402
+                                   visual_map)
+from fiseclip_lib.text import text_embeddings  # noqa: E402
 
 ROWS: list[dict] = []
 
@@ -39,15 +56,37 @@ ROWS: list[dict] = []
 def record(section, name, value, unit, **extra):
     ROWS.append({"section": section, "name": name, "value": value, "unit": unit, **extra})
     tail = " ".join(f"{k}={v}" for k, v in extra.items())
-    print(f"  {section:8s} {name:48s} {value:12.4g} {unit:10s} {tail}", flush=True)
+    print(f"  {section:8s} {name:44s} {value:12.4g} {unit:8s} {tail}", flush=True)
+
+
+def record_series(section, name, values, unit, **extra):
+    """Median of repeats, with the spread (min-max) and the number of repeats."""
+    record(section, name, statistics.median(values), unit, spread=f"{min(values):.4g}-{max(values):.4g}",
+           repeats=len(values), **extra)
+
+
+def interleaved(fns: dict, repeats: int, warm: bool = True) -> dict[str, list[float]]:
+    """Seconds of each callable over `repeats` round-robin rounds (after one untimed warm-up call of each)."""
+    if warm:
+        for f in fns.values():
+            f()
+    out = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            out[k].append(time.perf_counter() - t0)
+    return out
 
 
 def devices():
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def sync(device):
-    if str(device).startswith("cuda"):
+def sync(device=None):
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
@@ -58,67 +97,125 @@ def random_images(n, size, seed=0):
     return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
 
 
+def tile_features(f: Features, n: int, seed: int = 0) -> Features:
+    """A batch of n from k < n encoded images: repeats with small noise, so no two images are identical
+    (the post-encoder cost does not depend on the values; the encoder cost is linear in the images)."""
+    k = next(iter(f.layers.values())).shape[0]
+    if k >= n:
+        return f
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    idx = torch.arange(n) % k
+
+    def rep(x, scale):
+        if x is None:
+            return None
+        y = x[idx].clone()
+        noise = torch.randn(y.shape, generator=g).to(y.device, y.dtype)
+        return y.add_(scale * noise * y.float().std().to(y.dtype))
+
+    norm = lambda x: None if x is None else torch.nn.functional.normalize(x.float(), dim=-1).to(x.dtype)  # noqa: E731
+    return Features(layers={l: rep(t, 0.05) for l, t in f.layers.items()}, grid=f.grid,
+                    global_embedding=norm(rep(f.global_embedding, 0.05)), dense=norm(rep(f.dense, 0.05)))
+
+
 # ----------------------------------------------------------------------------------------------- sections
 
-def bench_encoder(models, batch_sizes, precision):
+def bench_pipeline(models, batch_sizes, precisions, repeats, encode_images):
     for spec in models:
         model, size = spec.split("@")
+        size = int(size)
         for device in devices():
-            enc = load_encoder(model, "none", int(size), device, precision if device == "cpu" else "fp32")
-            cfg = FiseConfig(model=model, pretrained="none", image_size=int(size), device=device,
-                             precision=enc.precision, match_dtype="bf16" if precision == "bf16" else "fp32")
-            det = Detector(cfg, encoder=enc)
-            det.score_batch(random_images(2, int(size)), "object")  # warm-up
-            for n in batch_sizes:
-                images = random_images(n, int(size), seed=n)
-                sync(device)
+            for prec in precisions:
                 t0 = time.perf_counter()
-                feats = det.encode(images)
-                sync(device)
-                t1 = time.perf_counter()
-                det.score_features(feats, "object")
-                sync(device)
-                t2 = time.perf_counter()
-                enc_s, full_s = (t1 - t0) / n, (t2 - t0) / n
-                tag = dict(model=spec, device=device, precision=enc.precision, N=n)
-                record("encoder", "encoder-only s/img", enc_s, "s", **tag)
-                record("encoder", "full pipeline s/img", full_s, "s", **tag)
-                record("encoder", "full / encoder-only", full_s / enc_s, "ratio", **tag)
+                enc = load_encoder(model, "none", size, device, prec if device == "cpu" else "fp32")
+                load_s = time.perf_counter() - t0
+                cfg = FiseConfig(model=model, pretrained="none", image_size=size, device=device,
+                                 precision=enc.precision, match_dtype="bf16" if prec == "bf16" else "fp32")
+                det = Detector(cfg, encoder=enc)
+                tag = dict(model=spec, device=device, precision=prec)
+                t0 = time.perf_counter()
+                text_embeddings(enc, "object", cfg.class_names)
+                record("pipeline", "one-off: model load s", load_s, "s", **tag)
+                record("pipeline", "one-off: text embeddings s", time.perf_counter() - t0, "s", **tag)
+                det.score_features(tile_features(det.encode(random_images(1, size)), 2), "object")  # warm-up
+                for n in batch_sizes:
+                    k = min(n, encode_images or n)
+                    images = random_images(k, size, seed=n)
+                    enc_s, post_s, ratio = [], [], []
+                    for _ in range(repeats):  # encoder and post-encoder timed back to back in every repeat
+                        sync()
+                        t0 = time.perf_counter()
+                        feats = det.encode(images)
+                        sync()
+                        t1 = time.perf_counter()
+                        batch = tile_features(feats, n)
+                        sync()
+                        t2 = time.perf_counter()
+                        det.score_features(batch, "object")
+                        sync()
+                        t3 = time.perf_counter()
+                        enc_s.append((t1 - t0) / k)
+                        post_s.append(t3 - t2)
+                        ratio.append((enc_s[-1] * n + post_s[-1]) / (enc_s[-1] * n))
+                    ntag = dict(tag, N=n, encoded=k)
+                    record_series("pipeline", "encoder-only s/img", enc_s, "s", **ntag)
+                    record_series("pipeline", "score_features s/batch", post_s, "s", **ntag)
+                    record_series("pipeline", "full / encoder-only", ratio, "ratio", **ntag)
+                del det, enc
 
 
-def gemm_shapes(n, p, chunk=16384):
-    """The GEMM shapes reference_distances issues: per i, groups of reference images."""
+def matching_gemms(Zd: torch.Tensor, chunk: int = QUERY_CHUNK):
+    """Exactly the GEMMs visual_map issues for one layer and degree: per image i, groups of references j > i."""
+    n, p, c = Zd.shape
     group = max(1, chunk // p)
-    return [(p, min(n, g0 + group) - g0) for i in range(n - 1) for g0 in range(i + 1, n, group)]
+    for i in range(n - 1):
+        for g0 in range(i + 1, n, group):
+            torch.mm(Zd[i], Zd[g0:min(n, g0 + group)].reshape(-1, c).T)
 
 
-def bench_gemm(n, p, c, dtypes):
+def bench_matching(n, h, c, n_layers, degrees, repeats, kept=0.9):
+    p = h * h
     for device in devices():
-        Z = torch.nn.functional.normalize(torch.randn(n, p, c, device=device), dim=-1)
-        flops = 2.0 * p * p * c * n * (n - 1) / 2
-        for dt in dtypes:
-            reference_distances(Z[:2], dtype=dt)
-            sync(device)
-            t0 = time.perf_counter()
-            reference_distances(Z, dtype=dt)
-            sync(device)
-            ours = time.perf_counter() - t0
-            Zd = Z.to(dt)
-            shapes = gemm_shapes(n, p)
-            mats = {g: Zd[:g].reshape(g * p, c) for _, g in shapes}
-            sync(device)
-            t0 = time.perf_counter()
-            for _, g in shapes:
-                torch.mm(Zd[0], mats[g].T)
-            sync(device)
-            plain = time.perf_counter() - t0
-            tag = dict(device=device, dtype=str(dt).replace("torch.", ""), N=n, P=p, C=c)
-            record("gemm", "matching GFLOP/s", flops / ours / 1e9, "GFLOP/s", **tag)
-            record("gemm", "torch.mm GFLOP/s (same shapes)", flops / plain / 1e9, "GFLOP/s", **tag)
-            record("gemm", "matching / torch.mm throughput", plain / ours, "ratio", **tag)
+        g = torch.Generator().manual_seed(0)
+        layers = {l: (torch.randn(n, p, c, generator=g) + torch.randn(1, 1, c, generator=g)).to(device)
+                  for l in range(n_layers)}
+        keep = (torch.rand(n, p, generator=g) < kept).to(device)  # the text filter's mask: ~10 % excluded
+        combos = n_layers * len(degrees)
+        flops = 2.0 * p * p * c * n * (n - 1) / 2 * combos
+        maps = {}
+        fns = {}
+        for dt in (torch.float32, torch.bfloat16):
+            Zd = lnamd(layers[0], (h, h), degrees[-1]).to(dt)
+
+            def ours(dt=dt):
+                maps[dt] = visual_map(layers, (h, h), degrees, keep=keep, dtype=dt)
+
+            def plain(Zd=Zd):
+                for _ in range(combos):  # same shapes for every layer and degree
+                    matching_gemms(Zd)
+
+            fns[f"ours {dt}"], fns[f"mm {dt}"] = ours, plain
+        for dt in (torch.float32, torch.bfloat16):  # warm-up on a small slice: the full shape costs minutes
+            visual_map({l: t[:2] for l, t in layers.items()}, (h, h), degrees, keep=keep[:2], dtype=dt)
+            matching_gemms(lnamd(layers[0][:2], (h, h), 1).to(dt))
+        t = interleaved(fns, repeats, warm=False)
+        for dt in (torch.float32, torch.bfloat16):
+            tag = dict(device=device, dtype=str(dt).replace("torch.", ""), N=n, P=p, C=c, layers=n_layers,
+                       degrees="/".join(map(str, degrees)), kept=kept)
+            ours_s, mm_s = t[f"ours {dt}"], t[f"mm {dt}"]
+            record_series("matching", "visual_map GFLOP/s", [flops / s / 1e9 for s in ours_s], "GFLOP/s", **tag)
+            record_series("matching", "torch.mm GFLOP/s (same shapes)", [flops / s / 1e9 for s in mm_s], "GFLOP/s",
+                          **tag)
+            record_series("matching", "visual_map / torch.mm throughput", [m / o for m, o in zip(mm_s, ours_s)],
+                          "ratio", **tag)
+            if dt == torch.bfloat16:
+                ref = maps[torch.float32]
+                err = float((maps[dt] - ref).abs().max())
+                record("matching", "bf16 max |A_V - A_V(fp32)|", err, "abs", **tag)
+                record("matching", "bf16 max error / max A_V(fp32)", err / float(ref.max()), "rel", **tag)
 
 
-def bench_sweep(model, size, n_images):
+def bench_sweep(model, size, n_images, repeats):
     from fiseclip_lib.cache import FeatureCache
     from fiseclip_lib.demo import build_demo
     from fiseclip_lib.run import run_benchmark
@@ -126,46 +223,86 @@ def bench_sweep(model, size, n_images):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root = build_demo(tmp / "demo", categories=("textile",), n_good=n_images - n_images // 3,
-                          n_defect=n_images // 3, n_train=0, size=256)
+                          n_defect=n_images // 3, n_train=0, size=max(64, size))
+        t0 = time.perf_counter()
         enc = load_encoder(model, "none", size, "cpu")
+        load_s = time.perf_counter() - t0
         base = FiseConfig(model=model, pretrained="none", image_size=size, device="cpu")
         t0 = time.perf_counter()
-        run_benchmark("demo", root, base, tmp / "single", progress=False, detector=Detector(base, encoder=enc))
-        single = time.perf_counter() - t0
+        text_embeddings(enc, "textile", base.class_names)  # paid once, before both sides
+        text_s = time.perf_counter() - t0
         variants = [dict(), dict(filter="soft"), dict(filter="top_ratio"), dict(filter="none"), dict(fusion="gated"),
                     dict(fusion="multiplicative"), dict(alpha=0.7), dict(topmin_max=0.5), dict(degrees=(1, 3)),
                     dict(filter_theta=0.4)]
-        cache = FeatureCache(tmp / "cache")
-        t0 = time.perf_counter()
-        for k, v in enumerate(variants):
-            cfg = base.replace(**v)
-            run_benchmark("demo", root, cfg, tmp / f"s{k}", progress=False, detector=Detector(cfg, enc, cache))
-        sweep = time.perf_counter() - t0
+        runs = iter(range(10 ** 6))
+
+        def single():
+            run_benchmark("demo", root, base, tmp / f"single{next(runs)}", progress=False,
+                          detector=Detector(base, encoder=enc))
+
+        def sweep():
+            r = next(runs)
+            cache = FeatureCache(tmp / f"cache{r}")  # a cold cache in every repeat
+            for k, v in enumerate(variants):
+                cfg = base.replace(**v)
+                run_benchmark("demo", root, cfg, tmp / f"s{r}-{k}", progress=False, detector=Detector(cfg, enc, cache))
+
+        t = interleaved({"single": single, "sweep": sweep}, repeats, warm=False)
         tag = dict(model=f"{model}@{size}", images=n_images)
-        record("sweep", "one uncached run s", single, "s", **tag)
-        record("sweep", "10-config sweep with cache s", sweep, "s", **tag)
-        record("sweep", "sweep / one run", sweep / single, "ratio", **tag)
+        record("sweep", "one-off: model load s", load_s, "s", **tag)
+        record("sweep", "one-off: text embeddings s", text_s, "s", **tag)
+        record_series("sweep", "one uncached run s", t["single"], "s", **tag)
+        record_series("sweep", "10-config sweep with cache s", t["sweep"], "s", **tag)
+        record_series("sweep", "sweep / one run", [b / a for a, b in zip(t["single"], t["sweep"])], "ratio", **tag)
 
 
-def memory_probe(n, p, c, dtype):
-    """Child process: peak RSS growth of mutual_scores beyond its inputs (MB)."""
-    Z = torch.empty(n, p, c).normal_()  # built in place: no temporaries raise the peak before we measure
-    Z.div_(Z.norm(dim=-1, keepdim=True))
-    mutual_scores(Z[:2, :8], dtype=getattr(torch, dtype))  # load kernels before the baseline
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    mutual_scores(Z, dtype=getattr(torch, dtype))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"extra_mb": (peak - base) / 1024, "input_mb": Z.numel() * 4 / 1e6}))
+def memory_probe(n, p, c, dtype, dry):
+    """Child process: peak RSS growth of visual_map (one layer, r = 3, keep-mask on) beyond its inputs (MB)."""
+    h = int(round(p ** 0.5))
+    tokens = torch.empty(n, h * h, c).normal_()  # built in place: no temporaries raise the peak before we measure
+    keep = torch.rand(n, h * h) < 0.9
+    dt = getattr(torch, dtype)
+    visual_map({0: tokens[:2]}, (h, h), (3,), keep=keep[:2], dtype=dt)  # load kernels before the baseline
+    if dry:  # allocate and touch each GEMM's output, skip its arithmetic: the same peak, minutes saved
+        torch.mm = lambda a, b: torch.zeros(a.shape[0], b.shape[1], dtype=a.dtype)
+    base = _rss_reset_peak()
+    visual_map({0: tokens}, (h, h), (3,), keep=keep, dtype=dt)
+    peak = _rss_peak_kb()
+    print(json.dumps({"extra_mb": (peak - base) / 1024, "input_mb": tokens.numel() * 4 / 1e6}))
 
 
-def bench_memory(ns, p, c, dtypes):
+def _status_kb(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _rss_reset_peak():
+    """Current RSS in kB, with the peak reset to it (Linux clear_refs), so that an earlier peak (imports) does
+    not hide ours; elsewhere the lifetime peak (ru_maxrss), which can only under-report."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kb("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _rss_peak_kb():
+    try:
+        return _status_kb("VmHWM")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def bench_memory(runs, p, c, dtypes):
     for dt in dtypes:
-        for n in ns:
-            out = subprocess.run([sys.executable, __file__, "--memory-probe", f"{n},{p},{c},{dt}"],
+        for n, dry in runs:
+            out = subprocess.run([sys.executable, __file__, "--memory-probe", f"{n},{p},{c},{dt},{int(dry)}"],
                                  capture_output=True, text=True, check=True)
             extra = json.loads(out.stdout.strip().splitlines()[-1])["extra_mb"]
-            tag = dict(N=n, P=p, C=c, dtype=dt)
-            record("memory", "matching peak extra memory", extra, "MB", **tag)
+            tag = dict(N=n, P=p, C=c, dtype=dt, dry_run=dry)
+            record("memory", "visual_map peak extra memory", extra, "MB", **tag)
             record("memory", "naive all-pairs distance matrix", n * n * p * p * 4 / 1e6, "MB", **tag)
 
 
@@ -181,59 +318,168 @@ def musc_style_scores(Z, topmin_max=0.3):
     return out
 
 
-def bench_musc(n, p, c):
+def bench_musc(n, p, c, repeats):
     h = int(round(p ** 0.5))
     Z = lnamd(torch.randn(n, h * h, c) + torch.randn(1, 1, c), (h, h), 3)
-    t0 = time.perf_counter()
-    ref = musc_style_scores(Z)
-    t_ref = time.perf_counter() - t0
+    res = {}
+    fns = {"musc": lambda: res.__setitem__("musc", musc_style_scores(Z))}
     for dt in (torch.float32, torch.bfloat16):
-        t0 = time.perf_counter()
-        ours = mutual_scores(Z, dtype=dt)
-        t_ours = time.perf_counter() - t0
+        fns[str(dt)] = lambda dt=dt: res.__setitem__(dt, mutual_scores(Z, dtype=dt))
+    t = interleaved(fns, repeats)  # warm on both sides
+    for dt in (torch.float32, torch.bfloat16):
         tag = dict(N=n, P=h * h, C=c, dtype=str(dt).replace("torch.", ""))
-        record("musc", "MuSc-style cdist s", t_ref, "s", **tag)
-        record("musc", "ours s", t_ours, "s", **tag)
-        record("musc", "speed-up over MuSc-style", t_ref / t_ours, "ratio", **tag)
-        record("musc", "max |score difference|", float((ours - ref).abs().max()), "abs", **tag)
+        record_series("musc", "MuSc-style cdist s", t["musc"], "s", **tag)
+        record_series("musc", "ours s", t[str(dt)], "s", **tag)
+        record_series("musc", "speed-up over MuSc-style", [a / b for a, b in zip(t["musc"], t[str(dt)])], "ratio",
+                      **tag)
+        record("musc", "max |score difference|", float((res[dt] - res["musc"]).abs().max()), "abs", **tag)
+
+
+def bench_stream(specs, ks, n_images, repeats):
+    """Streaming (issue 13): images per second at bank size K, one image at a time (encoder included), against
+    batch scoring of the same images in batches of K + 1, where every image also has K references."""
+    from fiseclip_lib.stream import Streamer
+
+    for spec in specs:
+        model, size = spec.split("@")
+        size = int(size)
+        for device in devices():
+            cfg = FiseConfig(model=model, pretrained="none", image_size=size, device=device,
+                             method="musc" if model == "efficientnet-lite0" else "fiseclip", rscin=False)
+            det = Detector(cfg)
+            det.score_batch(random_images(2, size), "object")  # warm-up (kernels, text embeddings)
+            for k in ks:
+                warm = random_images(k, size, seed=1000 + k)
+                images = random_images(n_images, size, seed=k)
+                stream_s, batch_s = [], []
+                for _ in range(repeats):  # interleaved: a load spike hits both sides
+                    s = Streamer(det, "object", bank_size=k, threshold=1e9, text_gate=None)
+                    for im in warm:  # fill the bank (not timed)
+                        s.push(im)
+                    sync()
+                    t0 = time.perf_counter()
+                    for im in images:
+                        s.push(im)
+                    sync()
+                    stream_s.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    for b in range(0, n_images, k + 1):
+                        chunk = (images + warm)[b:b + k + 1]
+                        det.score_batch(chunk, "object")
+                    sync()
+                    n_batch = sum(len((images + warm)[b:b + k + 1]) for b in range(0, n_images, k + 1))
+                    batch_s.append((time.perf_counter() - t0) * n_images / n_batch)
+                tag = dict(model=spec, device=device, K=k, images=n_images)
+                record_series("stream", "stream images/s", [n_images / t for t in stream_s], "img/s", **tag)
+                record_series("stream", "batch (N = K + 1) images/s", [n_images / t for t in batch_s], "img/s", **tag)
+                record_series("stream", "stream / batch throughput", [b / s_ for s_, b in zip(stream_s, batch_s)],
+                              "ratio", **tag)
+            del det
+
+
+def bench_dask_sweep(repeats, n_images=24, size=64):
+    """`fiseclip sweep` overhead: a 12-task grid (6 configurations x 2 categories, efficientnet-lite0 musc at
+    `size` px, no feature cache) on 2 local Dask workers vs the serial local executor; the cluster start is
+    timed separately (paid once per sweep) and the tasks run on a cluster that is already up."""
+    import logging
+
+    from distributed import LocalCluster
+
+    from fiseclip_lib.demo import build_demo
+    from fiseclip_lib.sweep import run_sweep
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        root = build_demo(tmp / "demo", categories=("textile", "brick"), n_good=n_images - n_images // 3,
+                          n_defect=n_images // 3, n_train=0, size=max(64, size))
+        grid = {"dataset": "demo", "root": str(root), "method": "musc", "model": "efficientnet-lite0",
+                "pretrained": "imagenet", "image_size": size, "musc_pool": "batch", "batch_size": 8,
+                "topmin_max": [0.1, 0.3, 0.5], "degrees": [[1], [1, 3]]}
+        t0 = time.perf_counter()
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=logging.ERROR)
+        start_s = time.perf_counter() - t0
+        runs = iter(range(10 ** 6))
+        try:
+            fns = {"serial": lambda: run_sweep(grid, tmp / f"serial{next(runs)}", use_cache=False, progress=False),
+                   "dask": lambda: run_sweep(grid, tmp / f"dask{next(runs)}", executor="dask", use_cache=False,
+                                             scheduler=cluster.scheduler_address, progress=False)}
+            t = interleaved(fns, repeats, warm=True)  # warm: encoders loaded in this process and in the workers
+        finally:
+            cluster.close()
+        tag = dict(tasks=12, workers=2, images=2 * n_images, model=f"efficientnet-lite0@{size}")
+        record("dask", "one-off: LocalCluster start s", start_s, "s", **tag)
+        record_series("dask", "serial sweep s", t["serial"], "s", **tag)
+        record_series("dask", "dask sweep (2 workers) s", t["dask"], "s", **tag)
+        record_series("dask", "dask / serial wall time", [b / a for a, b in zip(t["serial"], t["dask"])], "ratio",
+                      **tag)
 
 
 # ----------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small shapes: a few minutes")
-    ap.add_argument("--sections", default="encoder,gemm,sweep,memory,musc")
-    ap.add_argument("--models", default=None, help="comma-separated MODEL@SIZE (default ViT-B-16@224,ViT-L-14-336@336)")
-    ap.add_argument("--precision", default="fp32", help="encoder precision on CPU for the encoder section")
+    ap.add_argument("--quick", action="store_true", help="tiny model and small shapes: < 60 s (CI)")
+    ap.add_argument("--sections", default=None,
+                    help="comma-separated (default all; --quick: all but sweep, whose run overhead swamps a tiny model)")
+    ap.add_argument("--models", default=None,
+                    help="comma-separated MODEL@SIZE (default ViT-L-14-336@336,ViT-L-14-336@518; quick: fiseclip-tiny@112)")
+    ap.add_argument("--precisions", default="fp32,bf16", help="pipeline section: fp32 and/or bf16 (+ bf16 matching)")
+    ap.add_argument("--batch-sizes", default=None, help="pipeline section N values (default 16; quick 8)")
+    ap.add_argument("--encode-images", type=int, default=0,
+                    help="pipeline: encode this many images and tile the features to N (0 = encode all N)")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3; quick 2)")
+    ap.add_argument("--match-layers", type=int, default=4, help="matching section: layers (paper: 4)")
+    ap.add_argument("--memory-ns", default="16,32,64dry",
+                    help="memory section batch sizes; 'dry' = GEMM outputs allocated, not computed (same peak)")
     ap.add_argument("--out", default="benchmarks/results.csv")
     ap.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_probe:
-        n, p, c, dt = args.memory_probe.split(",")
-        memory_probe(int(n), int(p), int(c), dt)
+        n, p, c, dt, dry = args.memory_probe.split(",")
+        memory_probe(int(n), int(p), int(c), dt, dry == "1")
         return 0
-    sections = set(args.sections.split(","))
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, cuda {torch.cuda.is_available()}", flush=True)
     quick = args.quick
-    models = (args.models or ("ViT-B-16@224" if quick else "ViT-B-16@224,ViT-L-14-336@336")).split(",")
-    if "encoder" in sections:
-        bench_encoder(models, [4, 8] if quick else [4, 8, 16, 32], args.precision)
-    if "gemm" in sections:
-        bench_gemm(8 if quick else 16, 576, 1024, [torch.float32, torch.bfloat16])
+    sections = set((args.sections or ("pipeline,matching,memory,musc" if quick else
+                                      "pipeline,matching,sweep,memory,musc,dask")).split(","))
+    repeats = args.repeats or (2 if quick else 3)
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, cuda {torch.cuda.is_available()}, load {load:.2f}", flush=True)
+    models = (args.models or ("fiseclip-tiny@112" if quick else "ViT-L-14-336@336,ViT-L-14-336@518")).split(",")
+    batch_sizes = [int(x) for x in (args.batch_sizes or ("8" if quick else "16")).split(",")]
+    if "pipeline" in sections:
+        bench_pipeline(models, batch_sizes, args.precisions.split(","), repeats, args.encode_images)
+    if "matching" in sections:
+        if quick:
+            bench_matching(8, 16, 256, 2, (1, 3, 5), repeats)
+        else:
+            bench_matching(16, 37, 1024, args.match_layers, (1, 3, 5), repeats)
     if "sweep" in sections:
-        bench_sweep("ViT-B-16", 224, 24 if quick else 48)
+        bench_sweep("fiseclip-tiny", 112, 9, repeats) if quick else bench_sweep("ViT-B-16", 224, 48, repeats)
     if "memory" in sections:
-        bench_memory([8, 16] if quick else [16, 32, 64], 1369, 1024, ["float32", "bfloat16"])
+        if quick:
+            bench_memory([(16, False)], 576, 1024, ["float32"])
+        else:
+            runs = [(int(x.replace("dry", "")), x.endswith("dry")) for x in args.memory_ns.split(",")]
+            bench_memory(runs, 1369, 1024, ["float32", "bfloat16"])
+    if "dask" in sections:
+        bench_dask_sweep(repeats)
     if "musc" in sections:
-        bench_musc(8 if quick else 16, 576, 1024)
+        bench_musc(6 if quick else 16, 144 if quick else 576, 128 if quick else 1024, repeats)
+    if "stream" in sections or args.sections is None:  # streaming throughput (issue 13), part of every default run
+        bench_stream(["efficientnet-lite0@128", "fiseclip-tiny@112"] if quick else
+                     ["efficientnet-lite0@256", "fiseclip-tiny@224"], [8] if quick else [8, 16, 32],
+                     4 if quick else 12, 1 if quick else repeats)
     df = pd.DataFrame(ROWS)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)
-    ratios = df[df.unit == "ratio"]
-    print("\nratios:\n" + ratios.drop(columns=["unit"]).to_string(index=False))
-    print(f"\nwrote {args.out}")
+    ratios = df[df.unit.isin(["ratio", "abs", "rel"])]
+    print("\nratios and errors:\n" + ratios.drop(columns=["unit"]).dropna(axis=1, how="all").to_string(index=False))
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}\nwrote {args.out}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Command line: `fiseclip run | report | demo-data | fetch-weights | cache` (also `python -m fiseclip_lib`).
+"""Command line: `fiseclip run | predict | calibrate | report | demo-data | fetch-weights | cache` (also `python -m fiseclip_lib`).
 
 Errors caused by input or environment print one line (`fiseclip: error: ...`) and exit 2; `--debug` shows
 the full traceback.
@@ -16,7 +16,10 @@ from .errors import FiseclipError
 DEFAULT_DEMO_ROOT = "demo_data"
 # Keys a params file may hold for the notebooks (`fiseclip report`); `fiseclip run` ignores them.
 NOTEBOOK_KEYS = {"baseline_model", "baseline_pretrained", "run_dir", "operators", "matching_model",
-                 "matching_pretrained", "batch_sizes", "contamination", "n_references", "n_trials", "thetas", "methods"}
+                 "matching_pretrained", "batch_sizes", "contamination", "n_references", "n_trials", "thetas", "methods",
+                 "fiseclip_operators", "contamination_counts", "n_kinds", "text_qualities",
+                 "sweep_dir", "sweep_grid", "sweep_metric", "sweep_top_k", "norm_batch_sizes", "norm_image_size",
+                 "text_auroc"}
 
 
 def _load_params(path) -> dict:
@@ -79,31 +82,36 @@ def _categories_param(value, source: str):
 _RUN_FLAGS = {"method", "model", "pretrained", "image_size", "batch_size", "seed", "device", "cache_dir"}
 
 
-def _add_run(sub):
+def _add_config_args(p):
+    """The config flags shared by `run` and `predict` (--params, --method ... --set)."""
     from .config import DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZES, METHODS, FiseConfig
 
-    p = sub.add_parser("run", help="score a dataset with one method and write metrics.csv, scores.csv, config.json")
-    p.add_argument("--params", help="YAML file of options (config fields plus dataset/root/categories/out)")
-    p.add_argument("--dataset", choices=["mvtec", "visa", "folder", "demo"], default=None,
-                   help="dataset layout (default: demo)")
-    p.add_argument("--root", help=f"dataset root (default for demo: ./{DEFAULT_DEMO_ROOT}, built if missing)")
-    p.add_argument("--categories", help="comma-separated subset of categories")
     d = FiseConfig()
     p.add_argument("--method", help=f"{' | '.join(METHODS)} (default: {d.method})")
     p.add_argument("--model", help=f"open_clip model name, fiseclip-tiny or efficientnet-lite0 (default: {d.model})")
     p.add_argument("--pretrained", help=f"open_clip tag, hf-hub:org/name, local weights file, or none for random "
-                                        f"weights (default: {d.pretrained})")
+                                        f"weights (default: openai for CLIP, imagenet for efficientnet-lite0)")
     p.add_argument("--image-size", type=int, help=f"input side in px (default: {DEFAULT_IMAGE_SIZE} for CLIP, "
                                                   f"{DEFAULT_IMAGE_SIZES['efficientnet-lite0']} for efficientnet-lite0)")
     p.add_argument("--batch-size", type=int, help=f"images per test batch (default: {d.batch_size})")
     p.add_argument("--seed", type=int, help=f"batch shuffle seed and random-weight seed (default: {d.seed})")
     p.add_argument("--device", help=f"auto, cpu or cuda[:N] (default: {d.device})")
     p.add_argument("--cache-dir", help="where pretrained weights are cached (default: the Hugging Face cache)")
-    p.add_argument("--out", help="output folder (default: runs/<dataset>-<method>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, repeatable; fields and defaults: " +
                         ", ".join(f"{k}={'auto' if v is None else v}" for k, v in d.to_dict().items()
                                   if k not in _RUN_FLAGS) + " (auto: see README, Options)")
+
+
+def _add_run(sub):
+    p = sub.add_parser("run", help="score a dataset with one method and write metrics.csv, scores.csv, config.json")
+    p.add_argument("--params", help="YAML file of options (config fields plus dataset/root/categories/out)")
+    p.add_argument("--dataset", choices=["mvtec", "visa", "folder", "demo"], default=None,
+                   help="dataset layout (default: demo)")
+    p.add_argument("--root", help=f"dataset root (default for demo: ./{DEFAULT_DEMO_ROOT}, built if missing)")
+    p.add_argument("--categories", help="comma-separated subset of categories")
+    _add_config_args(p)
+    p.add_argument("--out", help="output folder (default: runs/<dataset>-<method>)")
     p.add_argument("--save-maps", action="store_true", help="also write maps/<category>.npz (float16)")
     p.add_argument("--resume", action="store_true", help="reuse categories already finished in --out")
     p.add_argument("--no-progress", action="store_true")
@@ -158,6 +166,164 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _add_predict(sub):
+    p = sub.add_parser("predict", help="score unlabeled images of one object, decide normal/anomalous, write "
+                                       "predictions.csv and overlays/")
+    p.add_argument("--params", help="YAML file of options (config fields plus images/class_name/reference_dir/out)")
+    p.add_argument("--images", help="folder of images, or a quoted glob such as 'line3/**/*.png'")
+    p.add_argument("--class-name", help="the object's name for the text prompts, e.g. bottle")
+    _add_config_args(p)
+    p.add_argument("--out", help="output folder (default: predictions/<class-name>)")
+    p.add_argument("--reference-dir", metavar="DIR_OR_GLOB",
+                   help="known-good images added as references of every batch (encoded once, never scored or "
+                        "filtered)")
+    p.add_argument("--stream", action="store_true", help="one image at a time against a rolling bank of the last "
+                                                         "--bank-size accepted images")
+    p.add_argument("--bank-size", type=int, default=16, help="K, accepted images kept as references (default 16)")
+    p.add_argument("--threshold", metavar="FILE_OR_NUMBER",
+                   help="threshold.json from fiseclip calibrate, or a number (default: the unsupervised rule over "
+                        "this run's scores)")
+    p.add_argument("--false-alarm-rate", type=float, help="target of the unsupervised rule (default 0.01)")
+    p.add_argument("--force-threshold", action="store_true",
+                   help="apply a threshold calibrated for another config with a warning instead of stopping")
+    p.add_argument("--save-maps", action="store_true", help="also write maps.npz (float16)")
+    p.add_argument("--no-overlays", action="store_true", help="do not write overlays/")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--feature-cache", metavar="DIR", help="feature cache folder (default: ~/.cache/fiseclip/features)")
+    p.add_argument("--no-feature-cache", action="store_true", help="encode every image, store nothing")
+    return p
+
+
+def _config_from_args(args, params: dict, source: str):
+    """FiseConfig from a params mapping (config fields), the config flags and --set; as `run` builds it."""
+    from .config import FiseConfig
+
+    if args.params:
+        try:
+            FiseConfig.from_dict(params)
+        except FiseclipError as e:
+            raise FiseclipError(f"{source}: {e}") from None
+    cli = {"method": args.method, "model": args.model, "pretrained": args.pretrained, "image_size": args.image_size,
+           "batch_size": args.batch_size, "seed": args.seed, "device": args.device, "cache_dir": args.cache_dir}
+    params.update({k: v for k, v in cli.items() if v is not None})
+    return FiseConfig.from_dict(params).with_overrides(args.set)
+
+
+def cmd_predict(args) -> int:
+    from .cache import FeatureCache
+    from .predict import predict
+
+    params = _load_params(args.params) if args.params else {}
+    source = f"params file {args.params}"
+    params.update(params.pop("options", None) or {})
+    params = {k: v for k, v in params.items() if k not in NOTEBOOK_KEYS}
+    for key in ("dataset", "root", "out", "images", "class_name", "reference_dir"):
+        _text_param(params, key, source)
+    _categories_param(params.get("categories"), source)
+    images = args.images or params.get("images")
+    class_name = args.class_name or params.get("class_name")
+    out = args.out or params.get("out")
+    refs = args.reference_dir or params.get("reference_dir")
+    for key in ("dataset", "root", "categories", "out", "images", "class_name", "reference_dir"):
+        params.pop(key, None)
+    if not images:
+        raise FiseclipError("--images is required: a folder of images or a quoted glob")
+    if not class_name or not class_name.strip():
+        raise FiseclipError("--class-name is required: the object's name for the text prompts, e.g. bottle")
+    config = _config_from_args(args, params, source)
+    if args.bank_size < 1:
+        raise FiseclipError(f"--bank-size {args.bank_size} must be >= 1")
+    out = out or f"predictions/{class_name}"
+    cache = None if args.no_feature_cache else FeatureCache(args.feature_cache)
+    df = predict(images, class_name, out=out, config=config, cache=cache, reference_dir=refs, stream=args.stream,
+                 bank_size=args.bank_size, threshold=args.threshold, false_alarm_rate=args.false_alarm_rate,
+                 force_threshold=args.force_threshold, save_maps=args.save_maps, overlays=not args.no_overlays,
+                 progress=not args.no_progress)
+    counts = df["decision"].value_counts().to_dict()
+    print(f"{len(df)} images: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("normal", "anomalous", "undecided")
+                                            if counts.get(k, 0) or k != "undecided"))
+    print(f"results in {out}/ (predictions.csv, overlays/, config.json)")
+    return 0
+
+
+def _add_calibrate(sub):
+    from .calibrate import DEFAULT_FALSE_ALARM_RATE, METHODS
+
+    p = sub.add_parser("calibrate", help="a decision threshold from scores.csv (run) or predictions.csv (predict)")
+    p.add_argument("--scores", required=True, help="scores.csv of fiseclip run or predictions.csv of fiseclip predict "
+                                                   "(its config.json beside it is recorded)")
+    p.add_argument("--out", default="threshold.json", help="threshold file to write (default: threshold.json)")
+    p.add_argument("--method", choices=METHODS, default="auto",
+                   help="f1: labelled scores; robust_z: unlabeled (median + z MAD); quantile: normal images only "
+                        "(conformal); auto: f1 with labels, else robust_z")
+    p.add_argument("--false-alarm-rate", type=float, default=DEFAULT_FALSE_ALARM_RATE,
+                   help=f"target rate for robust_z and quantile (default {DEFAULT_FALSE_ALARM_RATE})")
+    p.add_argument("--category", help="the category to calibrate (needed when the scores hold several)")
+    return p
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate_file
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise FiseclipError(f"--out {out} is a folder; pass a file name such as {out / 'threshold.json'}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = calibrate_file(args.scores, out, args.method, args.false_alarm_rate, args.category)
+    for w in caught:
+        warnings.warn(str(w.message))
+    extra = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in t.stats.items())
+    print(f"threshold {t.value:.6g} ({t.method}{', category ' + t.category if t.category else ''}; {extra}) "
+          f"written to {out}")
+    return 0
+
+
+def _add_sweep(sub):
+    p = sub.add_parser("sweep", help="run a grid of configurations x categories (in-process or on Dask) into one "
+                                     "table, sweep.csv; resumable")
+    p.add_argument("grid", help="YAML grid file: dataset/root/categories (or datasets) and config fields, each one "
+                                "value or a list of values (see README, Sweeps)")
+    p.add_argument("--out", help="sweep folder (default: sweeps/<grid file name>)")
+    p.add_argument("--executor", choices=["local", "dask"], default=None,
+                   help="local: tasks in this process (default); dask: a local cluster or --scheduler")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler, e.g. tcp://host:8786 "
+                                                          "(implies --executor dask)")
+    p.add_argument("--workers", type=int, help="worker processes of the local Dask cluster (default: cores, at "
+                                               "most 4); torch threads per worker = cores // workers")
+    p.add_argument("--connect-timeout", type=float, default=20.0, help="seconds to reach --scheduler (default 20)")
+    p.add_argument("--resume", action="store_true", help="reuse tasks already finished in --out (content-keyed)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--feature-cache", metavar="DIR", help="feature cache folder shared by all workers "
+                                                          "(default: ~/.cache/fiseclip/features)")
+    p.add_argument("--no-feature-cache", action="store_true", help="encode every image, store nothing")
+    return p
+
+
+def cmd_sweep(args) -> int:
+    from .run import METRIC_NAMES
+    from .sweep import PROVENANCE_COLUMNS, mean_rows, run_sweep
+
+    executor = args.executor or ("dask" if args.scheduler else "local")
+    out = args.out or f"sweeps/{Path(args.grid).stem}"
+    if not args.connect_timeout > 0:
+        raise FiseclipError(f"--connect-timeout {args.connect_timeout} must be > 0 seconds")
+    df = run_sweep(args.grid, out, executor=executor, scheduler=args.scheduler, workers=args.workers,
+                   resume=args.resume, cache_dir=args.feature_cache, use_cache=not args.no_feature_cache,
+                   progress=not args.no_progress, connect_timeout=args.connect_timeout)
+    means = mean_rows(df)
+    if len(means):  # one line per configuration: its varied fields and mean metrics in percent
+        view = means.drop(columns=["category"] + [c for c in PROVENANCE_COLUMNS if c != "method"])
+        view[METRIC_NAMES] = (view[METRIC_NAMES].astype(float) * 100).round(1)
+        print(view.to_string(index=False, na_rep="nan"))
+    if len(df) and not df["pretrained"].astype(bool).all():
+        from .provenance import RANDOM_WEIGHTS_NOTE
+
+        print(f"NOTE: some rows come from random weights. {RANDOM_WEIGHTS_NOTE}")
+    print(f"results in {out}/ (sweep.csv, sweep.json, configs/<config-id>/)")
+    return 0
+
+
 def cmd_demo_data(args) -> int:
     from .demo import DEFAULT_CATEGORIES, build_demo
 
@@ -183,7 +349,13 @@ def cmd_report(args) -> int:
     for key in ("dataset", "root", "model", "pretrained", "run_dir"):
         _text_param(params, key, source)
     _categories_param(params.get("categories"), source)
-    results = run_reports(args.out, params, only=args.only, notebooks_dir=args.notebooks, timeout=args.timeout)
+    only = args.only
+    if args.sweep:  # report on a finished sweep: notebook 06 unless --only names others
+        from .sweep import report_params
+
+        params.update(report_params(args.sweep))
+        only = only or "06"
+    results = run_reports(args.out, params, only=only, notebooks_dir=args.notebooks, timeout=args.timeout)
     failed = [r["name"] for r in results if r["status"] != "ok"]
     print(f"reports in {args.out}/index.html: {len(results) - len(failed)} ok" +
           (f", failed: {', '.join(failed)}" if failed else ""))
@@ -215,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_run(sub).set_defaults(func=cmd_run)
+    _add_predict(sub).set_defaults(func=cmd_predict)
+    _add_calibrate(sub).set_defaults(func=cmd_calibrate)
+    _add_sweep(sub).set_defaults(func=cmd_sweep)
     p = sub.add_parser("demo-data", help="build the offline demo dataset (MVTec layout)")
     p.add_argument("--out", default=DEFAULT_DEMO_ROOT)
     p.add_argument("--categories", help="comma-separated: textile, brick, gravel (default textile,brick)")
@@ -232,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports", help="output folder (default: reports)")
     p.add_argument("--notebooks", help="folder of NN_name.ipynb notebooks (default: ./notebooks)")
     p.add_argument("--timeout", type=int, help="seconds allowed per cell (default 1800)")
+    p.add_argument("--sweep", metavar="DIR", help="a finished `fiseclip sweep` folder: runs notebook "
+                                                  "06_sweep_report on it (unless --only says otherwise)")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("cache", help="inspect or clear the feature cache")
     p.add_argument("action", choices=["info", "clear"])

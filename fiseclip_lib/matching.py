@@ -8,6 +8,14 @@ the max(1, .) avoids MuSc's empty interval for N <= 4).
 Distances are computed as GEMMs on L2-normalised features, ||a - b|| = sqrt(max(0, 2 - 2 a.b)); each pair
 of images is multiplied once (the block serves both directions) and references are grouped into GEMMs of
 bounded width, so extra memory grows linearly with N (plus the [N, N, P] result).
+
+Keep-masks cost no copy of a similarity block: every image's patches are reordered once (per batch) so that
+its kept patches come first. "Nearest kept patch of i" is then a max over a row slice (a view) of the block;
+"nearest kept patch of j" a max after the excluded trailing columns are set to -inf in place (only those
+columns are written). Both maxima run in the block's own dtype (a max is exact in bf16) and write straight
+into the result; only the `[N, N, P]` result is upcast. The reordering is undone on the final `[N, P]`
+scores. lnamd works on the `[N, P, C]` layout (channels_last pooling), so no transpose copy is made, and
+visual_map checks its inputs and prepares the keep-mask once per batch, not per layer and degree.
 """
 from __future__ import annotations
 
@@ -20,26 +28,75 @@ import torch.nn.functional as F
 from .errors import FiseclipError
 
 BF16_TOLERANCE = 0.03  # max |score(bf16) - score(fp32)| seen on unit-norm features: ~0.015 (tests assert 0.03)
-QUERY_CHUNK = 16384  # reference columns per GEMM; bounds the [P, chunk] similarity block
+QUERY_CHUNK = 4096  # reference columns per GEMM: bounds the [P, chunk] block, small enough to stay in cache for
+# the reductions that follow each GEMM (P = 1369: 2 references, 15 MB fp32; 16384 columns measured slower)
+AGG_ELEMENTS = 1 << 24  # elements per slice in lnamd (64 MB fp32): bounds its temporaries
+UNIT_ATOL = 1e-5  # |z|^2 within this of 1: the unit-vector fast path (2 - 2 a.b) is used
+
+
+def _check_degree(r: int) -> None:
+    if r < 1 or r % 2 == 0:
+        raise FiseclipError(f"aggregation degree r={r} must be a positive odd integer")
+
+
+def _check_grid(p: int, grid: tuple[int, int]) -> None:
+    if grid[0] * grid[1] != p:
+        raise FiseclipError(f"grid {tuple(grid)} does not match {p} patches")
+
+
+def _layer_norm(tokens: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over (C, H, W) per image, no affine: the same as over (P, C) of `[N, P, C]`, without a transpose."""
+    x = tokens.float()
+    return F.layer_norm(x, x.shape[1:])
+
+
+def _aggregate(x: torch.Tensor, grid: tuple[int, int], r: int, order: torch.Tensor | None = None,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, bool]:
+    """r x r neighbourhood mean of layer-normed `[N, P, C]` and L2 normalisation -> (contiguous `[N, P, C]`, unit).
+
+    order `[N, P]` (optional): return the patches of image i in the order order[i]. The result is allocated
+    once, in `dtype`; slices of about AGG_ELEMENTS are pooled, reordered and normalised into it, so the
+    temporaries stay bounded (few large ops: each op costs a thread wake-up on a busy machine). unit is False
+    when some window mean is (almost) zero, so that its output is not a unit vector.
+    """
+    n, p, c = x.shape
+    h, w = grid
+    out = torch.empty(n, p, c, dtype=dtype, device=x.device)
+    step = max(1, AGG_ELEMENTS // (p * c))
+    smallest = []
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        xs = x[a:b]
+        if r > 1:
+            # [N, P, C] is NHWC memory: pooling the channels_last view needs no transpose copy and is ~4x faster
+            img = F.avg_pool2d(xs.view(b - a, h, w, c).permute(0, 3, 1, 2), kernel_size=r, stride=1,
+                               padding=r // 2, count_include_pad=True)
+            xs = img.permute(0, 2, 3, 1).reshape(b - a, p, c)  # a view when the pool kept channels_last
+        norm = torch.linalg.vector_norm(xs, dim=-1, keepdim=True)
+        smallest.append(norm.amin())
+        if order is not None:
+            rows = torch.arange(b - a, device=x.device)[:, None]
+            xs, norm = xs[rows, order[a:b]], norm[rows, order[a:b]]
+        torch.div(xs, norm.clamp_min_(1e-12), out=out[a:b])  # = F.normalize(x, dim=-1)
+    unit = bool(torch.stack(smallest).min() > 1e-6)
+    return out, unit
 
 
 def lnamd(tokens: torch.Tensor, grid: tuple[int, int], r: int) -> torch.Tensor:
     """Layer-normalised r x r neighbourhood mean of patch tokens (MuSc's LNAMD), L2-normalised per patch.
 
-    tokens `[N, P, C]` with P = h * w row-major; LayerNorm over (C, H, W) per image without affine; mean over
-    each r x r window (stride 1, zero padding counted in the mean). Returns `[N, P, C]`.
+    Args:
+        tokens: `[N, P, C]` patch tokens, P = h * w row-major.
+        grid: (h, w).
+        r: odd aggregation degree; mean over each r x r window (stride 1, zero padding counted in the mean),
+            after a LayerNorm over (C, H, W) per image without affine.
+
+    Returns:
+        Contiguous float32 `[N, P, C]`.
     """
-    if r < 1 or r % 2 == 0:
-        raise FiseclipError(f"aggregation degree r={r} must be a positive odd integer")
-    n, p, c = tokens.shape
-    h, w = grid
-    if h * w != p:
-        raise FiseclipError(f"grid {grid} does not match {p} patches")
-    x = tokens.float().transpose(1, 2).reshape(n, c, h, w)
-    x = F.layer_norm(x, x.shape[1:])
-    if r > 1:
-        x = F.avg_pool2d(x, kernel_size=r, stride=1, padding=r // 2, count_include_pad=True)
-    return F.normalize(x.flatten(2).transpose(1, 2), dim=-1)
+    _check_degree(r)
+    _check_grid(tokens.shape[1], grid)
+    return _aggregate(_layer_norm(tokens), grid, r)[0]
 
 
 def interval_count(n_refs: int, topmin_max: float) -> int:
@@ -47,90 +104,459 @@ def interval_count(n_refs: int, topmin_max: float) -> int:
     return max(1, int(math.floor(topmin_max * n_refs)))
 
 
+def _usable_keep(keep: torch.Tensor | None, n: int, p: int, device) -> torch.Tensor | None:
+    """Check the shape of keep; images with no kept patch use all of theirs (with a warning); None if all kept."""
+    if keep is None:
+        return None
+    if tuple(keep.shape) != (n, p):
+        raise FiseclipError(f"keep must be [N, P] = {(n, p)}, got {tuple(keep.shape)}")
+    keep = torch.as_tensor(keep, dtype=torch.bool, device=device)
+    empty = torch.nonzero(~keep.any(dim=1)).flatten().tolist()
+    if empty:
+        keep = keep.clone()
+        for j in empty:
+            warnings.warn(f"reference image {j} has no kept patch; all of its patches are used")
+            keep[j] = True
+    return None if bool(keep.all()) else keep
+
+
+def _kept_first(keep: torch.Tensor | None, n: int, p: int, device) -> tuple[torch.Tensor | None, list[int]]:
+    """Patch order with each image's kept patches first (stable), and how many each image keeps."""
+    if keep is None:
+        return None, [p] * n
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    return order, keep.sum(dim=1).tolist()
+
+
+def _unsort(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """Undo `_kept_first` on the last axis of x `[..., N, P]` (the query image is the second-last axis)."""
+    if order is None:
+        return x
+    return torch.empty_like(x).scatter_(-1, order.expand_as(x), x)
+
+
+def _sorted_distances(Z: torch.Tensor, counts: list[int], penalty: torch.Tensor | None, unit: bool,
+                      dtype: torch.dtype, chunk: int) -> torch.Tensor:
+    """d[j, i, t] for features whose kept patches come first (image j keeps its first counts[j] patches).
+
+    Masks are reductions over slices of the similarity block of image i against a group of references: rows
+    of i's kept patches are `sim[:counts[i]]`; for the other direction, the excluded (trailing) columns of
+    each reference are set to -inf in place (index_fill_ touches only them) after the column reduction. The
+    reductions write straight into the result, in the block's dtype (a max is exact in bf16). Few, large ops.
+    """
+    n, p, c = Z.shape
+    Zd = Z.to(dtype).contiguous()
+    fast = unit and penalty is None  # the nearest patch is the most similar one: reduce sim directly
+    group = max(1, chunk // p)
+    if fast:
+        out = torch.empty(n, n, p, dtype=Zd.dtype, device=Z.device)  # largest similarities, upcast at the end
+        # excluded columns of the concatenated references, image by image: [k_j, p) + j * p
+        excl = [torch.arange(counts[j], p, device=Z.device) + j * p for j in range(n)]
+        starts = [0]
+        for e in excl:
+            starts.append(starts[-1] + len(e))
+        excl = torch.cat(excl)
+        for i in range(n - 1):
+            ki = counts[i]
+            for g0 in range(i + 1, n, group):
+                g1 = min(n, g0 + group)
+                sim = torch.mm(Zd[i], Zd[g0:g1].reshape(-1, c).T)  # [t_i, (j, t_j)], block dtype
+                # j's patches against reference i: over i's kept patches (rows)
+                torch.amax(sim[:ki].view(ki, g1 - g0, p), dim=0, out=out[i, g0:g1])
+                # i's patches against each reference j: over j's kept patches (columns)
+                if starts[g1] > starts[g0]:
+                    sim.index_fill_(1, excl[starts[g0]:starts[g1]] - g0 * p, -math.inf)
+                torch.amax(sim.view(p, g1 - g0, p), dim=2, out=out[g0:g1, i].T)
+        out = _to_distance_(out.float())
+    else:
+        # ||a - b|| = sqrt(|a|^2 + |b|^2 - 2 a.b), in place on the (float) block, then + penalty, masked min
+        sq = torch.linalg.vector_norm(Z.float(), dim=-1).pow(2)  # [n, p]
+        pen = None if penalty is None else penalty.float()
+        out = torch.empty(n, n, p, dtype=torch.float32, device=Z.device)
+        for i in range(n - 1):
+            ki = counts[i]
+            for g0 in range(i + 1, n, group):
+                g1 = min(n, g0 + group)
+                g = g1 - g0
+                d = torch.mm(Zd[i], Zd[g0:g1].reshape(g * p, c).T).view(p, g, p).float()
+                d.mul_(-2.0).add_(sq[i][:, None, None]).add_(sq[g0:g1][None]).clamp_(min=0.0).sqrt_()
+                for jj, j in enumerate(range(g0, g1)):
+                    blk = d[:, jj, :counts[j]]
+                    out[j, i] = (blk if pen is None else blk + pen[j, :counts[j]]).amin(dim=1)
+                blk = d[:ki]
+                out[i, g0:g1] = (blk if pen is None else blk + pen[i, :ki, None, None]).amin(dim=0)
+    out.diagonal(dim1=0, dim2=1).fill_(float("inf"))  # an image is not its own reference
+    return out
+
+
+def _to_distance_(sim: torch.Tensor) -> torch.Tensor:
+    """||a - b|| for unit vectors from their dot product, clamped against rounding (in place)."""
+    return sim.mul_(-2.0).add_(2.0).clamp_(min=0.0).sqrt_()
+
+
+def _is_unit(Z: torch.Tensor) -> bool:
+    sq = torch.linalg.vector_norm(Z.float(), dim=-1).pow(2)
+    return bool(((sq - 1.0).abs() <= UNIT_ATOL).all())
+
+
 def reference_distances(Z: torch.Tensor, keep: torch.Tensor | None = None, penalty: torch.Tensor | None = None,
                         dtype: torch.dtype = torch.float32, chunk: int = QUERY_CHUNK) -> torch.Tensor:
     """d[j, i, p]: distance from patch p of image i to its nearest (kept) patch of reference image j.
 
-    Z `[N, P, C]` (L2-normalised features take a faster path; any features give Euclidean distances); keep bool
-    `[N, P]` (reference patches allowed); penalty `[N, P]` added to the distance of each reference patch. The
-    diagonal j == i is +inf (an image is not its own reference).
+    Args:
+        Z: `[N, P, C]` features (L2-normalised features take a faster path; any features give Euclidean distances).
+        keep: bool `[N, P]`, reference patches allowed (an image with none uses all, with a warning).
+        penalty: `[N, P]` added to the distance of each reference patch.
+        dtype: GEMM dtype (float32 or bfloat16).
+        chunk: reference columns per GEMM; bounds the extra memory to O(P * chunk).
 
-    Each pair of images is multiplied once: the similarity block S = Z_i Z_j^T gives image i's nearest
-    patches in j (max over columns) and image j's nearest patches in i (max over rows). Reference images are
-    grouped so that each GEMM has about `chunk` columns, which bounds the extra memory to O(P * chunk).
+    Returns:
+        float32 `[N, N, P]`, +inf on the diagonal j == i (an image is not its own reference).
     """
-    n, p, c = Z.shape
-    Zd = Z.to(dtype)
-    out = torch.full((n, n, p), float("inf"), dtype=torch.float32, device=Z.device)
-    if keep is not None:
-        keep = keep.to(Z.device).clone()
-        for j in torch.nonzero(~keep.any(dim=1)).flatten().tolist():
-            warnings.warn(f"reference image {j} has no kept patch; all of its patches are used")
-            keep[j] = True
-    pen = None if penalty is None else penalty.to(Z.device).float()
-    sq = torch.linalg.vector_norm(Z.float(), dim=-1).pow(2)  # [n, p]; 1 for L2-normalised features
-    unit = bool(torch.allclose(sq, torch.ones_like(sq), atol=2e-3))
-    group = max(1, chunk // p)
-    for i in range(n - 1):
-        for g0 in range(i + 1, n, group):
-            js = slice(g0, min(n, g0 + group))
-            g = js.stop - js.start
-            sim = (Zd[i] @ Zd[js].reshape(g * p, c).T).float().reshape(p, g, p)  # [p_i, j, p_j]
-            if unit and pen is None:  # fast path: the nearest patch is the most similar one
-                row = sim if keep is None else sim.masked_fill(~keep[js][None], -float("inf"))
-                col = sim if keep is None else sim.masked_fill(~keep[i][:, None, None], -float("inf"))
-                out[js, i] = _to_distance(row.amax(dim=2)).T  # i's patches vs references j
-                out[i, js] = _to_distance(col.amax(dim=0))  # j's patches vs reference i
-                continue
-            # general path: ||a - b||^2 = |a|^2 + |b|^2 - 2 a.b, then the penalty of the reference patch
-            d = torch.sqrt(torch.clamp(sq[i][:, None, None] + sq[js][None] - 2.0 * sim, min=0.0))
-            row = d if pen is None else d + pen[js][None]
-            col = d if pen is None else d + pen[i][:, None, None]
-            if keep is not None:
-                row = row.masked_fill(~keep[js][None], float("inf"))
-                col = col.masked_fill(~keep[i][:, None, None], float("inf"))
-            out[js, i] = row.amin(dim=2).T
-            out[i, js] = col.amin(dim=0)
-    return out
+    n, p, _ = Z.shape
+    keep = _usable_keep(keep, n, p, Z.device)
+    order, counts = _kept_first(keep, n, p, Z.device)
+    if order is not None:
+        rows = torch.arange(n, device=Z.device)[:, None]
+        Z = Z[rows, order]
+        penalty = None if penalty is None else penalty.to(Z.device)[rows, order]
+    elif penalty is not None:
+        penalty = penalty.to(Z.device)
+    d = _sorted_distances(Z, counts, penalty, _is_unit(Z), dtype, chunk)
+    return _unsort(d, order)
 
 
-def _to_distance(sim: torch.Tensor) -> torch.Tensor:
-    """||a - b|| for unit vectors from their dot product, clamped against rounding."""
-    return torch.sqrt(torch.clamp(2.0 - 2.0 * sim, min=0.0))
+def _interval_mean(d: torch.Tensor, topmin_max: float) -> torch.Tensor:
+    """d `[N(j), N(i), P]` -> mean of the K smallest over the references j: `[N, P]`."""
+    k = interval_count(d.shape[0] - 1, topmin_max)
+    return torch.topk(d, k, dim=0, largest=False, sorted=False).values.mean(dim=0)
+
+
+def _check_features(Z: torch.Tensor) -> None:
+    if Z.ndim != 3:
+        raise FiseclipError(f"Z must be [N, P, C], got shape {tuple(Z.shape)}")
+    # a finite sum proves every element finite (inf and NaN propagate); only an overflowing sum needs the full test
+    if not bool(torch.isfinite(Z.sum())) and not bool(torch.isfinite(Z).all()):
+        raise FiseclipError("features contain NaN or inf; check the input images and the encoder precision")
 
 
 def mutual_scores(Z: torch.Tensor, keep: torch.Tensor | None = None, topmin_max: float = 0.3,
                   penalty: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Mutual scoring (MSM) inside a batch. Z `[N, P, C]` (normally L2-normalised, as `lnamd` returns; any features
-    give Euclidean distances), keep bool `[N, P]` or None -> `[N, P]`.
+    """Mutual scoring (MSM) inside a batch.
 
-    keep[j, q] False removes patch q of image j from the references of every other image.
-    N = 1 has no reference: zeros with a warning (the pipeline then falls back to the text map).
+    Args:
+        Z: `[N, P, C]` features (normally L2-normalised, as `lnamd` returns; any features give Euclidean distances).
+        keep: bool `[N, P]` or None; keep[j, q] False removes patch q of image j from the references of every
+            other image.
+        topmin_max: fraction of the N - 1 references whose smallest distances are averaged.
+        penalty: `[N, P]` or None, added to the distance of each reference patch.
+        dtype: GEMM dtype.
+
+    Returns:
+        float32 `[N, P]`. N = 1 has no reference: zeros with a warning (the pipeline then falls back to the
+        text map).
     """
-    if Z.ndim != 3:
-        raise FiseclipError(f"Z must be [N, P, C], got shape {tuple(Z.shape)}")
+    _check_features(Z)
     n, p, _ = Z.shape
-    if keep is not None and tuple(keep.shape) != (n, p):
-        raise FiseclipError(f"keep must be [N, P] = {(n, p)}, got {tuple(keep.shape)}")
-    if not torch.isfinite(Z).all():
-        raise FiseclipError("features contain NaN or inf; check the input images and the encoder precision")
     if n == 1:
+        _usable_keep(keep, n, p, Z.device)
         warnings.warn("a batch of one image has no reference: mutual scores are zero")
         return torch.zeros(1, p, dtype=torch.float32, device=Z.device)
-    d = reference_distances(Z, keep, penalty, dtype=dtype)  # [j, i, p], +inf on the diagonal
-    k = interval_count(n - 1, topmin_max)
-    smallest = torch.topk(d, k, dim=0, largest=False).values  # [k, i, p]
-    return smallest.mean(dim=0)
+    return _interval_mean(reference_distances(Z, keep, penalty, dtype=dtype), topmin_max)
 
 
 def visual_map(layers: dict[int, torch.Tensor], grid: tuple[int, int], degrees=(1, 3, 5),
                keep: torch.Tensor | None = None, penalty: torch.Tensor | None = None, topmin_max: float = 0.3,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A_V: mutual scores averaged over layers and aggregation degrees. layers: {l: `[N, P, C]`} -> `[N, P]`."""
-    total, count = None, 0
+               dtype: torch.dtype = torch.float32, chunk: int = QUERY_CHUNK) -> torch.Tensor:
+    """A_V: mutual scores averaged over layers and aggregation degrees.
+
+    Inputs are checked and the keep-mask prepared once per batch; each layer is layer-normed once. With two or
+    more distinct degrees and no soft penalty, each pair of images is multiplied ONCE per layer and the degrees
+    are box filters of that product (`_box_filtered_distances`; equal to the per-degree route up to rounding);
+    otherwise (one degree, a penalty, or a window whose mean is zero) each degree's features are aggregated and
+    matched by `_sorted_distances`.
+
+    Args:
+        layers: {layer: `[N, P, C]` raw patch tokens}.
+        grid: (h, w) with h * w = P.
+        degrees: odd aggregation degrees r.
+        keep, penalty, topmin_max, dtype: as in `mutual_scores`.
+        chunk: reference columns per GEMM.
+
+    Returns:
+        float32 `[N, P]`.
+    """
+    degrees = list(degrees)
+    for r in degrees:
+        _check_degree(r)
+    if not layers:
+        raise FiseclipError("no feature layers to match")
     for tokens in layers.values():
+        _check_features(tokens)
+        _check_grid(tokens.shape[1], grid)
+    first = next(iter(layers.values()))
+    n, p, _ = first.shape
+    device = first.device
+    if n == 1:
+        return mutual_scores(lnamd(first, grid, degrees[0]), keep, topmin_max, penalty, dtype)
+    keep = _usable_keep(keep, n, p, device)
+    fused = penalty is None and len(set(degrees)) > 1
+    sorted_route = None  # (order, counts, penalty) of the per-degree route, prepared on first use
+
+    def per_degree(x, r):
+        nonlocal sorted_route
+        if sorted_route is None:
+            order, counts = _kept_first(keep, n, p, device)
+            pen = None if penalty is None else penalty.to(device)
+            if pen is not None and order is not None:
+                pen = pen[torch.arange(n, device=device)[:, None], order]
+            sorted_route = (order, counts, pen)
+        order, counts, pen = sorted_route
+        Z, unit = _aggregate(x, grid, r, order, dtype)
+        s = _interval_mean(_sorted_distances(Z, counts, pen, unit, dtype, chunk), topmin_max)
+        return _unsort(s, order)
+
+    total = torch.zeros(n, p, dtype=torch.float32, device=device)
+    for tokens in layers.values():
+        x = _layer_norm(tokens)
+        d = _box_filtered_distances(x, grid, sorted(set(degrees)), keep, dtype, chunk) if fused else None
         for r in degrees:
-            s = mutual_scores(lnamd(tokens, grid, r), keep=keep, topmin_max=topmin_max, penalty=penalty, dtype=dtype)
-            total = s if total is None else total + s
+            total.add_(per_degree(x, r) if d is None else _interval_mean(d[r], topmin_max))
+        del x, d
+    return total.div_(len(layers) * len(degrees))
+
+
+def _window_norms(x: torch.Tensor, grid: tuple[int, int], r: int) -> torch.Tensor:
+    """||boxmean_r(x)(p)|| of layer-normed `[N, P, C]` x -> float32 `[N, P]` (the same pooling as `_aggregate`)."""
+    n, p, c = x.shape
+    h, w = grid
+    if r == 1:
+        return torch.linalg.vector_norm(x, dim=-1)
+    out = torch.empty(n, p, dtype=torch.float32, device=x.device)
+    step = max(1, AGG_ELEMENTS // (p * c))
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        img = F.avg_pool2d(x[a:b].view(b - a, h, w, c).permute(0, 3, 1, 2), kernel_size=r, stride=1,
+                           padding=r // 2, count_include_pad=True)
+        out[a:b] = torch.linalg.vector_norm(img.permute(0, 2, 3, 1), dim=-1).reshape(b - a, p)
+    return out
+
+
+def _box_filtered_distances(x: torch.Tensor, grid: tuple[int, int], degrees: list[int],
+                            keep: torch.Tensor | None, dtype: torch.dtype, chunk: int) -> dict | None:
+    """d_r[j, i, p] for every degree r from ONE GEMM per pair of images (grid order, keep-mask as in
+    `reference_distances`); None when some window mean is (almost) zero (no unit vectors: use the per-degree route).
+
+    With A = LN(X), <boxmean_r(A_i)(p), boxmean_r(A_j)(q)> is the r x r x r x r box mean of S1 = A_i A_j^T over
+    the grid axes of p and q (zero outside the grid: the zero padding of the pooling). So S1 is computed once,
+    and each r > 1 is a few memory-bound passes over the block: box sums along the reference grid axes (the
+    block's inner axes: shifted in-place adds, the vertical sums shared between degrees), scaling by the
+    reference inverse norms (which commutes with the next filter), then avg_pool2d over the query grid axes on
+    the channels_last view of the block (the block's rows are an NHWC image whose channels are the columns).
+    The query inverse norms are applied on the way to the maxima: a positive per-row factor leaves the max along
+    a row unchanged, so it is applied to that [P] result only. The maxima are taken in grid order with
+    excluded rows / columns set to -inf (the -inf of one direction never reaches the other: separate buffers).
+    """
+    n, p, c = x.shape
+    h, w = grid
+    dev = x.device
+    inv = {}
+    for r in degrees:
+        norm = _window_norms(x, grid, r)
+        if not bool(norm.min() > 1e-6):
+            return None
+        # 1/||.|| of the query (rows: mean over its window) and of the reference (columns: the block holds sums
+        # over the reference window, hence the extra 1/r^2)
+        inv[r] = (norm.reciprocal(), norm.mul(r * r).reciprocal())
+    Ad = x.to(dtype).contiguous()
+    group = max(1, chunk // p)
+    width = min(group, n - 1) * p
+    # workspaces, reused by every block (views of the first rows * width elements for a narrower last group)
+    ws = [torch.empty(p * width, dtype=torch.float32, device=dev) for _ in range(4)]
+    cos = {r: torch.empty(n, n, p, dtype=torch.float32, device=dev) for r in degrees}  # largest cosines
+    rowmax = torch.empty(p * group, dtype=torch.float32, device=dev)
+    excl = excl_starts = None
+    if keep is not None:
+        parts = [torch.nonzero(~keep[j]).flatten() for j in range(n)]
+        excl_rows = parts
+        cols = [e + j * p for j, e in enumerate(parts)]
+        excl_starts = [0]
+        for e in cols:
+            excl_starts.append(excl_starts[-1] + len(e))
+        excl = torch.cat(cols)
+    wide = sorted(r for r in degrees if r > 1)
+    for i in range(n - 1):
+        for g0 in range(i + 1, n, group):
+            g1 = min(n, g0 + group)
+            g = g1 - g0
+            s1, hs, qs, work = (b[:p * g * p].view(p, g * p) for b in ws)
+            prod = torch.mm(Ad[i], Ad[g0:g1].reshape(g * p, c).T, out=s1 if dtype == torch.float32 else None)
+            if prod is not s1:
+                s1.copy_(prod)  # bf16 GEMM, box filters and maxima in float32
+                del prod
+            ex_r = None if keep is None else excl_rows[i]
+            ex_c = None if keep is None else excl[excl_starts[g0]:excl_starts[g1]] - g0 * p
+            s1v, hsv, qsv = s1.view(p * g, h, w), hs.view(p * g, h, w), qs.view(p * g, h, w)
+            k_done = 0
+            for r in wide:
+                k = r // 2
+                if k_done == 0:
+                    hs.copy_(s1)
+                for d in range(k_done + 1, k + 1):  # vertical sums over the reference window, grown in place
+                    hsv[:, d:].add_(s1v[:, :-d])
+                    hsv[:, :-d].add_(s1v[:, d:])
+                k_done = k
+                qs.copy_(hs)
+                for d in range(1, k + 1):  # horizontal sums
+                    qsv[:, :, d:].add_(hsv[:, :, :-d])
+                    qsv[:, :, :-d].add_(hsv[:, :, d:])
+                qs.mul_(inv[r][1][g0:g1].reshape(1, g * p))
+                y = F.avg_pool2d(qs.view(1, h, w, g * p).permute(0, 3, 1, 2), kernel_size=r, stride=1, padding=k,
+                                 count_include_pad=True).permute(0, 2, 3, 1).reshape(p, g * p)
+                _block_maxima(y, inv[r][0][i], ex_r, ex_c, work, rowmax, cos[r], i, g0, g1)
+                del y
+            if 1 in degrees:  # last: s1 is scaled in place
+                s1.mul_(inv[1][1][g0:g1].reshape(1, g * p))
+                _block_maxima(s1, inv[1][0][i], ex_r, ex_c, work, rowmax, cos[1], i, g0, g1)
+    out = {}
+    for r in degrees:
+        d = _to_distance_(cos[r])
+        d.diagonal(dim1=0, dim2=1).fill_(float("inf"))  # an image is not its own reference
+        out[r] = d
+    return out
+
+
+def _block_maxima(y: torch.Tensor, u: torch.Tensor, ex_rows, ex_cols, work: torch.Tensor,
+                  rowmax: torch.Tensor, cos: torch.Tensor, i: int, g0: int, g1: int) -> None:
+    """Largest cosines of one block into cos `[N, N, P]`, both directions.
+
+    y `[P, g * P]`: cosines of image i's patches (rows) against references g0..g1 (columns), divided by the row's
+    u = inverse norm (a positive factor, so it is applied to the row maxima only); overwritten. work: scratch
+    of y's size.
+    """
+    p = y.shape[0]
+    g = g1 - g0
+    full = torch.mul(y, u[:, None], out=work)
+    if ex_rows is not None and len(ex_rows):
+        full.index_fill_(0, ex_rows, -math.inf)
+    # references g0..g1's patches (columns) against reference i: over i's kept patches (rows)
+    torch.amax(full.view(p, g, p), dim=0, out=cos[i, g0:g1])
+    if ex_cols is not None and len(ex_cols):
+        y.index_fill_(1, ex_cols, -math.inf)
+    # i's patches against each reference j: over j's kept patches (columns)
+    rm = rowmax[:p * g].view(p, g)
+    torch.amax(y.view(p, g, p), dim=2, out=rm)
+    torch.mul(rm, u[:, None], out=cos[g0:g1, i].T)
+
+
+# ------------------------------------------------------------------------------ references outside the batch
+# (issue 13: reference bank and streaming). A query image is scored against images that are not scored
+# themselves; these functions are self-contained so that the in-batch path above can change independently.
+
+def cross_distances(Zq: torch.Tensor, Zr: torch.Tensor, keep: torch.Tensor | None = None,
+                    penalty: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                    block: int = 1 << 22) -> torch.Tensor:
+    """d[j, i, p]: distance from patch p of query image i to its nearest (kept) patch of reference image j.
+
+    All references are multiplied in one GEMM per block of query patches; patches that are not kept are masked
+    (-inf similarity / +inf distance) before the per-reference reduction, which gives the same values as
+    reducing over the kept patches only.
+
+    Args:
+        Zq: `[Nq, P, C]` query features; Zr: `[Nr, Pr, C]` reference features (as `lnamd` returns).
+        keep: bool `[Nr, Pr]` or None, reference patches allowed (an image with none uses all, with a warning).
+        penalty: `[Nr, Pr]` or None, added to the distance of each reference patch (the soft filter).
+        dtype: GEMM dtype (float32 or bfloat16).
+        block: elements of one similarity block (query patches x Nr * Pr); bounds the extra memory.
+
+    Returns:
+        float32 `[Nr, Nq, P]`; `[0, Nq, P]` when there is no reference.
+    """
+    _check_features(Zq)
+    nq, p, c = Zq.shape
+    nr = Zr.shape[0]
+    if nr == 0:
+        return torch.empty(0, nq, p, dtype=torch.float32, device=Zq.device)
+    _check_features(Zr)
+    pr = Zr.shape[1]
+    keep = _usable_keep(keep, nr, pr, Zr.device)
+    q = Zq.reshape(nq * p, c)
+    refs = Zr.reshape(nr * pr, c)
+    fast = penalty is None and _is_unit(Zq) and _is_unit(Zr)  # nearest patch = most similar one
+    drop = None if keep is None else ~keep.reshape(1, nr * pr)
+    pen = None if penalty is None else penalty.reshape(1, nr * pr).float().to(Zq.device)
+    sq_q = None if fast else torch.linalg.vector_norm(q.float(), dim=-1).pow(2)
+    sq_r = None if fast else torch.linalg.vector_norm(refs.float(), dim=-1).pow(2)
+    refs_t = refs.to(dtype).T
+    out = torch.empty(nr, nq * p, dtype=torch.float32, device=Zq.device)
+    step = max(1, block // (nr * pr))
+    for s in range(0, nq * p, step):
+        sim = torch.mm(q[s:s + step].to(dtype), refs_t).float()
+        rows = sim.shape[0]
+        if fast:
+            if drop is not None:
+                sim.masked_fill_(drop, -math.inf)
+            out[:, s:s + rows] = sim.view(rows, nr, pr).amax(dim=2).T
+            continue
+        d = sim.mul_(-2.0).add_(sq_q[s:s + rows, None]).add_(sq_r[None]).clamp_(min=0.0).sqrt_()
+        if pen is not None:
+            d.add_(pen)
+        if drop is not None:
+            d.masked_fill_(drop, math.inf)
+        out[:, s:s + rows] = d.view(rows, nr, pr).amin(dim=2).T
+    if fast:
+        out = _to_distance_(out)
+    return out.view(nr, nq, p)
+
+
+def interval_mean(d: torch.Tensor, n_refs: int, topmin_max: float) -> torch.Tensor:
+    """Mean of the K smallest of d `[R, Nq, P]` over the references (K = interval_count(n_refs)); entries that
+    are +inf (an image as its own reference) are never among them as long as n_refs >= 1."""
+    k = interval_count(n_refs, topmin_max)
+    return torch.topk(d, k, dim=0, largest=False, sorted=False).values.mean(dim=0)
+
+
+def visual_map_against(layers: dict[int, torch.Tensor], grid: tuple[int, int], references: dict,
+                       degrees=(1, 3, 5), keep: torch.Tensor | None = None, penalty: torch.Tensor | None = None,
+                       mutual: bool = True, query_keep: torch.Tensor | None = None,
+                       query_penalty: torch.Tensor | None = None, topmin_max: float = 0.3,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A_V of query images whose references are other images: an external set, and (mutual) each other.
+
+    Args:
+        layers: {layer: `[Nq, P, C]` raw patch tokens} of the queries.
+        grid: (h, w).
+        references: {(layer, r): `[Nr, P, C]` aggregated reference features (`lnamd`)}, one entry per layer of
+            `layers` and degree; an empty or missing mapping means no external reference.
+        degrees: odd aggregation degrees r.
+        keep, penalty: `[Nr, P]` filter of the external references (None: every patch, no penalty).
+        mutual: the queries are also references of each other (a batch plus a bank), filtered by
+            query_keep / query_penalty `[Nq, P]` (as `reference_distances`).
+        topmin_max: as in `mutual_scores`; K counts every reference of a query (Nr, plus Nq - 1 when mutual).
+
+    Returns:
+        float32 `[Nq, P]`; zeros with a warning when a query has no reference at all.
+    """
+    first = next(iter(layers.values()))
+    nq, p, _ = first.shape
+    nr = 0
+    if references:
+        nr = next(iter(references.values())).shape[0]
+    n_refs = nr + (nq - 1 if mutual else 0)
+    if n_refs == 0:
+        warnings.warn("no reference image: mutual scores are zero")
+        return torch.zeros(nq, p, dtype=torch.float32, device=first.device)
+    total, count = None, 0
+    for l, tokens in layers.items():
+        _check_grid(tokens.shape[1], grid)
+        for r in degrees:
+            Zq = lnamd(tokens, grid, r)
+            parts = []
+            if nr:
+                parts.append(cross_distances(Zq, references[(l, r)], keep, penalty, dtype))
+            if mutual and nq > 1:
+                parts.append(reference_distances(Zq, query_keep, query_penalty, dtype=dtype))
+            s = interval_mean(torch.cat(parts) if len(parts) > 1 else parts[0], n_refs, topmin_max)
+            total = s if total is None else total.add_(s)
             count += 1
     return total / count

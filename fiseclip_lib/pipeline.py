@@ -6,6 +6,8 @@ sweeps over matching, filtering and fusion options can reuse encoded features.
 """
 from __future__ import annotations
 
+import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +21,9 @@ from .config import FiseConfig
 from .encoder import Encoder, Features, load_encoder
 from .errors import FiseclipError
 from .filtering import reference_keep
-from .fusion import fuse
+from .fusion import fuse, fuse_text_only
 from .matching import visual_map
-from .postprocess import gaussian_smooth, image_scores, rscin, upsample
+from .postprocess import gaussian_smooth, image_scores, pool_embedding, upsample
 from .text import text_embeddings, text_map, text_score
 
 TEXT_METHODS = ("fiseclip", "fiseclip-nofilter", "text")
@@ -39,6 +41,7 @@ class BatchResult:
     text_map: np.ndarray | None = None  # A_T, probability of 'abnormal'
     keep: np.ndarray | None = None  # reference patches the text filter kept
     text_scores: np.ndarray | None = None  # s_T per image
+    embeddings: np.ndarray | None = None  # [N, D] class embeddings for RsCIN over a pool (postprocess.rscin)
     notes: list[str] = field(default_factory=list)
 
 
@@ -70,15 +73,26 @@ class Detector:
                  cache: FeatureCache | None = None):
         self.config = (config or FiseConfig()).validate()
         self.cache = cache
+        # Seconds spent in the encoder (images actually encoded, cache misses) and after it (text, filter,
+        # matching, fusion, post-processing), so that reports can state both per image.
+        self.costs = {"encode_s": 0.0, "images_encoded": 0, "score_s": 0.0, "images_scored": 0}
         cfg = self.config
-        self.encoder = encoder or load_encoder(cfg.model, cfg.pretrained, cfg.image_size, cfg.device, cfg.precision,
-                                               cfg.cache_dir, seed=cfg.seed)
+        self.encoder = encoder or load_encoder(cfg.model, cfg.weights_tag, cfg.input_size, cfg.device, cfg.precision,
+                                               cfg.cache_dir, seed=cfg.seed, quick_gelu=cfg.quick_gelu,
+                                               restore_depth=cfg.restore_depth)
+        if self.encoder.has_text and self.encoder.restore_depth != cfg.restore_depth:
+            self.encoder = self.encoder.with_restore_depth(cfg.restore_depth)  # shares the model; identity follows
         if not self.encoder.has_text and cfg.method != "musc":
             raise FiseclipError(
                 f"method {cfg.method!r} needs a text tower; {self.encoder.model_name} has none: use --method musc "
                 f"or a CLIP model"
             )
         self.layers = self.encoder.check_layers(cfg.layers)
+        sigma = getattr(cfg, "smoothing_sigma", cfg.sigma) or 0.0
+        if math.ceil(4 * sigma) >= self.encoder.image_size:
+            raise FiseclipError(f"sigma {sigma} px is too large for image size {self.encoder.image_size}: the "
+                                f"smoothing window (4 sigma each side) must fit; use sigma < "
+                                f"{self.encoder.image_size / 4:g}")
 
     @property
     def uses_text(self) -> bool:
@@ -102,20 +116,25 @@ class Detector:
         if use_cache:
             ident = self.encoder.identity()
             keys = [self.cache.key(ident, self.layers, self.restore, image_hash(im)) for im in images]
-            per_image = [None if f is None else f.to(self.encoder.device) for f in map(self.cache.get, keys)]
+            per_image = [None if f is None else f.to(self.encoder.device)
+                         for f in (self.cache.get(k, self.layers) for k in keys)]
         todo = [i for i, f in enumerate(per_image) if f is None]
         parts = []
         step = self.config.encode_batch
         for s in range(0, len(todo), step):
             idx = todo[s:s + step]
             chunk = [images[i] for i in idx]
+            t0 = time.perf_counter()
             feats = self.encoder(self.encoder.preprocess(chunk), layers=self.layers, restore=self.restore,
                                  return_attention=return_attention)
-            bad = [i for n, i in enumerate(idx) if not all(torch.isfinite(t[n]).all() for t in feats.layers.values())]
+            self.costs["encode_s"] += time.perf_counter() - t0
+            self.costs["images_encoded"] += len(chunk)
+            tensors = list(feats.layers.values()) + [t for t in (feats.dense, feats.global_embedding) if t is not None]
+            bad = [i for n, i in enumerate(idx) if not all(torch.isfinite(t[n]).all() for t in tensors)]
             if bad:
                 names = [str(images[i]) if isinstance(images[i], (str, Path)) else f"#{i}" for i in bad]
-                raise FiseclipError(f"NaN or inf in features of {', '.join(names[:3])}; check these images, "
-                                    f"or use --set precision=fp32")
+                raise FiseclipError(f"NaN or inf in the encoder's features of {', '.join(names[:3])}: "
+                                    f"{self._nan_cause()}")
             if return_attention:
                 parts.append(feats)
                 continue
@@ -127,9 +146,38 @@ class Detector:
             return concat_features(parts)
         return concat_features(per_image)
 
+    def _nan_cause(self) -> str:
+        """The likely cause of non-finite features, for the error message (checked, not guessed)."""
+        enc = self.encoder
+        if enc.model is not None and any(not torch.isfinite(p).all() for p in enc.model.parameters()):
+            return f"the weights ({enc.weights}) contain NaN or inf; use other weights"
+        if enc.precision != "fp32":
+            return f"precision {enc.precision} overflowed; use --set precision=fp32"
+        return "the weights and inputs look finite; check these images (e.g. open them) and the weights file"
+
     def score_batch(self, images: Sequence, class_name: str) -> BatchResult:
         """Score a batch: each image is referenced by the others. images: PIL images or paths."""
-        return self.score_features(self.encode(images), class_name)
+        feats = self.encode(images)
+        t0 = time.perf_counter()
+        result = self.score_features(feats, class_name)
+        self.costs["score_s"] += time.perf_counter() - t0
+        self.costs["images_scored"] += len(images)
+        return result
+
+    def score_against(self, images: Sequence, class_name: str, references=None, mutual: bool = False) -> BatchResult:
+        """Score images against a reference bank (`predict.score_against`): each image against the references
+        only (mutual=False, per-image normalisation, what streaming computes) or also against each other."""
+        from .predict import score_against
+
+        return score_against(self, images, class_name, references, mutual=mutual)
+
+    def stream(self, images, class_name: str, bank_size: int = 16, references=None, threshold=None, **kwargs):
+        """Score images one at a time against a rolling bank of the last `bank_size` accepted images (plus the
+        known-good `references`); a generator of `stream.StreamResult`. See `fiseclip_lib/stream.py`."""
+        from .stream import stream
+
+        return stream(self, images, class_name, bank_size=bank_size, references=references, threshold=threshold,
+                      **kwargs)
 
     def score_features(self, feats: Features, class_name: str, keep: torch.Tensor | None = None) -> BatchResult:
         """Everything after the encoder. keep: a bool `[N, P]` reference keep-mask that replaces the text filter
@@ -151,7 +199,9 @@ class Detector:
                                                             else "the map is zero")
             warnings.warn(msg)
             notes.append(msg)
-            patch = a_t if a_t is not None else torch.zeros(1, grid[0] * grid[1])
+            # the text branch on the fusion's scale, so that the map compares with other batches' fused maps
+            patch = (fuse_text_only(a_t, cfg.fusion, cfg.alpha, cfg.gate_tau, cfg.fusion_norm) if a_t is not None
+                     else torch.zeros(1, grid[0] * grid[1]))
         else:
             penalty = None
             if keep is not None:
@@ -161,14 +211,11 @@ class Detector:
                                                    cfg.filter_min_keep)
             a_v = visual_map(feats.layers, grid, cfg.degrees, keep=ref_keep, penalty=penalty,
                              topmin_max=cfg.topmin_max, dtype=match_dtype).cpu()
-            patch = a_v if cfg.method == "musc" else fuse(a_v, a_t, cfg.fusion, cfg.alpha, cfg.gate_tau)
-        maps = gaussian_smooth(upsample(patch, grid, self.encoder.image_size), cfg.sigma)
+            patch = a_v if cfg.method == "musc" else fuse(a_v, a_t, cfg.fusion, cfg.alpha, cfg.gate_tau,
+                                                          cfg.fusion_norm)
+        maps = gaussian_smooth(upsample(patch, grid, self.encoder.image_size), cfg.smoothing_sigma)
+        # RsCIN (cfg.use_rscin) needs the whole pool: run.score_category applies it after the last batch
         scores = image_scores(maps, s_t, cfg.beta)
-        if cfg.rscin:
-            emb = feats.global_embedding
-            if emb is None:  # no CLIP embedding: mean of the deepest requested layer
-                emb = feats.layers[max(feats.layers)].mean(1)
-            scores = rscin(scores, emb.cpu(), cfg.rscin_ks)
 
         def grid_np(x):
             return None if x is None else x.reshape(n, *grid).float().numpy()
@@ -178,4 +225,5 @@ class Detector:
             method=cfg.method, visual_map=grid_np(a_v), text_map=grid_np(a_t),
             keep=None if ref_keep is None else ref_keep.reshape(n, *grid).numpy(),
             text_scores=None if s_t is None else s_t.numpy(), notes=notes,
+            embeddings=pool_embedding(feats).cpu().numpy(),
         )

@@ -1,7 +1,11 @@
 """Figures for the notebooks and reports (matplotlib / seaborn). No computation beyond display scaling.
 
-Heat-maps of one batch share one colour scale (batch-level normalisation, as the method scores them);
-figures from randomly initialised encoders carry a "(random weights)" mark in their titles.
+Conventions every figure follows, so that a reader can read it: every map grid has a colour bar (one scale per
+row, or per batch where the method compares a batch on one scale) and row and column labels; metrics are
+fractions in [0, 1] everywhere and the axes say so; counts get integer ticks; lines of a comparison differ in
+colour, marker and dash, so equal results stay visible; patch-level maps are drawn over the image extent, so
+they overlay the image they belong to at any resolution; figures from randomly initialised encoders carry a
+"(random weights)" mark in their titles.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ RANDOM_MARK = " (random weights)"
 # legends and tick labels): a `$` in a name must show as a dollar sign, not switch on math mode. Set once for
 # every figure of a notebook that imports this module.
 matplotlib.rcParams["text.parse_math"] = False
+FRACTION = " (fraction, 0-1)"
 
 
 def _plt():
@@ -38,108 +43,219 @@ def as_rgb(img, size=None):
     return np.asarray(im)
 
 
+def _clean(ax):
+    ax.set_xticks([]), ax.set_yticks([])
+
+
 def show_maps(images: Sequence, maps: np.ndarray, masks: np.ndarray | None = None, titles: Sequence[str] | None = None,
-              suptitle: str = "", max_cols: int = 8, cmap: str = "jet"):
-    """Images, ground truth and anomaly maps in columns; one colour scale for the whole batch."""
+              suptitle: str = "", max_cols: int = 8, cmap: str = "jet", label: str = "anomaly score (batch scale)"):
+    """Images, ground truth and anomaly maps in columns; one colour scale for the whole batch (a colour bar).
+
+    Args:
+        images: paths or PIL images, shown at the maps' size so that the maps overlay them.
+        maps: `[N, S, S]` anomaly maps; masks: `[N, S, S]` bool or None; titles: a column label per image.
+    """
     plt = _plt()
     n = min(len(images), max_cols)
     rows = 3 if masks is not None else 2
-    vmin, vmax = float(np.min(maps)), float(np.max(maps))
-    fig, axes = plt.subplots(rows, n, figsize=(1.9 * n, 1.9 * rows + 0.4), squeeze=False)
+    vmin, vmax = float(np.min(maps[:n])), float(np.max(maps[:n]))
+    fig, axes = plt.subplots(rows, n, figsize=(1.8 * n + 1.2, 1.8 * rows + 0.6), squeeze=False, layout="constrained")
     size = maps.shape[-1]
     for i in range(n):
         rgb = as_rgb(images[i], size)
         axes[0, i].imshow(rgb)
         if titles is not None:
-            axes[0, i].set_title(titles[i], fontsize=8)
+            axes[0, i].set_title(str(titles[i]), fontsize=8)
         if masks is not None:
             axes[1, i].imshow(masks[i], cmap="gray", vmin=0, vmax=1)
         ax = axes[rows - 1, i]
         ax.imshow(rgb)
         im = ax.imshow(maps[i], cmap=cmap, alpha=0.5, vmin=vmin, vmax=vmax)
     for ax in axes.flat:
-        ax.set_xticks([]), ax.set_yticks([])
+        _clean(ax)
     labels = ["image", "ground truth", "anomaly map"] if masks is not None else ["image", "anomaly map"]
     for r, lab in enumerate(labels):
         axes[r, 0].set_ylabel(lab, fontsize=9)
-    fig.subplots_adjust(right=0.9)
-    fig.colorbar(im, cax=fig.add_axes([0.92, 0.15, 0.012, 0.7]), label="score (batch scale)")
+    cb = fig.colorbar(im, ax=axes[rows - 1, :].tolist(), shrink=0.9, aspect=10)
+    cb.set_label(label, fontsize=8)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
     return fig
 
 
 def show_patch_maps(images: Sequence, grids: dict[str, np.ndarray], size: int, suptitle: str = "", cmap="magma",
-                    shared_scale: bool = True):
-    """Rows = named patch-level maps `[N, h, w]` (e.g. operators), columns = images."""
+                    shared_scale: bool = True, titles: Sequence[str] | None = None, overlay: bool = False,
+                    label: str = "value"):
+    """Rows = named patch-level maps `[N, h, w]` (e.g. operators), columns = images; a colour bar per row.
+
+    Args:
+        size: the image side in pixels; maps are drawn over the same extent so that they line up with the image.
+        shared_scale: one colour scale per row (else per map; the colour bar then shows the last map's scale).
+        titles: a column label per image. overlay: draw each map semi-transparently over its image.
+        label: what the values are (colour bar label).
+    """
     plt = _plt()
     n = len(images)
     names = list(grids)
-    fig, axes = plt.subplots(len(names) + 1, n, figsize=(1.8 * n, 1.8 * (len(names) + 1)), squeeze=False)
+    fig, axes = plt.subplots(len(names) + 1, n, figsize=(1.7 * n + 1.4, 1.7 * (len(names) + 1) + 0.5),
+                             squeeze=False, layout="constrained")
+    rgbs = [as_rgb(images[i], size) for i in range(n)]
     for i in range(n):
-        axes[0, i].imshow(as_rgb(images[i], size))
+        axes[0, i].imshow(rgbs[i])
+        if titles is not None:
+            axes[0, i].set_title(str(titles[i]), fontsize=8)
+    axes[0, 0].set_ylabel("image", fontsize=9)
+    ext = (0, size, size, 0)
     for r, name in enumerate(names, start=1):
-        g = grids[name]
+        g = np.asarray(grids[name])
         vmin, vmax = (float(g.min()), float(g.max())) if shared_scale else (None, None)
         for i in range(n):
-            axes[r, i].imshow(g[i], cmap=cmap, vmin=vmin, vmax=vmax)
+            if overlay:
+                axes[r, i].imshow(rgbs[i])
+            im = axes[r, i].imshow(g[i], cmap=cmap, vmin=vmin, vmax=vmax, extent=ext, alpha=0.6 if overlay else 1.0,
+                                   interpolation="nearest")
         axes[r, 0].set_ylabel(name, fontsize=9)
+        cb = fig.colorbar(im, ax=axes[r, :].tolist(), shrink=0.9, aspect=8)
+        cb.set_label(label, fontsize=7)
     for ax in axes.flat:
-        ax.set_xticks([]), ax.set_yticks([])
+        _clean(ax)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
     return fig
 
 
-def show_keep(images: Sequence, keep: np.ndarray, size: int, masks: np.ndarray | None = None, suptitle: str = ""):
-    """Overlay of the reference patches the text filter drops (red) on each image; ground truth outlined."""
+def show_attention(image, size: int, grid: tuple[int, int], patches: dict[str, tuple[int, int]],
+                   maps: dict[str, dict[str, np.ndarray]], suptitle: str = "", cmap: str = "viridis"):
+    """Where chosen patches attend: a row per patch (its box on the image, then one attention map per operator).
+    Each map is shown relative to its own maximum (identity attention puts 1 on one patch and would otherwise
+    leave every other operator black); the maximum is written under each map.
+
+    Args:
+        patches: row label -> (row, col) of the patch in the grid.
+        maps: row label -> {operator: `[h, w]` attention weights of that patch (summing to 1)}.
+    """
+    plt = _plt()
+    ops = list(next(iter(maps.values())))
+    fig, axes = plt.subplots(len(patches), len(ops) + 1, figsize=(1.9 * (len(ops) + 1) + 1.2, 2.0 * len(patches) + 0.5),
+                             squeeze=False, layout="constrained")
+    rgb = as_rgb(image, size)
+    step = size / grid[1]
+    for r, (name, (y, x)) in enumerate(patches.items()):
+        axes[r, 0].imshow(rgb)
+        axes[r, 0].add_patch(plt.Rectangle((x * step, y * step), step, step, fill=False, color="lime", lw=2))
+        axes[r, 0].set_ylabel(f"{name}\n(row {y}, col {x})", fontsize=9)
+        for c, op in enumerate(ops, start=1):
+            a = np.asarray(maps[name][op], dtype=float)
+            peak = float(a.max()) if a.size else 0.0
+            im = axes[r, c].imshow(a / peak if peak > 0 else a, cmap=cmap, vmin=0, vmax=1, extent=(0, size, size, 0))
+            axes[r, c].set_xlabel(f"max {peak:.3f}", fontsize=7)
+            if r == 0:
+                axes[r, c].set_title(op, fontsize=9)
+        cb = fig.colorbar(im, ax=axes[r, :].tolist(), shrink=0.9, aspect=8)
+        cb.set_label("attention / map max", fontsize=7)
+    for ax in axes.flat:
+        _clean(ax)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    return fig
+
+
+def show_keep(images: Sequence, keep: np.ndarray, size: int, masks: np.ndarray | None = None, suptitle: str = "",
+              titles: Sequence[str] | None = None):
+    """Overlay of the reference patches the filter drops (red) on each image; ground truth outlined in cyan;
+    each title gives the kept fraction of that image's patches."""
     plt = _plt()
     n = len(images)
-    fig, axes = plt.subplots(1, n, figsize=(1.9 * n, 2.2), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(1.8 * n, 2.5), squeeze=False, layout="constrained")
     for i in range(n):
         ax = axes[0, i]
         ax.imshow(as_rgb(images[i], size))
-        dropped = np.kron(~keep[i], np.ones((size // keep.shape[1], size // keep.shape[2])))
-        overlay = np.zeros((*dropped.shape, 4))
+        overlay = np.zeros((*keep.shape[1:], 4))
         overlay[..., 0] = 1.0
-        overlay[..., 3] = 0.45 * dropped
-        ax.imshow(overlay, extent=(0, size, size, 0))
+        overlay[..., 3] = 0.45 * (~keep[i].astype(bool))
+        ax.imshow(overlay, extent=(0, size, size, 0), interpolation="nearest")
         if masks is not None and masks[i].any():
             ax.contour(masks[i], levels=[0.5], colors="cyan", linewidths=0.8)
-        ax.set_title(f"kept {keep[i].mean():.0%}", fontsize=8)
-        ax.set_xticks([]), ax.set_yticks([])
+        head = f"{titles[i]}\n" if titles is not None else ""
+        ax.set_title(f"{head}kept {keep[i].mean():.2f}", fontsize=8)
+        _clean(ax)
     if suptitle:
-        fig.suptitle(suptitle, fontsize=10)
+        fig.suptitle(suptitle + "\nred: dropped reference patches; cyan: ground truth", fontsize=9)
     return fig
 
 
-def bar_metrics(df, x: str, y: str, hue: str | None = None, title: str = "", ylim=(0, 1)):
-    """Seaborn bar chart of one metric."""
+def _metric_label(name: str) -> str:
+    return name + (FRACTION if any(k in name for k in ("auroc", "aupro", "_ap", "f1", "share", "fraction")) else "")
+
+
+def bar_metrics(df, x: str, y: str, hue: str | None = None, title: str = "", ylim=(0, 1), ylabel: str | None = None):
+    """Seaborn bar chart of one metric (metrics are fractions in [0, 1])."""
     import seaborn as sns
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 3.2))
+    fig, ax = plt.subplots(figsize=(8, 3.2), layout="constrained")
     sns.barplot(data=df, x=x, y=y, hue=hue, ax=ax)
     ax.set_ylim(*ylim)
     ax.set_title(title, fontsize=10)
+    ax.set_ylabel(ylabel or _metric_label(y))
     if hue:
         ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", title=hue)
-    fig.tight_layout()
     return fig
 
 
-def line_metrics(df, x: str, y: str, hue: str | None = None, title: str = "", logx: bool = False, ylabel=None):
+def line_metrics(df, x: str, y: str, hue: str | None = None, title: str = "", logx: bool = False, ylabel=None,
+                 xlabel=None, integer_x: bool = False, ylim=None):
+    """Lines of one metric per `hue`; each line has its own marker and dash so that equal lines stay visible."""
     import seaborn as sns
+    from matplotlib.ticker import MaxNLocator
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 3.2))
-    sns.lineplot(data=df, x=x, y=y, hue=hue, marker="o", ax=ax)
+    fig, ax = plt.subplots(figsize=(7.5, 3.2), layout="constrained")
+    sns.lineplot(data=df, x=x, y=y, hue=hue, style=hue, markers=True, dashes=True, markersize=7, alpha=0.85,
+                 linewidth=1.6, ax=ax)
     if logx:
         ax.set_xscale("log", base=2)
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if hue:
         ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", title=hue)
     ax.set_title(title, fontsize=10)
-    if ylabel:
-        ax.set_ylabel(ylabel)
-    fig.tight_layout()
+    ax.set_ylabel(ylabel or _metric_label(y))
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    return fig
+
+
+def show_reference_distances(panels: dict[str, tuple[np.ndarray, np.ndarray]], k: int, suptitle: str = ""):
+    """Per-reference nearest-patch distances of chosen patches, sorted; the K smallest (the interval) shaded.
+
+    Args:
+        panels: title -> (distances to each other image `[N-1]`, is that reference anomalous `[N-1]` bool).
+        k: the interval count K.
+    """
+    plt = _plt()
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.2), sharey=True, squeeze=False,
+                             layout="constrained")
+    for ax, (name, (dist, bad)) in zip(axes[0], panels.items()):
+        order = np.argsort(dist)
+        ax.bar(np.arange(1, len(order) + 1), dist[order],
+               color=["tab:red" if bad[j] else "tab:blue" for j in order])
+        ax.axvspan(0.5, k + 0.5, color="gold", alpha=0.3)
+        score = float(dist[order][:k].mean())
+        ax.axhline(score, color="k", ls="--")
+        ax.set_title(f"{name}: score {score:.3f}", fontsize=9)
+        ax.set_xlabel("reference rank (1 = nearest)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0, 0].set_ylabel("nearest-patch distance")
+    handles = [Patch(color="tab:blue", label="normal reference"), Patch(color="tab:red", label="anomalous reference"),
+               Patch(color="gold", alpha=0.3, label=f"interval: the K={k} nearest"),
+               plt.Line2D([], [], color="k", ls="--", label="score = mean over the interval")]
+    axes[0, -1].legend(handles=handles, fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
     return fig

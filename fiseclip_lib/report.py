@@ -1,27 +1,54 @@
-"""`fiseclip report`: run the numbered notebooks headless with papermill, render HTML, write an index.
+"""`fiseclip report`: run the numbered notebooks headless with papermill, render HTML, keep an index.
 
 Each notebook runs in its own kernel; one that fails still gets its executed notebook and HTML (showing the
-error) and the others go on. Every HTML report starts with a provenance header (parameters, encoder and
-whether its weights are random, dataset, seed, versions, git commit, wall time). The index links every
-report with its one-line result (the notebook's `RESULT:` line).
+error) and the others go on. The terminal shows each notebook's progress (cell k of n, elapsed seconds); the
+kernel's own log lines (its TCP notice, shutdown interrupts) go to a scratch file that is shown only when a
+notebook fails outside its cells.
+
+What a notebook found reaches the report as data, not as scraped text: `workbench.result` displays a
+`application/vnd.fiseclip.result+json` output (the finding, the encoders its numbers come from, the CSVs
+behind them). The report copies that record into the executed notebook's metadata (`metadata.fiseclip`) and
+into `index.json`, which is a record across runs: `--only 02` replaces row 02 and keeps the others. The index
+shows per notebook its run date, parameters (dataset, model, weights, size), wall time, a weights badge built
+from the declared encoders (random CLIP / pretrained CNN / simulated), and links to the HTML, the executed
+notebook and the CSVs.
+
+Math without a network: the reports must read offline, so formulas are converted to MathML when the report is
+written (`latex2mathml`, a small pure-Python package), and the HTML loads no MathJax. MathML Core renders
+natively in current Chromium, Firefox and Safari, the HTML stays one self-contained file (no 30 MB MathJax
+copy to vendor next to it), and only Markdown cells are converted: a `$` in an output (a category or file name
+in a table or result line) is never typeset, because nothing typesets outputs. In JupyterLab the notebooks use
+its bundled MathJax, which also works offline; tables the workbench shows are marked for MathJax to ignore.
+
+Writing is atomic (temporary name, then rename); at start, under the output folder's lock, temporary files of
+our own naming that a killed run left behind (`.NAME.XXXXXXXX.tmp.SUFFIX`) are removed.
 """
 from __future__ import annotations
 
 import ast
+import contextlib
+import datetime as _dt
 import html
 import json
 import os
 import re
+import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from ._io import atomic_path, output_lock, write_json_atomic, write_text_atomic
-from .errors import FiseclipError
 from .encoder import is_random_weights
+from .errors import FiseclipError
 from .provenance import banner_html, provenance
-from .workbench import HEADLESS_ENV, RESULT_PREFIX
+from .workbench import HEADLESS_ENV, IGNORE_MATH_CLASS, RESULT_MIME
 
-PATH_PARAMS = ("root", "run_dir")  # parameters that are paths: made absolute before reaching the notebooks
+PATH_PARAMS = ("root", "run_dir", "sweep_dir")  # parameters that are paths: made absolute before reaching the notebooks
+INDEX_PARAMS = ("dataset", "model", "pretrained", "image_size", "batch_size", "seed")  # shown per index row
+CELL_TIMEOUT_S = 1800  # a cell that runs longer fails its notebook instead of stalling the whole series
+# Temporary files of `_io.atomic_path` (mkstemp: prefix ".<stem>.", 8 random characters, suffix ".tmp<ext>").
+DEBRIS = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
 
 
 def default_notebooks_dir() -> Path:
@@ -44,38 +71,120 @@ def list_notebooks(notebooks_dir: Path, only: str | None = None) -> list[Path]:
     return books
 
 
-def _result_line(nb) -> str:
+# ------------------------------------------------------------------------------------------ math
+
+_FENCE = re.compile(r"(```.*?```|~~~.*?~~~|`[^`\n]*`)", re.S)
+_DISPLAY = re.compile(r"\$\$(.+?)\$\$", re.S)
+# Inline math as pandoc reads it: no space after the opening `$`, none before the closing one, no digit after
+# it (so "costs $5 and $6" stays text), and an escaped `\$` is a dollar sign.
+_INLINE = re.compile(r"(?<![\\$])\$(?![\s$])((?:\\.|[^$\\\n])+?)(?<!\s)\$(?!\d)")
+
+
+def latex_to_mathml(tex: str, display: bool = False) -> str:
+    """One formula -> MathML (inline or block); a formula latex2mathml cannot read is shown as code."""
+    from latex2mathml.converter import convert
+
+    try:
+        return convert(tex.strip(), display="block" if display else "inline")
+    except Exception as e:  # noqa: BLE001 - any parser failure: keep the text readable, say which formula
+        warnings.warn(f"formula not converted to MathML ({type(e).__name__}): {tex.strip()[:60]}")
+        return f"<code class='math-error'>{html.escape(tex.strip())}</code>"
+
+
+def markdown_math_to_mathml(source: str) -> str:
+    """Markdown with `$...$` / `$$...$$` -> the same Markdown with MathML elements (code spans untouched)."""
+    parts = _FENCE.split(source)
+    for i in range(0, len(parts), 2):  # even parts are outside code
+        # display math stays where it is written (a list item keeps it): MathML's display="block" breaks the line
+        text = _DISPLAY.sub(lambda m: latex_to_mathml(m.group(1), True), parts[i])
+        parts[i] = _INLINE.sub(lambda m: latex_to_mathml(m.group(1)), text)
+    return "".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ records
+
+def result_record(nb) -> dict:
+    """The notebook's result record (the last `RESULT_MIME` output), {} when there is none."""
+    found = {}
     for cell in nb.cells:
         for out in cell.get("outputs", []):
-            text = out.get("text", "") if out.get("output_type") == "stream" else ""
-            for line in text.splitlines():
-                if line.startswith(RESULT_PREFIX):
-                    return line[len(RESULT_PREFIX):].strip()
-    return ""
+            data = out.get("data", {}) if out.get("output_type") in ("display_data", "execute_result") else {}
+            if RESULT_MIME in data:
+                rec = data[RESULT_MIME]
+                found = json.loads(rec) if isinstance(rec, str) else dict(rec)
+    return found
 
 
-def _header(name: str, status: str, error: str, wall: float, params: dict, prov: dict) -> str:
+def weights_badge(numbers_from: list[dict], pretrained_param: bool) -> dict:
+    """{"text", "level"}: which kinds of weights the notebook's numbers come from. level: 'pretrained' (all
+    pretrained), 'random' (all random), 'mixed'."""
+    if not numbers_from:
+        return {"text": "pretrained weights" if pretrained_param else "random weights",
+                "level": "pretrained" if pretrained_param else "random"}
+    parts, levels = [], set()
+    for src in numbers_from:
+        if src.get("kind") == "simulated":
+            parts.append(f"simulated: {src.get('model', '')}")
+            continue
+        state = "pretrained" if src.get("pretrained") else "random"
+        levels.add(state)
+        parts.append(f"{state} {src.get('kind', '')} ({src.get('model', '?')})")
+    level = levels.pop() if len(levels) == 1 else "mixed" if levels else "pretrained"
+    return {"text": " + ".join(dict.fromkeys(parts)), "level": level}
+
+
+BADGE_COLOURS = {"pretrained": "#1b7f3b", "random": "#b00020", "mixed": "#b35c00"}
+
+
+def _rel(path: str, out: Path) -> str:
+    try:
+        return Path(os.path.relpath(Path(path).resolve(), out.resolve())).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def _header(name: str, status: str, error: str, wall: float, params: dict, prov: dict, badge: dict) -> str:
     pretrained = not is_random_weights(params.get("pretrained", ""))
     rows = [("notebook", name), ("status", status + (f" ({error})" if error else "")), ("wall time", f"{wall:.1f} s"),
             ("encoder", f"{params.get('model', '?')} / weights {params.get('pretrained', '?')} / "
                         f"{params.get('image_size', '?')} px"),
             ("pretrained weights", "yes" if pretrained else "NO (random initialisation)"),
+            ("numbers from", badge["text"]),
             ("dataset", f"{params.get('dataset', '?')} at {params.get('root', '?')}"),
             ("seed", params.get("seed", "?")), ("git commit", prov["git_commit"]),
             ("versions", ", ".join(f"{k} {v}" for k, v in prov["versions"].items())),
             ("parameters", json.dumps(params, sort_keys=True, default=str))]
-    banner = banner_html(pretrained)
     body = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(str(k))}</th>"
                    f"<td><code>{html.escape(str(v))}</code></td></tr>" for k, v in rows)
-    return (f'<div id="fiseclip-provenance" style="font-family:sans-serif;border:1px solid #999;padding:8px;'
-            f'margin:8px">{banner}<b>fiseclip report: {html.escape(name)}</b>'
+    return (f'<div id="fiseclip-provenance" class="{IGNORE_MATH_CLASS}" style="font-family:sans-serif;'
+            f'border:1px solid #999;padding:8px;margin:8px">{banner_html(pretrained)}'
+            f'<b>fiseclip report: {html.escape(name)}</b>'
             f'<table style="font-size:12px">{body}</table><a href="index.html">all reports</a></div>')
 
 
+# nbconvert's lab template with nothing fetched from the network: no MathJax (math is MathML), no require.js
+# (the reports hold no widgets), no mermaid loader.
+_TEMPLATE = ("{%- extends 'lab/index.html.j2' -%}\n"
+             "{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}\n"
+             "{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}\n"
+             "{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}\n")
+
+
 def _to_html(nb, header: str) -> str:
+    """The executed notebook as one offline HTML page: Markdown math as MathML, no MathJax, header on top."""
+    import copy
+
+    from jinja2 import DictLoader
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    nb = copy.deepcopy(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            cell.source = markdown_math_to_mathml(cell.source)
+    exporter = HTMLExporter(template_name="lab", extra_loaders=[DictLoader({"fiseclip.html.j2": _TEMPLATE})],
+                            template_file="fiseclip.html.j2")
+    body, _ = exporter.from_notebook_node(nb)
+    body = re.sub(r"<!-- Load mathjax -->.*?<!-- End of mathjax configuration -->", "", body, flags=re.S)
     m = re.search(r"<body[^>]*>", body)
     return body[:m.end()] + header + body[m.end():] if m else header + body
 
@@ -93,39 +202,155 @@ def _notebook_params(path: Path) -> dict:
     return out
 
 
+def notebook_parameters(params: dict, defaults: dict) -> dict:
+    """The parameters to inject into one notebook: a key the notebook has is passed as is; a config field it
+    does not have as a parameter (e.g. `precision`, `encode_batch` from a params file) joins its `options`, so
+    that it reaches the notebook's config instead of being ignored."""
+    import dataclasses
+
+    from .config import FiseConfig
+
+    fields = {f.name for f in dataclasses.fields(FiseConfig)}
+    out = {k: v for k, v in params.items() if k in defaults or k not in fields}
+    extra = {k: v for k, v in params.items() if k not in defaults and k in fields}
+    if extra:
+        out["options"] = {**extra, **(params.get("options") or defaults.get("options") or {})}
+    return out
+
+
+def _read_index(out: Path) -> list[dict]:
+    """The rows of an existing index.json (a damaged or foreign one is ignored with a warning)."""
+    path = out / "index.json"
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8")).get("reports", [])
+        return [r for r in rows if isinstance(r, dict) and isinstance(r.get("name"), str)]
+    except (ValueError, AttributeError, OSError):
+        warnings.warn(f"{path} is not a fiseclip index; starting a new one")
+        return []
+
+
+def _links(r: dict) -> str:
+    links = [f"<a href='{html.escape(r['links']['html'])}'>HTML</a>",
+             f"<a href='{html.escape(r['links']['ipynb'])}'>.ipynb</a>"]
+    links += [f"<a href='{html.escape(p)}'>{html.escape(n)}.csv</a>" for n, p in r["links"].get("tables", {}).items()]
+    return " · ".join(links)
+
+
 def _index(out: Path, results: list[dict], prov: dict) -> None:
-    rows = "".join(
-        f"<tr><td><a href='{html.escape(r['name'])}.html'>{html.escape(r['name'])}</a></td>"
-        f"<td style='color:{'green' if r['status'] == 'ok' else '#b00020'}'>{html.escape(r['status'])}</td>"
-        f"<td>{r['wall_s']:.1f} s</td><td>{html.escape(r['result'] or r['error'])}</td></tr>" for r in results)
-    banner = banner_html(all(r["pretrained"] for r in results))
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>fiseclip reports</title></head>"
-            f"<body style='font-family:sans-serif'><h1>fiseclip reports</h1>{banner}"
-            f"<p>git commit <code>{html.escape(prov['git_commit'])}</code>, fiseclip "
-            f"{html.escape(prov['versions'].get('fiseclip', '?'))}</p>"
-            f"<table border='1' cellpadding='4' style='border-collapse:collapse'><tr><th>report</th><th>status</th>"
-            f"<th>wall time</th><th>result</th></tr>{rows}</table></body></html>\n")
+    def row(r):
+        badge = r.get("badge") or weights_badge([], r.get("pretrained", False))
+        colour = BADGE_COLOURS.get(badge["level"], "#555")
+        p = r.get("params", {})
+        params = (f"{p.get('dataset', '?')} · {p.get('model', '?')} / {p.get('pretrained', '?')} · "
+                  f"{p.get('image_size', '?')} px · N={p.get('batch_size', '?')} · seed {p.get('seed', '?')}")
+        return (f"<tr><td><a href='{html.escape(r['links']['html'])}'>{html.escape(r['name'])}</a></td>"
+                f"<td style='color:{'green' if r['status'] == 'ok' else '#b00020'}'>{html.escape(r['status'])}</td>"
+                f"<td style='white-space:nowrap'>{html.escape(r.get('run_date', '')[:16].replace('T', ' '))}</td>"
+                f"<td style='white-space:nowrap'>{r['wall_s']:.1f} s</td>"
+                f"<td>{html.escape(params)}</td>"
+                f"<td><span class='badge' style='background:{colour}'>{html.escape(badge['text'])}</span></td>"
+                f"<td>{html.escape(r['result'] or r['error'])}</td><td>{_links(r)}</td></tr>")
+
+    rows = "".join(row(r) for r in results)
+    commits = sorted({r.get("git_commit", prov["git_commit"]) for r in results})
+    banner = banner_html(all(r.get("badge", {}).get("level") == "pretrained" for r in results))
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>fiseclip reports</title>"
+            "<style>body{font-family:sans-serif;margin:1em} td,th{vertical-align:top;font-size:13px}"
+            ".badge{color:white;padding:1px 6px;border-radius:4px;white-space:nowrap}</style></head>"
+            f"<body class='{IGNORE_MATH_CLASS}'><h1>fiseclip reports</h1>{banner}"
+            f"<p>git commit{'s' if len(commits) > 1 else ''} <code>{html.escape(', '.join(commits))}</code>, "
+            f"fiseclip {html.escape(prov['versions'].get('fiseclip', '?'))}. Each row is the latest run of its "
+            f"notebook; the badge says which weights its numbers come from.</p>"
+            "<table border='1' cellpadding='4' style='border-collapse:collapse'><tr><th>report</th><th>status</th>"
+            "<th>run date</th><th>wall time</th><th>parameters</th><th>numbers from</th><th>result</th>"
+            f"<th>files</th></tr>{rows}</table></body></html>\n")
     write_text_atomic(out / "index.html", page)
     write_json_atomic(out / "index.json", {"reports": results, **prov})
 
 
-CELL_TIMEOUT_S = 1800  # a cell that runs longer fails its notebook instead of stalling the whole series
+# ------------------------------------------------------------------------------------------ running
+
+def clean_debris(out: Path) -> list[Path]:
+    """Remove temporary files of our own naming left in `out` (and its `_runs/`) by a killed run."""
+    removed = []
+    for folder in [out] + ([out / "_runs"] if (out / "_runs").is_dir() else []):
+        paths = folder.iterdir() if folder == out else folder.rglob(".*")
+        for p in paths:
+            if p.is_file() and DEBRIS.match(p.name):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def _kernel_log():
+    """Send this process's file descriptor 2, which kernels inherit, to a scratch file; yield the file."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    log = tempfile.TemporaryFile(mode="w+b")
+    os.dup2(log.fileno(), 2)
+    try:
+        yield log
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _kernel_log_tail(log, lines: int = 8) -> str:
+    log.seek(0)
+    text = log.read().decode("utf-8", "replace").splitlines()
+    return "\n".join(l for l in text if "running over TCP without encryption" not in l)[-2000:] if text else ""
+
+
+def _progress_engine(name: str, say):
+    """A papermill engine that reports each code cell as it starts (cell k of n, elapsed seconds)."""
+    from papermill.engines import NBClientEngine
+
+    class Progress(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, **kwargs):
+            code = [i for i, c in enumerate(nb_man.nb.cells) if c.cell_type == "code"]
+            t0 = time.time()
+            start = nb_man.cell_start
+
+            def cell_start(cell, cell_index=None, **kw):
+                if cell_index in code:
+                    say(f"[report] {name}: cell {code.index(cell_index) + 1} of {len(code)}, "
+                        f"{time.time() - t0:.0f} s")
+                return start(cell, cell_index, **kw)
+
+            nb_man.cell_start = cell_start
+            return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+
+    return Progress
 
 
 def run_reports(out, params: dict | None = None, only: str | None = None, notebooks_dir=None,
-                kernel_name: str = "python3", timeout: int | None = None) -> list[dict]:
-    """Execute the notebooks into `out` (executed .ipynb + .html each, index.html); returns one record each.
+                kernel_name: str = "python3", timeout: int | None = None, verbose: bool = True) -> list[dict]:
+    """Execute the notebooks into `out` (executed .ipynb + .html each, index.html/json); returns the records of
+    the notebooks run now (the index also keeps earlier rows of notebooks not run now).
 
-    timeout: seconds allowed per cell (default CELL_TIMEOUT_S)."""
+    Args:
+        out: the report folder (locked while we write).
+        params: notebook parameters overriding each notebook's defaults.
+        only: comma-separated names or number prefixes.
+        timeout: seconds allowed per cell (default CELL_TIMEOUT_S).
+        verbose: print per-notebook progress (cell k of n, elapsed).
+    """
     from .run import ensure_writable
 
     timeout = timeout or CELL_TIMEOUT_S
     out = ensure_writable(out)
     with output_lock(out, command="fiseclip report"):
-        return _run_reports_locked(out, params, only, notebooks_dir, kernel_name, timeout)
+        clean_debris(out)
+        return _run_reports_locked(out, params, only, notebooks_dir, kernel_name, timeout, verbose)
 
 
-def _run_reports_locked(out: Path, params, only, notebooks_dir, kernel_name, timeout) -> list[dict]:
+def _run_reports_locked(out: Path, params, only, notebooks_dir, kernel_name, timeout, verbose) -> list[dict]:
     notebooks_dir = Path(notebooks_dir) if notebooks_dir else default_notebooks_dir()
     params = dict(params or {})
     for key in PATH_PARAMS:
@@ -133,49 +358,76 @@ def _run_reports_locked(out: Path, params, only, notebooks_dir, kernel_name, tim
             params[key] = str(Path(params[key]).expanduser().resolve())
     params.setdefault("run_dir", str((out / "_runs").resolve()))
     prov = provenance()
+    books = list_notebooks(notebooks_dir, only)
+    rows = {r["name"]: r for r in _read_index(out)}
     results = []
     # Kernels inherit the environment: a headless MPLBACKEND=Agg there would drop every figure from the report,
     # and widgets have no frontend to talk to, so the notebooks show their static views instead.
     saved = {k: os.environ.get(k) for k in ("MPLBACKEND", HEADLESS_ENV)}
     os.environ.pop("MPLBACKEND", None)
     os.environ[HEADLESS_ENV] = "1"
+    say = (lambda s: print(s, flush=True)) if verbose else (lambda s: None)
     try:
-        for book in list_notebooks(notebooks_dir, only):
-            results.append(_run_one(book, out, params, notebooks_dir, kernel_name, timeout, prov))
-            _index(out, results, prov)
+        for k, book in enumerate(books, start=1):
+            say(f"[report] {book.stem} ({k} of {len(books)}) ...")
+            rec = _run_one(book, out, params, notebooks_dir, kernel_name, timeout, prov, say)
+            results.append(rec)
+            rows[rec["name"]] = rec
+            _index(out, [rows[n] for n in sorted(rows)], prov)
     finally:
-        for k, v in saved.items():
+        for key, v in saved.items():
             if v is None:
-                os.environ.pop(k, None)
+                os.environ.pop(key, None)
             else:
-                os.environ[k] = v
+                os.environ[key] = v
     return results
 
 
-def _run_one(book: Path, out: Path, params: dict, notebooks_dir: Path, kernel_name: str, timeout, prov) -> dict:
+def _run_one(book: Path, out: Path, params: dict, notebooks_dir: Path, kernel_name: str, timeout, prov,
+             say) -> dict:
     """Execute one notebook into `out` (.ipynb and .html, both even when it fails); return its record."""
     import nbformat
     import papermill as pm
 
     name = book.stem
-    effective = {**_notebook_params(book), **params}
-    print(f"[report] {name} ...", flush=True)
+    defaults = _notebook_params(book)
+    params = notebook_parameters(params, defaults)
+    effective = {**defaults, **params}
+    run_date = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     t0 = time.time()
-    status, error = "ok", ""
+    status, error, tail = "ok", "", ""
+    from papermill.engines import papermill_engines
+
+    papermill_engines.register("fiseclip-progress", _progress_engine(name, say))
     with atomic_path(out / f"{name}.ipynb") as tmp:
-        try:
-            pm.execute_notebook(str(book), str(tmp), parameters=params, cwd=str(notebooks_dir),
-                                kernel_name=kernel_name, progress_bar=False, execution_timeout=timeout)
-        except pm.PapermillExecutionError as e:
-            status, error = "failed", f"{e.ename}: {str(e.evalue).splitlines()[0] if e.evalue else ''}"
-        except Exception as e:  # kernel died, bad notebook, ...
-            status, error = "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        with _kernel_log() as log:
+            try:
+                pm.execute_notebook(str(book), str(tmp), parameters=params, cwd=str(notebooks_dir),
+                                    kernel_name=kernel_name, progress_bar=False, execution_timeout=timeout,
+                                    engine_name="fiseclip-progress")
+            except pm.PapermillExecutionError as e:
+                status, error = "failed", f"{e.ename}: {str(e.evalue).splitlines()[0] if e.evalue else ''}"
+            except Exception as e:  # kernel died, bad notebook, ...
+                status, error = "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                tail = _kernel_log_tail(log)
+        if tail:
+            say(f"[report] {name}: kernel log:\n{tail}")
         if not tmp.exists() or tmp.stat().st_size == 0:
             nbformat.write(nbformat.read(str(book), as_version=4), str(tmp))
         nb = nbformat.read(str(tmp), as_version=4)
-    wall = time.time() - t0
-    write_text_atomic(out / f"{name}.html", _to_html(nb, _header(name, status, error, wall, effective, prov)))
-    pretrained = not is_random_weights(effective.get("pretrained", ""))
-    print(f"[report] {name}: {status} in {wall:.0f} s" + (f" ({error})" if error else ""), flush=True)
-    return {"name": name, "status": status, "error": error, "wall_s": round(wall, 2),
-            "result": _result_line(nb), "pretrained": pretrained}
+        wall = time.time() - t0
+        found = result_record(nb)
+        pretrained = not is_random_weights(effective.get("pretrained", ""))
+        badge = weights_badge(found.get("numbers_from", []), pretrained)
+        record = {"name": name, "status": status, "error": error, "wall_s": round(wall, 2), "run_date": run_date,
+                  "result": found.get("text", ""), "pretrained": badge["level"] == "pretrained", "badge": badge,
+                  "numbers_from": found.get("numbers_from", []),
+                  "params": {k: effective.get(k) for k in INDEX_PARAMS},
+                  "links": {"html": f"{name}.html", "ipynb": f"{name}.ipynb",
+                            "tables": {k: _rel(v, out) for k, v in found.get("tables", {}).items()}},
+                  "git_commit": prov["git_commit"]}
+        nb.metadata["fiseclip"] = {**record, "parameters": effective, "result_record": found}
+        nbformat.write(nb, str(tmp))
+    write_text_atomic(out / f"{name}.html", _to_html(nb, _header(name, status, error, wall, effective, prov, badge)))
+    say(f"[report] {name}: {status} in {wall:.0f} s" + (f" ({error})" if error else ""))
+    return record

@@ -1,4 +1,4 @@
-"""Local semantic restoration: the last ViT block recomputed with another attention (option `restore`).
+"""Local semantic restoration: the last ViT block(s) recomputed with another attention (option `restore`).
 
 CLIP's last block attends globally, so its patch tokens carry image-level semantics and align poorly with
 text at the patch level. The training-free fix (paper: "restore local semantic correlation") recomputes the
@@ -6,6 +6,19 @@ last block from `ln_1(x)` with the block's own q, k, v and out_proj weights. Eac
 function returning the attention matrix (None = identity attention, out = v); `OPERATORS` says whether the
 residual and the MLP are kept. Which operator FiSeCLIP uses is not public: `clearclip` is our default
 (reconstruction), the others are there to compare.
+
+Depth (option `restore_depth`, default 1 = the last block only): `restore_last_blocks` rewrites the last d
+blocks as a second path beside the original one, the way CLIP Surgery's dual path does: each rewritten block
+takes q, k, v from the ORIGINAL tokens entering it (`ln_1` of the original path), and adds its output to the
+restored path's own running residual (the previous rewritten block's output); the MLP is applied to the
+restored path when the operator keeps it. The original path, and so the raw tokens used for matching, is
+never changed. Consequences: depth 1 is `restore_block` itself; `vanilla` gives the original tokens at any
+depth; for operators without residual (`clearclip`, `naclip`) only the last block's output survives, so
+depth changes nothing for them.
+
+`vv` is CLIP Surgery's v-v attention (softmax(v v^T s), residual kept, MLP skipped). CLIP Surgery applies it
+to the last six blocks (`restore_depth=6` here); GEM is a different operator (iterated, normalised
+self-self attention over q, k and v with its own temperature) and is not implemented here.
 
 Shapes: q, k, v are `[N, heads, L, d]` with the class token at position 0 and L = 1 + h * w.
 """
@@ -61,7 +74,7 @@ def attn_naclip(q, k, v, grid):
 
 
 def attn_vv(q, k, v, grid):
-    """softmax(v v^T s) (value-value attention; residual kept, MLP removed)."""
+    """softmax(v v^T s) (CLIP Surgery's v-v attention; residual kept, MLP removed)."""
     return torch.softmax(v @ v.transpose(-1, -2) * v.shape[-1] ** -0.5, dim=-1)
 
 
@@ -79,7 +92,7 @@ OPERATORS: dict[str, Operator] = {
     "sclip": Operator(attn_sclip, residual=True, mlp=True, source="SCLIP"),
     "clearclip": Operator(attn_clearclip, residual=False, mlp=False, source="ClearCLIP"),
     "naclip": Operator(attn_naclip, residual=False, mlp=False, source="NACLIP"),
-    "vv": Operator(attn_vv, residual=True, mlp=False, source="CLIP Surgery / GEM (v-v)"),
+    "vv": Operator(attn_vv, residual=True, mlp=False, source="CLIP Surgery (v-v attention; it uses 6 blocks)"),
 }
 DEFAULT_OPERATOR = "clearclip"  # reconstruction: cleanest patch-text alignment in the open-vocabulary literature
 
@@ -100,11 +113,19 @@ def qkv_heads(block, x: torch.Tensor):
     return split(q), split(k), split(v)
 
 
-def restore_block(block, x: torch.Tensor, grid: tuple[int, int], operator: str = DEFAULT_OPERATOR):
+def restore_block(block, x: torch.Tensor, grid: tuple[int, int], operator: str = DEFAULT_OPERATOR,
+                  stream: torch.Tensor | None = None):
     """Recompute `block` on its input `x` `[N, L, C]` with the chosen operator.
 
-    Returns the block output `[N, L, C]` (before ln_post / proj) and the attention `[N, heads, L, L]`
-    (None for identity attention). `vanilla` reproduces `block(x)`.
+    Args:
+        block: an open_clip ResidualAttentionBlock (its weights are read, never changed).
+        x: the original tokens entering the block: q, k, v come from `ln_1(x)`.
+        grid: the patch grid (h, w).
+        operator: a key of `OPERATORS`.
+        stream: the restored path's running residual (default `x`; see `restore_last_blocks`).
+    Returns:
+        The block output `[N, L, C]` (before ln_post / proj) and the attention `[N, heads, L, L]`
+        (None for identity attention). `vanilla` reproduces `block(x)`.
     """
     if operator not in OPERATORS:
         raise FiseclipError(f"unknown restoration {operator!r}: choose one of {sorted(OPERATORS)}")
@@ -114,10 +135,29 @@ def restore_block(block, x: torch.Tensor, grid: tuple[int, int], operator: str =
     out = v if a is None else a.to(v.dtype) @ v
     n, heads, L, d = out.shape
     out = block.attn.out_proj(out.transpose(1, 2).reshape(n, L, heads * d))
-    out = x + block.ls_1(out) if op.residual else out
+    out = (x if stream is None else stream) + block.ls_1(out) if op.residual else out
     if op.mlp:
         out = out + block.ls_2(block.mlp(block.ln_2(out)))
     return out, a
+
+
+def restore_last_blocks(blocks, inputs, grid: tuple[int, int], operator: str = DEFAULT_OPERATOR):
+    """The restored path over the last `len(inputs)` blocks (CLIP Surgery's dual path; module doc).
+
+    Args:
+        blocks: the rewritten blocks, in order (the last d blocks of the tower).
+        inputs: the original tokens entering each of them `[N, L, C]` (the original path, unchanged).
+        grid: the patch grid (h, w).
+        operator: a key of `OPERATORS`.
+    Returns:
+        The restored output `[N, L, C]` of the last block and that block's attention (None for identity).
+    """
+    if len(blocks) != len(inputs) or not inputs:
+        raise FiseclipError(f"restoration needs one input per rewritten block ({len(blocks)} blocks, {len(inputs)} inputs)")
+    stream, attention = inputs[0], None
+    for block, x in zip(blocks, inputs):
+        stream, attention = restore_block(block, x, grid, operator, stream=stream)
+    return stream, attention
 
 
 def mean_attention_distance(attention: torch.Tensor | None, grid: tuple[int, int]) -> float:

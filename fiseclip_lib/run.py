@@ -147,10 +147,13 @@ def evaluate_category(samples: list[D.Sample], scores: np.ndarray, maps: np.ndar
     return out
 
 
-def score_and_evaluate(detector: Detector, samples: list[D.Sample], category: str, progress: bool = True):
-    """Validate, score and evaluate one category: (rows sorted by path, maps in that order, metrics)."""
+def score_and_evaluate(detector: Detector, samples: list[D.Sample], category: str, progress: bool = True,
+                       dataset: str | None = None):
+    """Validate, score and evaluate one category: (rows sorted by path, maps in that order, metrics).
+
+    dataset: picks dataset-specific defaults (RsCIN's k list: MuSc's per dataset)."""
     check = D.validate_category(samples)
-    rows, maps = score_category(detector, samples, category, progress=progress)
+    rows, maps = score_category(detector, samples, category, progress=progress, dataset=dataset)
     scores = np.array([r[1] for r in rows])
     return rows, maps, evaluate_category([r[0] for r in rows], scores, maps, check["pixel"])
 
@@ -260,6 +263,7 @@ def _run_locked(dataset, root, config, out, categories, save_maps, resume, progr
         "encoder": enc, "weights_note": None if enc["pretrained"] else RANDOM_WEIGHTS_NOTE,
         "layers": detector.layers, "save_maps": save_maps, **provenance(),
     }
+    costs0, memory0 = dict(detector.costs), memory_mark(detector.encoder.device)
     results, notes = [], []
     # Outputs of an earlier run into this folder are replaced, never mixed with this run's.
     _write_outputs(out, results, enc, {**record, "status": "running"})
@@ -278,7 +282,7 @@ def _run_locked(dataset, root, config, out, categories, save_maps, resume, progr
             continue
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            rows, maps, metrics = score_and_evaluate(detector, cs, cat, progress=progress)
+            rows, maps, metrics = score_and_evaluate(detector, cs, cat, progress=progress, dataset=dataset)
         cat_notes = summarize_warnings([w.message for w in caught], cat)
         for n in cat_notes:
             print("warning: " + n.replace("\r", "\\r").replace("\n", "\\n"), flush=True)
@@ -301,9 +305,55 @@ def _run_locked(dataset, root, config, out, categories, save_maps, resume, progr
     feature_cache = None if detector.cache is None else {
         "root": str(detector.cache.root), "hits": detector.cache.hits, "misses": detector.cache.misses,
         "damaged": detector.cache.damaged}
+    cost = run_costs(detector, costs0, memory0)
+    if cost["images_scored"]:
+        print(f"cost: {cost['summary']}", flush=True)
     return _write_outputs(out, results, enc, {**record, "status": "finished", "notes": notes,
-                                              "feature_cache": feature_cache,
+                                              "feature_cache": feature_cache, "cost": cost,
                                               "wall_time_s": round(time.time() - t0, 3)})
+
+
+def memory_mark(device) -> float:
+    """Start a memory measurement: on CUDA the peak counter is reset; on the CPU the process's peak RSS so far
+    (MB) is returned, so that `memory_increase_mb` reports what this piece of work added."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return float(torch.cuda.memory_allocated(device)) / 2**20
+    from .workbench import peak_rss_mb
+
+    return peak_rss_mb()
+
+
+def memory_increase_mb(device, mark: float) -> float:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return float(torch.cuda.max_memory_allocated(device)) / 2**20 - mark
+    from .workbench import peak_rss_mb
+
+    return max(0.0, peak_rss_mb() - mark)
+
+
+def run_costs(detector: Detector, before: dict, memory_mark_mb: float) -> dict:
+    """Encoder and scoring seconds per image, measured separately, with the cache state beside them.
+
+    Encoder seconds are per image actually encoded (cache misses); images read from the feature cache cost
+    no encoder time and are counted as such. Memory is the increase during this work (CUDA: peak allocated
+    since the mark; CPU: growth of the process's peak resident memory)."""
+    c = {k: detector.costs[k] - before.get(k, 0) for k in detector.costs}
+    enc_per = c["encode_s"] / c["images_encoded"] if c["images_encoded"] else None
+    score_per = c["score_s"] / c["images_scored"] if c["images_scored"] else None
+    from_cache = max(0, c["images_scored"] - c["images_encoded"])
+    mem = memory_increase_mb(detector.encoder.device, memory_mark_mb)
+    summary = (f"encoder {enc_per:.3f} s/image over {c['images_encoded']} encoded" if enc_per is not None
+               else "encoder 0 s (all features from the cache)")
+    summary += (f", scoring {score_per:.3f} s/image" if score_per is not None else "")
+    summary += f", {from_cache} images from the feature cache, memory +{mem:.0f} MB"
+    return {"encoder_s_per_image": enc_per, "scoring_s_per_image": score_per, "images_encoded": c["images_encoded"],
+            "images_scored": c["images_scored"], "images_from_cache": from_cache, "memory_increase_mb": round(mem, 1),
+            "device": str(detector.encoder.device), "summary": summary}
 
 
 def summarize_warnings(messages, category: str) -> list[str]:

@@ -3,10 +3,22 @@
 Prompt ensemble (METHOD.md step 3, reconstruction following the zero-shot AD literature): every normal and
 abnormal state is put into each of 35 photo templates; embeddings are L2-normalised, averaged per class
 (normal / abnormal) and L2-normalised again.
+
+Text embeddings are cached in memory on the encoder and on disk, one small safetensors file per (weights
+identity, class phrase, prompts hash, precision) under `<FISECLIP_FEATURE_CACHE or ~/.cache/fiseclip>/text/`,
+so a second run or process does not pay the prompt ensemble again. Writes are atomic; a file is checked on
+read (its key, shape, finiteness and a checksum of its bytes) and one that fails is recomputed with one warning.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
 import torch
+
+from ._io import atomic_path
 
 NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
                  "{} without damage")
@@ -47,18 +59,90 @@ def build_prompts(phrase: str) -> tuple[list[str], list[str]]:
     return normal, abnormal
 
 
-def text_embeddings(encoder, class_name: str, overrides: dict | None = None) -> torch.Tensor:
-    """`[2, D]`: rows t_n (normal) and t_a (abnormal). Cached on the encoder per (model, weights, phrase)."""
+TEXT_CACHE_VERSION = 1
+
+
+def text_cache_dir() -> Path:
+    """Where text embeddings are cached: `<FISECLIP_FEATURE_CACHE or $XDG_CACHE_HOME/fiseclip>/text`."""
+    from .encoder import cache_root
+
+    return cache_root() / "text"
+
+
+def text_cache_key(encoder, phrase: str) -> str:
+    """sha256 of what the embeddings depend on: weights identity (model, weights content, QuickGELU),
+    the prompts (hash of the full ensemble), precision."""
+    normal, abnormal = build_prompts(phrase)
+    prompts = hashlib.sha256(json.dumps([normal, abnormal]).encode()).hexdigest()
+    payload = {"version": TEXT_CACHE_VERSION, "model": encoder.model_name, "weights_id": encoder.weights_id,
+               "quick_gelu": bool(getattr(encoder, "quick_gelu", False)), "precision": encoder.precision,
+               "phrase": phrase, "prompts": prompts}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _checksum(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _read_cached(path: Path, key: str) -> torch.Tensor | None:
+    """The cached `[2, D]` embeddings, None when absent; a damaged file warns once and counts as absent."""
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            t = f.get_tensor("text")
+        ok = (meta.get("key") == key and t.ndim == 2 and t.shape[0] == 2 and t.dtype == torch.float32
+              and bool(torch.isfinite(t).all()) and meta.get("checksum") == _checksum(t))
+    except Exception:
+        ok = False
+    if not ok:
+        warnings.warn(f"text embedding cache file {path} is damaged; recomputing it")
+        return None
+    return t
+
+
+def _write_cached(path: Path, key: str, t: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    t = t.contiguous()
+    try:
+        with atomic_path(path) as tmp:
+            save_file({"text": t}, str(tmp), metadata={"key": key, "checksum": _checksum(t)})
+    except OSError:
+        pass  # a read-only or full disk costs the prompt ensemble next time, nothing else
+
+
+def text_embeddings(encoder, class_name: str, overrides: dict | None = None, disk_cache: bool = True) -> torch.Tensor:
+    """t_n and t_a for a category.
+
+    Args:
+        encoder: an encoder with a text tower.
+        class_name: category name (mapped to a phrase by `class_phrase`).
+        overrides: category -> phrase.
+        disk_cache: also read/write the on-disk cache (see module doc).
+    Returns:
+        `[2, D]` float32 on the CPU: rows t_n (normal) and t_a (abnormal).
+    """
     phrase = class_phrase(class_name, overrides)
     cache = encoder.__dict__.setdefault("_text_cache", {})
-    key = (encoder.model_name, encoder.weights_id, phrase)
-    if key not in cache:
+    key = text_cache_key(encoder, phrase)
+    if key in cache:
+        return cache[key]
+    path = text_cache_dir() / f"{key}.safetensors"
+    emb = _read_cached(path, key) if disk_cache else None
+    if emb is None:
         rows = []
         for prompts in build_prompts(phrase):
-            emb = encoder.encode_text(prompts)
-            rows.append(torch.nn.functional.normalize(emb.mean(0), dim=-1))
-        cache[key] = torch.stack(rows).float().cpu()
-    return cache[key]
+            e = encoder.encode_text(prompts)
+            rows.append(torch.nn.functional.normalize(e.mean(0), dim=-1))
+        emb = torch.stack(rows).float().cpu()
+        if disk_cache:
+            _write_cached(path, key, emb)
+    cache[key] = emb
+    return emb
 
 
 def text_map(dense: torch.Tensor, text: torch.Tensor, temperature: float = TEXT_TEMPERATURE) -> torch.Tensor:

@@ -1,5 +1,7 @@
+import json
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,5 +147,229 @@ def test_efficientnet_pretrained_features_load_and_differ_from_random():
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
     with pytest.raises(FiseclipError, match="no text tower"):
         pre.encode_text(["a photo"])
-    odd = load_encoder(EFFICIENTNET_MODEL, "imagenet", image_size=518, device="cpu")  # the paper size works too
-    assert odd(torch.randn(1, 3, 518, 518), layers=[3]).layers[3].shape == (1, 64 * 64, 40)
+    with pytest.warns(UserWarning, match="not a multiple of its stride 8; images are resized to 520"):
+        odd = load_encoder(EFFICIENTNET_MODEL, "imagenet", image_size=518, device="cpu")  # the paper size
+    assert odd.image_size == 518 and odd.pixel_size == 520 and odd.grid == (65, 65)
+    assert odd.preprocess([np.zeros((40, 50, 3), np.uint8)]).shape == (1, 3, 520, 520)
+    f = odd(torch.randn(1, 3, 518, 518), layers=[3])  # a tensor of another size is resized the same way
+    assert f.grid == (65, 65) and f.layers[3].shape == (1, 65 * 65, 40)
+
+
+# ------------------------------------------------------------------ bad weights: one line, never a traceback
+
+def _tiny_sd(seed=0):
+    return load_encoder("fiseclip-tiny", "none", image_size=112, device="cpu", seed=seed).model.state_dict()
+
+
+def _one_line_error(*args, match, **kw):
+    with pytest.raises(FiseclipError, match=match) as info:
+        load_encoder(*args, device="cpu", **kw)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_files_that_are_not_what_their_suffix_says(tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    msg = _one_line_error("fiseclip-tiny", str(junk), image_size=112, match="named .safetensors but is")
+    assert str(junk) in msg
+    text = tmp_path / "notes.pt"
+    text.write_text("these are not weights\n")
+    _one_line_error("fiseclip-tiny", str(text), image_size=112, match="not a torch checkpoint .it is a text file")
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    _one_line_error("fiseclip-tiny", str(empty), image_size=112, match="it is empty")
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in _tiny_sd().items()}
+    truncated = tmp_path / "cut.safetensors"
+    save_file(sd, str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[:-1000])
+    _one_line_error("fiseclip-tiny", str(truncated), image_size=112, match="damaged safetensors|named .safetensors")
+    misnamed = tmp_path / "real.pt"
+    save_file(sd, str(misnamed))
+    _one_line_error("fiseclip-tiny", str(misnamed), image_size=112, match="rename it to .safetensors")
+    not_sd = tmp_path / "epoch.pt"
+    torch.save({"epoch": 3}, not_sd)
+    _one_line_error("fiseclip-tiny", str(not_sd), image_size=112, match="does not hold a state dict")
+
+
+def test_state_dict_with_wrong_shapes_is_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in _tiny_sd().items()}
+    sd["visual.proj"] = torch.zeros(64, 32)  # right key, wrong shape: load_state_dict would raise RuntimeError
+    path = tmp_path / "shapes.safetensors"
+    save_file(sd, str(path))
+    msg = _one_line_error("fiseclip-tiny", str(path), image_size=112, match="wrong shape")
+    assert "visual.proj" in msg and "(64, 32)" in msg and "(64, 64)" in msg
+
+
+def test_efficientnet_typo_path_and_foreign_tag_are_errors(tmp_path):
+    typo = tmp_path / "efficientnet_lite0.safetensros"
+    msg = _one_line_error(EFFICIENTNET_MODEL, str(typo), image_size=64, match="no such weights file")
+    assert str(typo) in msg and "'imagenet'" in msg
+    _one_line_error(EFFICIENTNET_MODEL, "openai", image_size=64, match="no such tag")
+    assert load_encoder(EFFICIENTNET_MODEL, "default", image_size=64, device="cpu").weights == "imagenet"
+    with pytest.raises(FiseclipError, match="too small"):
+        load_encoder(EFFICIENTNET_MODEL, "imagenet", image_size=24, device="cpu")
+
+
+# ------------------------------------------------------------------ preprocessing and QuickGELU from the tag
+
+def test_tag_preprocessing_and_quick_gelu_come_from_its_pretrained_config(tmp_path):
+    import open_clip
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from fiseclip_lib.encoder import OPENAI_MEAN, pretrained_tag
+
+    src = load_encoder("fiseclip-tiny", "none", image_size=112, device="cpu", seed=5)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, str(path))
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    with pretrained_tag("fiseclip-tiny", "stats-test", file=str(path), mean=mean, std=std,
+                        interpolation="bilinear", quick_gelu=True):
+        enc = load_encoder("fiseclip-tiny", "stats-test", image_size=112, device="cpu")
+    assert not open_clip.get_pretrained_cfg("fiseclip-tiny", "stats-test")  # nothing leaks
+    assert enc.mean == mean and enc.std == std and enc.interpolation == "bilinear" and enc.quick_gelu
+    assert type(enc.model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    ref = np.asarray(img.resize((112, 112), resample=Image.BILINEAR), dtype=np.float32) / 255.0
+    ref = (torch.from_numpy(ref).permute(2, 0, 1) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    torch.testing.assert_close(enc.preprocess([img])[0], ref)
+    # a local file: open_clip's defaults for the model; quick_gelu automatic from the name
+    plain = load_encoder("fiseclip-tiny", str(path), image_size=112, device="cpu")
+    assert plain.mean == OPENAI_MEAN and plain.interpolation == "bicubic" and not plain.quick_gelu
+    named = tmp_path / "tiny-openai.safetensors"
+    named.write_bytes(path.read_bytes())
+    assert load_encoder("fiseclip-tiny", str(named), image_size=112, device="cpu").quick_gelu
+    forced = load_encoder("fiseclip-tiny", str(named), image_size=112, device="cpu", quick_gelu=False)
+    assert not forced.quick_gelu
+    assert type(forced.model.visual.transformer.resblocks[0].mlp.gelu).__name__ != "QuickGELU"
+
+
+def test_open_clip_tags_with_other_statistics_are_followed():
+    import open_clip
+
+    from fiseclip_lib.encoder import OPENAI_MEAN, preprocessing_from
+
+    other = [(m, t) for m, t in open_clip.list_pretrained()
+             if tuple(open_clip.get_pretrained_cfg(m, t).get("mean", OPENAI_MEAN)) != tuple(OPENAI_MEAN)]
+    assert other, "open_clip ships tags with non-OpenAI statistics (SigLIP, CLIPA, ...)"
+    for m, t in other[:5]:
+        cfg = open_clip.get_pretrained_cfg(m, t)
+        p = preprocessing_from(cfg)
+        assert p.mean == tuple(cfg["mean"]) and p.std == tuple(cfg["std"]) and p.interpolation == cfg["interpolation"]
+
+
+# ------------------------------------------------------------------ identity
+
+def test_identity_follows_weights_content_and_every_feature_option(tmp_path):
+    from safetensors.torch import save_file
+
+    from fiseclip_lib.encoder import cache_root, file_sha256
+
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in _tiny_sd(1).items()}, str(path))
+    a = load_encoder("fiseclip-tiny", str(path), image_size=112, device="cpu")
+    import hashlib
+
+    assert a.weights_id == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    size = path.stat().st_size
+    save_file({k: v.contiguous() for k, v in _tiny_sd(2).items()}, str(path))  # same name, same size
+    assert path.stat().st_size == size
+    b = load_encoder("fiseclip-tiny", str(path), image_size=112, device="cpu")
+    assert a.weights_id != b.weights_id and a.identity() != b.identity()
+    # memoised in a sidecar keyed by path + size + mtime + inode: a planted value is returned while the file
+    # is untouched, and forgotten once it changes
+    sidecar = cache_root() / "weights-sha256.json"
+    memo = json.loads(sidecar.read_text())
+    memo[str(path.resolve())]["sha256"] = "planted"
+    sidecar.write_text(json.dumps(memo))
+    assert file_sha256(path) == "planted"
+    path.touch()
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    base = load_encoder("fiseclip-tiny", "none", image_size=112, device="cpu").identity()
+    variants = [dict(quick_gelu=True), dict(restore_depth=2), dict(precision="bf16"), dict(image_size=168),
+                dict(seed=1)]
+    for kw in variants:
+        args = {"image_size": 112, **kw}
+        assert load_encoder("fiseclip-tiny", "none", device="cpu", **args).identity() != base, kw
+    for key in ("quick_gelu", "mean", "std", "interpolation", "precision", "image_size", "restore_depth"):
+        assert key in base
+
+
+# ------------------------------------------------------------------ restoration depth
+
+def _naive_restored(enc, x, depth, op):
+    """The restored path re-derived with per-head loops from the formulas (CLIP Surgery's dual path)."""
+    v = enc.model.visual
+    inter = v.forward_intermediates(x, indices=list(range(len(v.transformer.resblocks))), output_fmt="NLC",
+                                    intermediates_only=True)
+    # forward_intermediates drops the class token: recompute the full token sequence block by block instead
+    with torch.no_grad():
+        t = v.conv1(x).flatten(2).transpose(1, 2)
+        t = torch.cat([v.class_embedding.view(1, 1, -1).expand(t.shape[0], 1, -1), t], 1) + v.positional_embedding
+        t = v.ln_pre(t)
+        ins = []
+        for blk in v.transformer.resblocks:
+            ins.append(t)
+            t = blk(t)
+        assert torch.allclose(t[:, 1:], inter["image_intermediates"][-1], atol=1e-5)
+        stream = ins[-depth]
+        for blk, xin in zip(list(v.transformer.resblocks)[-depth:], ins[-depth:]):
+            c = xin.shape[-1]
+            heads = blk.attn.num_heads
+            d = c // heads
+            y = blk.ln_1(xin)
+            W, bias = blk.attn.in_proj_weight, blk.attn.in_proj_bias
+            q, k, vv = (y @ W[i * c:(i + 1) * c].T + bias[i * c:(i + 1) * c] for i in range(3))
+            outs = []
+            for h in range(heads):
+                qh, kh, vh = (z[..., h * d:(h + 1) * d] for z in (q, k, vv))
+                if op == "vv":
+                    a = torch.softmax(vh @ vh.transpose(-1, -2) * d ** -0.5, -1)
+                elif op == "sclip":
+                    a = (torch.softmax(qh @ qh.transpose(-1, -2) * d ** -0.5, -1)
+                         + torch.softmax(kh @ kh.transpose(-1, -2) * d ** -0.5, -1))
+                outs.append(a @ vh)
+            o = torch.cat(outs, -1) @ blk.attn.out_proj.weight.T + blk.attn.out_proj.bias
+            stream = stream + o
+            if op == "sclip":  # MLP kept
+                stream = stream + blk.mlp(blk.ln_2(stream))
+        return torch.nn.functional.normalize(v.ln_post(stream[:, 1:]) @ v.proj, dim=-1)
+
+
+def test_restore_depth_one_is_the_last_block_and_deeper_matches_a_naive_dual_path(tiny_encoder):
+    from fiseclip_lib.restore import restore_block
+
+    x = torch.randn(2, 3, 112, 112)
+    # depth 1 = today's output: restore_block on the last block's input
+    v = tiny_encoder.model.visual
+    with torch.no_grad():
+        t = v.conv1(x).flatten(2).transpose(1, 2)
+        t = v.ln_pre(torch.cat([v.class_embedding.view(1, 1, -1).expand(2, 1, -1), t], 1) + v.positional_embedding)
+        for blk in list(v.transformer.resblocks)[:-1]:
+            t = blk(t)
+        old = restore_block(v.transformer.resblocks[-1], t, (8, 8), "clearclip")[0]
+        old = torch.nn.functional.normalize(v.ln_post(old[:, 1:]) @ v.proj, dim=-1)
+    one = tiny_encoder(x, layers=[2, 4], restore="clearclip")
+    torch.testing.assert_close(one.dense, old, rtol=1e-5, atol=1e-5)
+    for op in ("vv", "sclip"):
+        for depth in (1, 3):
+            enc = tiny_encoder.with_restore_depth(depth)
+            f = enc(x, layers=[2, 4], restore=op)
+            torch.testing.assert_close(f.dense, _naive_restored(tiny_encoder, x, depth, op), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(f.layers[4], one.layers[4])  # raw tokens for matching unchanged
+            assert f.global_embedding is not None
+    deep = tiny_encoder.with_restore_depth(4)
+    assert tiny_encoder.restore_depth == 1  # the copy does not change the original
+    torch.testing.assert_close(deep(x, layers=[4], restore="vanilla").dense,
+                               tiny_encoder(x, layers=[4], restore="vanilla").dense, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(deep(x, layers=[4], restore="vv").dense, tiny_encoder(x, layers=[4], restore="vv").dense)
+    # without a residual only the last rewritten block survives: depth changes nothing (documented in restore.py)
+    torch.testing.assert_close(deep(x, layers=[4], restore="clearclip").dense, one.dense, rtol=1e-5, atol=1e-5)
+    for bad in (0, 5):
+        with pytest.raises(FiseclipError, match="restore_depth"):
+            load_encoder("fiseclip-tiny", "none", image_size=112, device="cpu", restore_depth=bad)

@@ -5,12 +5,17 @@ import pytest
 import torch
 
 from fiseclip_lib.filtering import apply_min_keep, reference_keep
-from fiseclip_lib.matching import interval_count, lnamd, mutual_scores, reference_distances
+from fiseclip_lib.matching import interval_count, lnamd, mutual_scores, reference_distances, visual_map
 
 
 def brute_force_scores(Z, keep=None, topmin_max=0.3, penalty=None):
+    """Naive loops in float64; an image with no kept patch is a reference through all of its patches."""
     n, p, _ = Z.shape
-    out = torch.zeros(n, p)
+    Z = Z.double()
+    if keep is not None:
+        keep = keep.clone()
+        keep[~keep.any(dim=1)] = True
+    out = torch.zeros(n, p, dtype=torch.float64)
     for i in range(n):
         for a in range(p):
             per_ref = []
@@ -67,7 +72,7 @@ def test_mutual_scores_equal_brute_force(n, masked, unit):
     if n == 1:
         assert torch.equal(got, torch.zeros(1, 9))
         return
-    torch.testing.assert_close(got, brute_force_scores(Z, keep), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.double(), brute_force_scores(Z, keep), rtol=0, atol=1e-5)
     assert torch.isfinite(got).all()
 
 
@@ -79,15 +84,48 @@ def test_mutual_scores_with_penalty_and_keep_equal_brute_force(n):
     keep = torch.rand(n, 8, generator=g) > 0.3
     keep[:, 0] = True
     got = mutual_scores(Z, keep=keep, penalty=pen)
-    torch.testing.assert_close(got, brute_force_scores(Z, keep, penalty=pen), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.double(), brute_force_scores(Z, keep, penalty=pen), rtol=0, atol=1e-5)
 
 
-def test_chunked_and_bf16_distances_agree_with_fp32():
-    Z = torch.nn.functional.normalize(torch.randn(4, 30, 16), dim=-1)
-    full = reference_distances(Z)
-    chunked = reference_distances(Z, chunk=7)
+def test_image_with_no_kept_patch_warns_and_uses_all_of_them():
+    g = torch.Generator().manual_seed(3)
+    Z = torch.nn.functional.normalize(torch.randn(4, 10, 6, generator=g), dim=-1)
+    keep = torch.rand(4, 10, generator=g) > 0.5
+    keep[:, 0] = True
+    keep[2] = False
+    with pytest.warns(UserWarning, match="reference image 2 has no kept patch"):
+        got = mutual_scores(Z, keep=keep)
+    full = keep.clone()
+    full[2] = True
+    torch.testing.assert_close(got.double(), brute_force_scores(Z, full), rtol=0, atol=1e-5)
+    assert not keep[2].any()  # the caller's mask is not modified
+
+
+def test_non_unit_and_zero_features_take_the_exact_path():
+    g = torch.Generator().manual_seed(4)
+    Z = torch.nn.functional.normalize(torch.randn(3, 8, 5, generator=g), dim=-1)
+    Z[1, 2] *= 1.01  # almost unit is not unit: |a|^2 + |b|^2 - 2 a.b, not 2 - 2 a.b
+    Z[0, 3] = 0.0
+    keep = torch.ones(3, 8, dtype=torch.bool)
+    keep[1, 5:] = False
+    torch.testing.assert_close(mutual_scores(Z, keep=keep).double(), brute_force_scores(Z, keep), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunked_and_bf16_distances_agree_with_fp32(masked):
+    g = torch.Generator().manual_seed(5)
+    Z = torch.nn.functional.normalize(torch.randn(4, 30, 16, generator=g), dim=-1)
+    keep = (torch.rand(4, 30, generator=g) > 0.3) if masked else None
+    full = reference_distances(Z, keep=keep)
     assert torch.isinf(torch.diagonal(full)).all()
-    torch.testing.assert_close(full, chunked, rtol=0, atol=1e-5)
+    for chunk in (7, 30, 61, 90):  # one, two and three reference images per GEMM, and a partial group
+        torch.testing.assert_close(full, reference_distances(Z, keep=keep, chunk=chunk), rtol=0, atol=1e-5)
+    d = torch.linalg.vector_norm(Z.double()[None, :, :, None] - Z.double()[:, None, None, :], dim=-1)  # [j, i, p, q]
+    if keep is not None:
+        d = d.masked_fill(~keep[:, None, None, :], math.inf)
+    ref = d.amin(dim=-1)
+    ref[torch.arange(4), torch.arange(4)] = math.inf
+    torch.testing.assert_close(full.double(), ref, rtol=0, atol=1e-5)
     bf = mutual_scores(Z, dtype=torch.bfloat16)
     assert (bf - mutual_scores(Z)).abs().max() < 0.03  # the tolerance stated in matching.py
 
@@ -95,7 +133,46 @@ def test_chunked_and_bf16_distances_agree_with_fp32():
 @pytest.mark.parametrize("r", [1, 3, 5])
 def test_lnamd_equals_naive(r):
     tokens = torch.randn(2, 20, 6)
-    torch.testing.assert_close(lnamd(tokens, (4, 5), r), naive_lnamd(tokens, (4, 5), r), rtol=1e-4, atol=1e-4)
+    got = lnamd(tokens, (4, 5), r)
+    assert got.is_contiguous()  # the GEMMs consume it without a copy
+    torch.testing.assert_close(got, naive_lnamd(tokens, (4, 5), r), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["none", "keep", "keep-empty", "soft"])
+def test_visual_map_equals_brute_force_over_layers_and_degrees(mode):
+    g = torch.Generator().manual_seed(6)
+    n, grid, degrees = 4, (3, 4), (1, 3)
+    layers = {2: torch.randn(n, 12, 6, generator=g), 5: 2 + torch.randn(n, 12, 6, generator=g)}
+    keep = penalty = None
+    if mode.startswith("keep"):
+        keep = torch.rand(n, 12, generator=g) > 0.4
+        keep[:, 0] = True
+        if mode == "keep-empty":
+            keep[1] = False
+    if mode == "soft":
+        penalty = 2 * torch.rand(n, 12, generator=g)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = visual_map(layers, grid, degrees, keep=keep, penalty=penalty)
+    assert len([w for w in caught if "no kept patch" in str(w.message)]) == (mode == "keep-empty")  # once per batch
+    ref = torch.stack([brute_force_scores(naive_lnamd(t, grid, r), keep, penalty=penalty)
+                       for t in layers.values() for r in degrees]).mean(0)
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bf = visual_map(layers, grid, degrees, keep=keep, penalty=penalty, dtype=torch.bfloat16)
+    assert (bf.double() - ref).abs().max() < 0.03  # BF16_TOLERANCE
+
+
+def test_visual_map_checks_inputs_once():
+    with pytest.raises(Exception, match="NaN or inf"):
+        visual_map({1: torch.full((2, 4, 3), math.nan)}, (2, 2))
+    with pytest.raises(Exception, match="odd"):
+        visual_map({1: torch.randn(2, 4, 3)}, (2, 2), degrees=(2,))
+    with pytest.raises(Exception, match="grid"):
+        visual_map({1: torch.randn(2, 5, 3)}, (2, 2))
+    with pytest.raises(Exception, match="keep must be"):
+        visual_map({1: torch.randn(2, 4, 3)}, (2, 2), keep=torch.ones(2, 3, dtype=torch.bool))
 
 
 def test_lnamd_rejects_even_degree_and_bad_grid():
@@ -154,3 +231,23 @@ def test_soft_penalty_pushes_noisy_references_away():
     soft = mutual_scores(Z, penalty=pen)
     oracle = mutual_scores(Z, keep=~truth)
     torch.testing.assert_close(soft[truth], oracle[truth], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
+@pytest.mark.parametrize("grid,degrees", [((5, 7), (1, 3, 5)), ((7, 5), (3, 5)), ((2, 3), (1, 5)), ((4, 4), (1, 3))])
+def test_visual_map_box_filtered_route_equals_per_degree_route(n, grid, degrees):
+    """One GEMM per pair, degrees as box filters of it == aggregate, normalise and match each degree separately."""
+    g = torch.Generator().manual_seed(100 * n + grid[0])
+    p = grid[0] * grid[1]
+    layers = {l: torch.randn(n, p, 8, generator=g) + torch.randn(1, 1, 8, generator=g) for l in (3, 7)}
+    keep = torch.rand(n, p, generator=g) > 0.3
+    keep[:, 0] = True
+    keep[0, 1:] = False  # one reference keeps a single patch
+    ref = torch.stack([mutual_scores(lnamd(t, grid, r), keep=keep) for t in layers.values() for r in degrees]).mean(0)
+    for chunk in (1, 2 * p, 3 * p - 1, 4096):  # one, two (partial last group) and all references per GEMM
+        got = visual_map(layers, grid, degrees, keep=keep, chunk=chunk)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(visual_map(layers, grid, degrees), torch.stack(
+        [mutual_scores(lnamd(t, grid, r)) for t in layers.values() for r in degrees]).mean(0), rtol=0, atol=1e-5)
+    bf = visual_map(layers, grid, degrees, keep=keep, dtype=torch.bfloat16)
+    assert (bf - ref).abs().max() < 0.03  # BF16_TOLERANCE

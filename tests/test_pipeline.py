@@ -7,6 +7,7 @@ from fiseclip_lib import Detector, FiseConfig
 from fiseclip_lib import data as D
 from fiseclip_lib.errors import FiseclipError
 from fiseclip_lib.fusion import batch_minmax, fuse
+from fiseclip_lib.postprocess import gaussian_smooth, upsample
 from fiseclip_lib.run import METRIC_COLUMNS, run_benchmark
 
 TINY = dict(model="fiseclip-tiny", pretrained="none", image_size=112, device="cpu", batch_size=5)
@@ -19,11 +20,11 @@ def batch_paths(root, category="textile", n=5):
     return good + bad
 
 
-def test_fusion_normalises_over_the_batch_not_per_image():
+def test_fusion_normalises_over_the_batch_not_per_image():  # default normalisation: tests/test_fusion.py
     visual = torch.tensor([[0.10, 0.12, 0.11], [0.10, 0.90, 0.11]])  # image 0 normal, image 1 has a defect
     text = torch.tensor([[0.20, 0.22, 0.21], [0.20, 0.80, 0.21]])
     for mode in ("additive", "multiplicative", "gated"):
-        out = fuse(visual, text, mode)
+        out = fuse(visual, text, mode, norm="minmax")
         assert out[0].max() < 0.2, mode  # a normal image is not stretched to [0, 1]
         assert out[1].max() == pytest.approx(1.0), mode
     torch.testing.assert_close(batch_minmax(visual), (visual - 0.10) / 0.80)
@@ -34,7 +35,7 @@ def test_fusion_normalises_over_the_batch_not_per_image():
     *[{"filter": f} for f in ("threshold", "top_ratio", "soft", "none")],
     *[{"fusion": f} for f in ("additive", "multiplicative", "gated")],
     *[{"method": m} for m in ("fiseclip", "fiseclip-nofilter", "musc", "text")],
-    {"rscin": True}, {"beta": 0.5}, {"degrees": (1,)}, {"match_dtype": "bf16"}, {"shuffle": False},
+    {"rscin": True}, {"fusion_norm": "minmax"}, {"fusion_norm": "none"}, {"beta": 0.5}, {"degrees": (1,)}, {"match_dtype": "bf16"}, {"shuffle": False},
     {"layers": (2, 4)}, {"sigma": 0.0}, {"encode_batch": 2},
 ])
 def test_pipeline_runs_with_every_option_on_tiny_clip(small_demo, tiny_encoder, option):
@@ -83,7 +84,10 @@ def test_single_image_falls_back_to_text_map_with_warning(small_demo, tiny_encod
     assert np.isfinite(res.maps).all() and res.visual_map is None
     text_only = Detector(FiseConfig(**TINY, method="text"), encoder=tiny_encoder).score_batch(
         batch_paths(small_demo)[:1], "textile")
-    np.testing.assert_allclose(res.maps, text_only.maps, rtol=1e-5)
+    # the text map on the fusion's scale (fuse(A_T, A_T)), smoothed like every map
+    t = torch.as_tensor(text_only.text_map).reshape(1, -1)
+    expected = gaussian_smooth(upsample(fuse(t, t), res.grid, 112), 4.0).numpy()
+    np.testing.assert_allclose(res.maps, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_efficientnet_allows_only_musc():

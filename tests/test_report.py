@@ -1,47 +1,78 @@
 import json
+import re
+import os
+import time
 
 import nbformat
 import pytest
 
 from fiseclip_lib.cli import main
-from fiseclip_lib.report import list_notebooks, run_reports
+from fiseclip_lib.report import (clean_debris, list_notebooks, markdown_math_to_mathml, result_record, run_reports,
+                                 weights_badge)
+from fiseclip_lib.workbench import RESULT_MIME
+
+RESULT = ('from fiseclip_lib import workbench as wb\n'
+          'wb.result({text}, numbers_from=[{{"model": "m", "weights": "w", "pretrained": {pre}, "kind": "{kind}"}}], '
+          'tables={tables})\n')
 
 
-def write_nb(path, params_src, body_src):
+def write_nb(path, params_src, body_src, markdown="# test"):
     nb = nbformat.v4.new_notebook()
     p = nbformat.v4.new_code_cell(params_src)
     p.metadata["tags"] = ["parameters"]
-    nb.cells = [nbformat.v4.new_markdown_cell("# test"), p, nbformat.v4.new_code_cell(body_src)]
+    nb.cells = [nbformat.v4.new_markdown_cell(markdown), p, nbformat.v4.new_code_cell(body_src)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, str(path))
 
 
-@pytest.fixture
-def books(tmp_path):
-    d = tmp_path / "nbs"
+def make_books(d):
     d.mkdir()
-    write_nb(d / "00_ok.ipynb", 'label = "default"\npretrained = "none"',
-             'print("RESULT: label is " + label)')
+    write_nb(d / "00_ok.ipynb", 'label = "default"\npretrained = "none"\nrun_dir = "x"',
+             'import pathlib\np = pathlib.Path(run_dir) / "t.csv"\np.parent.mkdir(parents=True, exist_ok=True)\n'
+             'p.write_text("a\\n1\\n")\n'
+             + RESULT.format(text='"label is " + label', pre="False", kind="CLIP", tables='{"t": str(p)}'),
+             markdown="# test\nThe score $A_V(p) = \\frac{1}{K}\\sum_k d_k$ and $$x^2$$ but `$code$` and \\$5.")
     write_nb(d / "02_widget.ipynb", 'label = "w"\npretrained = "none"',
              'import os\nfrom fiseclip_lib import workbench as wb\nimport ipywidgets as W\n'
              'seen = []\nw = wb.explore(lambda x=1: seen.append(x), x=W.IntSlider(value=3))\n'
-             'print("RESULT: headless=" + os.environ.get("FISECLIP_HEADLESS", "") + " widget=" + str(w) '
-             '+ " static=" + str(seen))')
+             + RESULT.format(text='"headless=" + os.environ.get("FISECLIP_HEADLESS", "") + " widget=" + str(w) '
+                                  '+ " static=" + str(seen)', pre="True", kind="CNN", tables="{}"))
     write_nb(d / "01_fragile.ipynb", "divisor = 1\npretrained = \"openai\"",
-             'x = 1 / divisor\nprint("RESULT: fine <b>")')
+             'x = 1 / divisor\n' + RESULT.format(text='"fine <b> $name$"', pre="True", kind="CNN", tables="{}"))
     return d
 
 
-def test_failure_keeps_other_reports_and_sets_exit_code(books, tmp_path):
-    params = tmp_path / "p.yaml"
-    params.write_text("divisor: 0\nlabel: from-params\n")
-    out = tmp_path / "reports"
-    code = main(["report", "--params", str(params), "--notebooks", str(books), "--out", str(out)])
-    assert code == 1
-    index = json.loads((out / "index.json").read_text())
-    status = {r["name"]: r["status"] for r in index["reports"]}
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory):
+    """One report series of three small notebooks (01 fails with the params file), then `--only 02` again."""
+    import contextlib
+    import io
+
+    tmp = tmp_path_factory.mktemp("rep")
+    books = make_books(tmp / "nbs")
+    params = tmp / "p.yaml"
+    params.write_text("divisor: 0\nlabel: from-params $a$\nsigma: 2\n")
+    out = tmp / "reports"
+    (out / "_runs").mkdir(parents=True)
+    (out / ".00_ok.k1l2m3n4.tmp.html").write_text("left by a killed run")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["report", "--params", str(params), "--notebooks", str(books), "--out", str(out)])
+    first = {r["name"]: r for r in json.loads((out / "index.json").read_text())["reports"]}
+    time.sleep(1.1)
+    again = run_reports(out, {"label": "from-params $a$"}, only="02", notebooks_dir=books, verbose=False)
+    return {"out": out, "code": code, "printed": printed.getvalue(), "first": first, "again": again, "books": books}
+
+
+def test_failure_keeps_other_reports_and_sets_exit_code(reported):
+    out, printed = reported["out"], reported["printed"]
+    assert reported["code"] == 1
+    assert "[report] 00_ok: cell 1 of 3" in printed and "[report] 00_ok: cell 3 of 3" in printed
+    assert "without encryption" not in printed  # the kernel's log stays out of the terminal
+    assert not list(out.glob(".*.tmp.*"))  # debris of a killed run removed at start
+    status = {r["name"]: r["status"] for r in reported["first"].values()}
     assert status == {"00_ok": "ok", "01_fragile": "failed", "02_widget": "ok"}
-    widget = next(r for r in index["reports"] if r["name"] == "02_widget")
+    widget = reported["first"]["02_widget"]
     assert widget["result"] == "headless=1 widget=None static=[3]"  # static view, no widget without a frontend
     ok_html = (out / "00_ok.html").read_text()
     assert "label is from-params" in ok_html  # parameters reach the notebook
@@ -53,28 +84,96 @@ def test_failure_keeps_other_reports_and_sets_exit_code(books, tmp_path):
     assert (out / "00_ok.ipynb").is_file() and (out / "01_fragile.ipynb").is_file()
 
 
-def test_results_are_escaped_in_html(books, tmp_path):
-    results = run_reports(tmp_path / "r", {}, only="01", notebooks_dir=books)
-    assert results[0]["status"] == "ok" and results[0]["result"] == "fine <b>"
-    assert "fine &lt;b&gt;" in (tmp_path / "r" / "index.html").read_text()
+def test_config_fields_of_a_params_file_reach_notebooks_as_options(reported):
+    nb = nbformat.read(str(reported["out"] / "00_ok.ipynb"), as_version=4)
+    assert nb.metadata["fiseclip"]["parameters"]["options"] == {"sigma": 2}
 
 
-def test_only_selects_and_rejects_unknown(books):
+def test_index_is_a_record_with_links_badges_and_metadata(reported):
+    out, first = reported["out"], reported["first"]
+    assert [r["name"] for r in reported["again"]] == ["02_widget"]
+    rows = {r["name"]: r for r in json.loads((out / "index.json").read_text())["reports"]}
+    assert sorted(rows) == ["00_ok", "01_fragile", "02_widget"]  # --only keeps the other rows
+    assert rows["00_ok"] == first["00_ok"] and rows["02_widget"]["run_date"] != first["02_widget"]["run_date"]
+    ok = rows["00_ok"]
+    assert ok["badge"]["level"] == "random" and rows["02_widget"]["badge"]["level"] == "pretrained"
+    assert ok["params"]["pretrained"] == "none" and ok["wall_s"] > 0
+    assert ok["links"]["tables"] == {"t": "_runs/t.csv"} and (out / ok["links"]["tables"]["t"]).is_file()
+    page = (out / "index.html").read_text()
+    assert "_runs/t.csv" in page and "00_ok.ipynb" in page and "random CLIP (m)" in page
+    nb = nbformat.read(str(out / "00_ok.ipynb"), as_version=4)
+    assert nb.metadata["fiseclip"]["result"] == "label is from-params $a$"  # the record travels with the notebook
+    assert result_record(nb)["tables"]["t"].endswith("t.csv")
+
+
+def test_math_becomes_mathml_and_names_stay_text(reported):
+    out = reported["out"]
+    page = (out / "00_ok.html").read_text()
+    assert "<math" in page and "<mfrac>" in page and 'display="block"' in page
+    assert "mathjax" not in page.lower()
+    assert not re.search(r"""(src=|import\()["']https?://""", page)  # nothing to fetch: the page reads offline
+    assert "$code$" in page  # code spans are not math
+    # a `$` in data (here a parameter quoted by the result line) is shown as typed, never typeset
+    assert page.count("<math") == 2 and "label is from-params $a$" in page
+    assert "label is from-params $a$" in (out / "index.html").read_text()
+
+
+def test_markdown_math_conversion_rules():
+    s = markdown_math_to_mathml(r"a $x_1$ b $$\frac{a}{b}$$ c \$5 and $5, `$y$` d $ e $")
+    assert s.count("<math") == 2 and "`$y$`" in s and r"\$5" in s and "$ e $" in s
+    assert markdown_math_to_mathml("costs $5 and $6") == "costs $5 and $6"
+
+
+def test_badge_levels():
+    clip = {"model": "tiny", "pretrained": False, "kind": "CLIP"}
+    cnn = {"model": "eff", "pretrained": True, "kind": "CNN"}
+    sim = {"model": "SIMULATED text map", "pretrained": None, "kind": "simulated"}
+    assert weights_badge([clip], True)["level"] == "random"
+    assert weights_badge([cnn, sim], False)["level"] == "pretrained"
+    b = weights_badge([clip, cnn], False)
+    assert b["level"] == "mixed" and "random CLIP (tiny)" in b["text"] and "pretrained CNN (eff)" in b["text"]
+    assert weights_badge([], True)["level"] == "pretrained"
+
+
+def test_stale_temporaries_of_our_naming_are_removed(tmp_path):
+    (tmp_path / "_runs" / "a").mkdir(parents=True)
+    ours = [tmp_path / ".00_x.ab12cd34.tmp.html", tmp_path / ".index.zz99yy88.tmp.json",
+            tmp_path / "_runs" / "a" / ".metrics.q1w2e3r4.tmp.csv"]
+    theirs = [tmp_path / ".hidden", tmp_path / "notes.tmp.txt", tmp_path / ".fiseclip.lock",
+              tmp_path / ".x.short.tmp.csv"]
+    for p in ours + theirs:
+        p.write_text("x")
+    removed = clean_debris(tmp_path)
+    assert sorted(removed) == sorted(ours)
+    assert all(p.exists() for p in theirs)
+
+
+def test_only_selects_and_rejects_unknown(tmp_path):
+    books = make_books(tmp_path / "nbs")
     assert [b.stem for b in list_notebooks(books, "00")] == ["00_ok"]
     assert [b.stem for b in list_notebooks(books, "00,02_widget")] == ["00_ok", "02_widget"]
     with pytest.raises(Exception, match="no such notebook"):
         list_notebooks(books, "07")
 
 
-def test_shipped_notebooks_have_a_parameters_cell_and_import_the_library():
+def test_shipped_notebooks_are_lessons_without_copies():
     from pathlib import Path
 
-    books = sorted(Path(__file__).resolve().parent.parent.joinpath("notebooks").glob("[0-9][0-9]_*.ipynb"))
-    assert [b.stem[:2] for b in books] == ["00", "01", "02", "03", "04"]
+    books = sorted(Path(__file__).resolve().parent.parent.joinpath("notebooks").glob("0[0-4]_*.ipynb"))
+    assert [b.stem[:2] for b in books] == ["00", "01", "02", "03", "04"]  # the lesson series
     for b in books:
         nb = nbformat.read(str(b), as_version=4)
         tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
         assert len(tagged) == 1, b.name
         assert nb.cells[0].cell_type == "markdown"
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{b.name}: clear outputs"
         src = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
-        assert "fiseclip_lib" in src and "wb.result(" in src and "show_provenance" in src
+        text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+        assert f'wb.setup("{b.stem}"' in src, b.name  # one setup call, no copied setup block
+        assert "load_encoder(cfg" not in src and "FiseConfig(" not in src, b.name
+        assert ".result(" in src and "print(" not in src, b.name
+        assert "## Exercises" in text and "## References" in text and "What to look for" in text, b.name
+        assert "$" in text, b.name  # equations
+    for stem in ("01", "03"):
+        nb = nbformat.read(str(next(b for b in books if b.stem.startswith(stem))), as_version=4)
+        assert "params/classroom.yaml" in "".join(c.source for c in nb.cells[:2]), stem

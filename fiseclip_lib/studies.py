@@ -1,0 +1,217 @@
+"""Study helpers for the notebooks: controlled inputs and experiment loops (no plotting, no display).
+
+Offline there is no real text branch (no CLIP weights), so `simulated_text_map` builds a clearly labelled
+SIMULATED text map of controlled quality from the ground truth: the defect share of each patch, blurred over
+the patch grid (CLIP localises coarsely), plus Gaussian patch noise and a per-image offset (CLIP's text score
+of a whole image drifts), scaled so that the map reaches a chosen patch AUROC. Together with the REAL matching
+map of a pretrained CNN this studies the mechanics of fusion and filtering honestly: what they do with a text
+branch of known quality, not what CLIP's text branch is.
+"""
+from __future__ import annotations
+
+import random
+import warnings
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import ndimage
+from scipy.stats import rankdata
+
+from .errors import FiseclipError
+from .fusion import fuse
+from .matching import interval_count, lnamd, reference_distances
+from .postprocess import gaussian_smooth, image_scores, upsample
+
+SIMULATED_LABEL = "SIMULATED text map"
+
+
+def auroc(labels, scores) -> float:
+    """Area under the ROC curve by the rank-sum (Mann-Whitney) formula, ties counted half. NaN for one class."""
+    y = np.asarray(labels).ravel().astype(bool)
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = rankdata(s)
+    return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def patch_labels(masks, grid: tuple[int, int]) -> np.ndarray:
+    """`[N, H, W]` bool masks -> `[N, h * w]` bool: the patch holds at least one defect pixel."""
+    m = torch.as_tensor(np.asarray(masks)).float()[:, None]
+    return (torch.nn.functional.adaptive_max_pool2d(m, grid)[:, 0] > 0).flatten(1).numpy()
+
+
+def simulated_text_map(masks, grid: tuple[int, int], target_auroc: float = 0.85, blur: float = 1.0,
+                       image_noise: float = 0.5, seed: int = 0, tol: float = 0.002) -> np.ndarray:
+    """A SIMULATED text map A_T of controlled patch AUROC (see module doc).
+
+    Args:
+        masks: `[N, H, W]` ground-truth masks (bool; all-False for normal images), at least one defect pixel.
+        grid: the patch grid `(h, w)`.
+        target_auroc: patch AUROC the map reaches (labels: `patch_labels`), within `tol`.
+        blur: std of the Gaussian blur of the defect share over the grid, in patches (0: none).
+        image_noise: std of a per-image offset, relative to the unit patch noise.
+        seed: noise seed (same seed, same map).
+    Returns:
+        `[N, h * w]` float32 in (0, 1): sigmoid(a * signal + noise - 1.5), `a` found by bisection, so normal
+        patches mostly read below 0.5 like a probability of 'abnormal'.
+    """
+    masks = np.asarray(masks).astype(bool)
+    if masks.ndim != 3:
+        raise FiseclipError(f"masks must be [N, H, W], got shape {masks.shape}")
+    labels = patch_labels(masks, grid)
+    if not labels.any() or labels.all():
+        raise FiseclipError("a simulated text map needs images with and without defect patches")
+    if not 0.5 <= target_auroc < 1.0:
+        raise FiseclipError(f"target_auroc {target_auroc} must be in [0.5, 1)")
+    share = torch.nn.functional.adaptive_avg_pool2d(torch.as_tensor(masks).float()[:, None], grid)[:, 0].numpy()
+    signal = np.stack([ndimage.gaussian_filter(s.astype(np.float64), blur, mode="constant") if blur > 0 else s
+                       for s in share]).reshape(len(masks), -1)
+    signal = signal / signal.max()
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal(signal.shape) + image_noise * rng.standard_normal((len(masks), 1))
+
+    def quality(a: float) -> float:
+        return auroc(labels, a * signal + noise)
+
+    lo, hi = 0.0, 1.0
+    while quality(hi) < target_auroc:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise FiseclipError(f"target patch AUROC {target_auroc} is out of reach with blur={blur}; lower either")
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if quality(mid) < target_auroc:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-6 or abs(quality(hi) - target_auroc) < tol:
+            break
+    logits = hi * signal + noise - 1.5
+    return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+
+
+def compose_indices(labels: Sequence[int], size: int, share: float, rng: random.Random) -> list[int]:
+    """Indices of a batch of `size` with round(share * size) anomalous images (as data.compose_batch)."""
+    labels = list(labels)
+    good = [i for i, y in enumerate(labels) if y == 0]
+    bad = [i for i, y in enumerate(labels) if y == 1]
+    n_bad = int(round(share * size))
+    if n_bad > len(bad) or size - n_bad > len(good):
+        raise FiseclipError(f"a batch of {size} with {n_bad} anomalous images needs more images "
+                            f"({len(good)} normal, {len(bad)} anomalous)")
+    batch = rng.sample(good, size - n_bad) + rng.sample(bad, n_bad)
+    rng.shuffle(batch)
+    return batch
+
+
+def pool_distances(layers: dict[int, torch.Tensor], grid: tuple[int, int], degrees=(1, 3, 5)) -> torch.Tensor:
+    """Distances between all images of a pool, once, for every (layer, degree): `[L * R, N, N, P]`, d[., j, i, p]
+    from patch p of image i to its nearest patch of image j (+inf for j == i). LNAMD works per image, so any
+    batch drawn from the pool has the same distances: `batch_visual_map` then costs no GEMM."""
+    return torch.stack([reference_distances(lnamd(t, grid, r)) for t in layers.values() for r in degrees])
+
+
+def batch_visual_map(dist: torch.Tensor, idx: Sequence[int], topmin_max: float = 0.3) -> torch.Tensor:
+    """A_V of the batch `idx` from `pool_distances` (equal to matching.visual_map on that batch without filter):
+    mean over the K = max(1, floor(topmin_max (n - 1))) nearest references, then over layers and degrees."""
+    idx = torch.as_tensor(list(idx))
+    d = dist[:, idx][:, :, idx]  # [LR, n(j), n(i), P]; the diagonal stays +inf
+    k = interval_count(len(idx) - 1, topmin_max)
+    return torch.topk(d, k, dim=1, largest=False).values.mean(dim=1).mean(dim=0)
+
+
+def default_variants(alpha: float = 0.5, tau: float = 0.5) -> dict[str, Callable]:
+    """Map variants of the normalisation study: name -> f(A_V, A_T) on one batch `[n, P]`."""
+    out: dict[str, Callable] = {"visual only (raw A_V)": lambda v, t: v, "text only (simulated A_T)": lambda v, t: t}
+    for mode in ("additive", "multiplicative", "gated"):
+        for norm in ("minmax", "robust") + (("none",) if mode == "additive" else ()):
+            out[f"{mode} / {norm}"] = (lambda m, n: lambda v, t: fuse(v, t, m, alpha, tau, n))(mode, norm)
+    return out
+
+
+def fusion_norm_study(dist: torch.Tensor, grid: tuple[int, int], labels: Sequence[int],
+                      masks, text_maps, batch_sizes=(4, 8, 16, 32), shares=(0.0, 0.125, 0.25, 0.375, 0.5),
+                      n_trials: int = 2, seed: int = 0, variants: dict[str, Callable] | None = None,
+                      image_size: int = 128, sigma: float = 4.0):
+    """Score batches of varied contamination with each fusion variant; pool the scores over batches.
+
+    For each batch size and trial, one batch per anomalous share is drawn (so a "run" holds an all-normal
+    batch next to contaminated ones, as shuffled batches of a real category do); the REAL matching map A_V is
+    computed per batch from the pool's distances `dist`, the text map is the per-image `text_maps` (batch-independent,
+    as CLIP's is). Image score = max of the upsampled, smoothed map; pooled metrics use every scored instance.
+
+    Args:
+        dist: `pool_distances` of all images of one category (encode once, match once, reuse).
+        grid: patch grid. labels: `[N]` 0/1. masks: `[N, H, W]` bool at `image_size`. text_maps: `[N, P]`.
+    Batch sizes that the category cannot fill at every share are skipped with a warning.
+
+    Returns:
+        (per_image, summary): per_image has a row per (variant, batch size, trial, share, image) with columns
+        variant, batch_size, trial, share, image, label, score; summary a row per (variant, batch size) with
+        image_auroc and patch_auroc pooled over the batches of a run (mean over trials), normal_batch_max
+        (the largest image score in the all-normal batch) and defect_median (median score of the defective
+        images of the other batches), both in the variant's units and averaged over trials.
+    """
+    variants = variants or default_variants()
+    labels = np.asarray(labels).astype(int)
+    plabels = patch_labels(masks, grid)
+    text = torch.as_tensor(np.asarray(text_maps), dtype=torch.float32)
+    rows, patch_rows = [], []
+    n_good, n_bad = int((labels == 0).sum()), int((labels == 1).sum())
+    feasible = [bs for bs in batch_sizes if all(int(round(s * bs)) <= n_bad and bs - int(round(s * bs)) <= n_good
+                                                for s in shares)]
+    if len(feasible) < len(batch_sizes):
+        warnings.warn(f"batch sizes {sorted(set(batch_sizes) - set(feasible))} skipped: the category has "
+                      f"{n_good} normal and {n_bad} anomalous images")
+    for bs in feasible:
+        for trial in range(n_trials):
+            rng = random.Random(seed * 100003 + trial * 1009 + bs)
+            for share in shares:
+                idx = compose_indices(labels, bs, share, rng)
+                a_v = batch_visual_map(dist, idx)
+                a_t = text[idx]
+                for name, fn in variants.items():
+                    patch = fn(a_v, a_t).float()
+                    maps = gaussian_smooth(upsample(patch, grid, image_size), sigma)
+                    scores = image_scores(maps).numpy()
+                    for i, s in zip(idx, scores):
+                        rows.append((name, bs, trial, share, i, labels[i], float(s)))
+                    patch_rows.append((name, bs, trial, patch.numpy().ravel(), plabels[idx].ravel()))
+    per_image = pd.DataFrame(rows, columns=["variant", "batch_size", "trial", "share", "image", "label", "score"])
+    pa = {}
+    for name, bs, trial, p, y in patch_rows:
+        pa.setdefault((name, bs, trial), ([], []))
+        pa[(name, bs, trial)][0].append(p)
+        pa[(name, bs, trial)][1].append(y)
+    summary = []
+    for (name, bs), g in per_image.groupby(["variant", "batch_size"], sort=False):
+        per_trial = []
+        for trial, gt in g.groupby("trial"):
+            ps, ys = pa[(name, bs, trial)]
+            normal_batch = gt[gt.share == 0.0]
+            per_trial.append({
+                "image_auroc": auroc(gt.label, gt.score),
+                "patch_auroc": auroc(np.concatenate(ys), np.concatenate(ps)),
+                "normal_batch_max": float(normal_batch.score.max()) if len(normal_batch) else float("nan"),
+                "defect_median": float(gt[gt.label == 1].score.median()),
+            })
+        summary.append({"variant": name, "batch_size": bs, **pd.DataFrame(per_trial).mean().to_dict()})
+    return per_image, pd.DataFrame(summary)
+
+
+def composition_spread(per_image: pd.DataFrame) -> pd.DataFrame:
+    """How much an image's score depends on the batch it shares: for each variant and batch size, the std of
+    each image's scores over the batches it appeared in, divided by the gap between the median defective and
+    the median normal score (a unitless spread; lower = scores mean the same in every batch), median over images.
+    """
+    out = []
+    for (name, bs), g in per_image.groupby(["variant", "batch_size"], sort=False):
+        gap = g[g.label == 1].score.median() - g[g.label == 0].score.median()
+        spread = g.groupby("image").score.std().dropna()
+        out.append({"variant": name, "batch_size": bs,
+                    "relative_spread": float(spread.median() / gap) if gap > 0 and len(spread) else float("nan")})
+    return pd.DataFrame(out)

@@ -1,0 +1,109 @@
+"""Every HTML report, opened in a real browser (headless Chromium): math rendered, no raw `$...$`, no error
+outputs, every figure loaded, every index link resolving.
+
+The reports are the ones README command 1 just wrote into `reports/` (CI runs it before the tests); where there
+are none, a minimal series (`--only 00`) is generated into a temporary folder. Chromium comes from Debian
+(`apt-get install chromium`; `.ci/run` installs it). The page is checked by a script added to a copy of it,
+whose findings the browser writes into the DOM that `--dump-dom` prints: no WebDriver is needed.
+"""
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import nbformat
+import pytest
+
+from fiseclip_lib.report import run_reports
+
+REPO = Path(__file__).resolve().parent.parent
+
+CHECK = r"""
+<script>
+window.addEventListener("load", () => {
+  const text = document.body.innerText;
+  const raw = text.match(/\$\$[\s\S]+?\$\$|\$(?=\S)[^$\n]{0,200}?\S\$(?!\d)|\$[A-Za-z]\$/g) || [];
+  const maths = Array.from(document.querySelectorAll("math"));
+  const errors = Array.from(document.querySelectorAll('[data-mime-type="application/vnd.jupyter.stderr"]'))
+    .map(e => e.innerText).filter(t => /Traceback|^\w*Error\b|An Exception was encountered/m.test(t));
+  const images = Array.from(document.images);
+  const out = {
+    raw_math: raw.slice(0, 5),
+    math: maths.length,
+    math_unrendered: maths.filter(m => m.getBoundingClientRect().width <= 0).length,
+    errors: errors.map(t => t.slice(0, 200)),
+    images: images.length,
+    broken_images: images.filter(i => !i.complete || i.naturalWidth === 0).map(i => (i.src || "").slice(0, 80)),
+    links: Array.from(document.querySelectorAll("a[href]")).map(a => a.getAttribute("href")),
+  };
+  const pre = document.createElement("pre");
+  pre.id = "fiseclip-check";
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>
+"""
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail("no Chromium for the browser checks: install it (Debian: apt-get install -y chromium)")
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory) -> Path:
+    """README command 1's reports when present and complete, else a minimal series generated now."""
+    existing = REPO / "reports"
+    index = existing / "index.json"
+    if index.is_file():
+        rows = json.loads(index.read_text())["reports"]
+        if rows and all((existing / f"{r['name']}.html").is_file() for r in rows):
+            return existing
+    out = tmp_path_factory.mktemp("reports")
+    results = run_reports(out, {}, only="00", notebooks_dir=REPO / "notebooks", verbose=False)
+    assert [r["status"] for r in results] == ["ok"], results
+    return out
+
+
+def open_in_browser(page: Path, scratch: Path) -> dict:
+    """Load a copy of `page` (with the check script) in headless Chromium; return what the script found."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    copy = scratch / page.name
+    html = page.read_text(encoding="utf-8")
+    copy.write_text(html.replace("</body>", CHECK + "</body>", 1) if "</body>" in html else html + CHECK,
+                    encoding="utf-8")
+    proc = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--no-first-run", "--virtual-time-budget=15000", "--dump-dom", copy.as_uri()],
+                          capture_output=True, text=True, timeout=180)
+    m = re.search(r'<pre id="fiseclip-check">(.*?)</pre>', proc.stdout, re.S)
+    assert m, f"{page.name}: the browser returned no check result (exit {proc.returncode}): {proc.stderr[-500:]}"
+    return json.loads(m.group(1).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
+
+
+def test_every_report_reads_in_a_browser(report_dir, tmp_path):
+    rows = json.loads((report_dir / "index.json").read_text())["reports"]
+    assert rows
+    for r in rows:
+        page = report_dir / r["links"]["html"]
+        found = open_in_browser(page, tmp_path / "pages")
+        assert found["raw_math"] == [], f"{page.name}: formulas left as text: {found['raw_math']}"
+        assert found["math"] > 0 and found["math_unrendered"] == 0, f"{page.name}: math not rendered: {found}"
+        assert found["errors"] == [], f"{page.name}: error outputs: {found['errors']}"
+        assert found["images"] > 0 and found["broken_images"] == [], f"{page.name}: figures: {found}"
+        nb = nbformat.read(str(report_dir / r["links"]["ipynb"]), as_version=4)
+        assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+
+
+def test_index_links_resolve(report_dir, tmp_path):
+    found = open_in_browser(report_dir / "index.html", tmp_path / "index")
+    local = [h for h in found["links"] if not urlparse(h).scheme]
+    rows = json.loads((report_dir / "index.json").read_text())["reports"]
+    assert len(local) >= 2 * len(rows)  # HTML and .ipynb of every row, plus the CSVs
+    missing = [h for h in local if not (report_dir / unquote(urlparse(h).path)).is_file()]
+    assert missing == [], f"index links to missing files: {missing}"
+    assert any(h.endswith(".csv") for h in local), "the index links no CSV of the runs"

@@ -1,0 +1,257 @@
+"""predict: run's scores on unlabeled images, the reference bank, overlays at the original size, thresholds,
+hostile names, and the command line's one-line errors (a fault table in the style of test_faults.py)."""
+import json
+import os
+import shutil
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from fiseclip_lib import Detector, FiseConfig
+from fiseclip_lib import data as D
+from fiseclip_lib.cli import main
+from fiseclip_lib.predict import (PREDICTION_COLUMNS, ReferenceBank, predict, score_features_against, unique_stems)
+from fiseclip_lib.run import run_benchmark
+
+TINY = dict(model="fiseclip-tiny", pretrained="none", image_size=112, device="cpu", batch_size=5)
+CLI = ["--model", "fiseclip-tiny", "--pretrained", "none", "--image-size", "28", "--batch-size", "4",
+       "--no-progress", "--no-feature-cache"]
+
+
+def test_predict_without_references_gives_run_scores(small_demo, tiny_encoder, tmp_path):
+    cfg = FiseConfig(**TINY)
+    run_benchmark("demo", small_demo, cfg, tmp_path / "run", categories=["textile"], progress=False)
+    ran = pd.read_csv(tmp_path / "run" / "scores.csv")
+    det = Detector(cfg, encoder=tiny_encoder)
+    df = predict(str(small_demo / "textile" / "test" / "*" / "*.png"), "textile", out=tmp_path / "p", detector=det,
+                 progress=False)
+    ran["name"] = [p.split("test/", 1)[1] for p in ran.path]
+    df["name"] = [p.split("test/", 1)[1] for p in df.path]
+    merged = ran.merge(df, on="name", suffixes=("_run", "_pred"))
+    assert len(merged) == len(ran) == 13
+    np.testing.assert_allclose(merged.score_run, merged.score_pred, atol=1e-6)
+    assert (merged.batch_run == merged.batch_pred).all()
+    written = pd.read_csv(tmp_path / "p" / "predictions.csv")
+    assert list(written.columns) == PREDICTION_COLUMNS
+    # decisions follow the threshold recorded in each row; references = the other images of the batch
+    assert ((written.score > written.threshold) == (written.decision == "anomalous")).all()
+    assert (written.references == written.groupby("batch").path.transform("count") - 1).all()
+
+
+def test_scoring_against_an_empty_bank_is_score_features(small_demo, tiny_encoder):
+    """Guards the reference path against drifting from the pipeline: same maps for every option."""
+    paths = [s.path for s in D.load_mvtec(small_demo) if s.category == "textile"][:5]
+    for opt in ({}, {"filter": "soft"}, {"fusion": "gated"}, {"method": "musc"}, {"fusion_norm": "minmax"}):
+        det = Detector(FiseConfig(**TINY, **opt), encoder=tiny_encoder)
+        feats = det.encode(paths)
+        a = det.score_features(feats, "textile")
+        b = score_features_against(det, feats, "textile", None, mutual=True)
+        np.testing.assert_allclose(a.maps, b.maps, atol=1e-5, err_msg=str(opt))
+
+
+def test_reference_bank_is_never_scored_or_filtered_and_counts_as_references(small_demo, tiny_encoder, tmp_path):
+    det = Detector(FiseConfig(**TINY), encoder=tiny_encoder)
+    refs = sorted(str(p) for p in (small_demo / "textile" / "test" / "good").glob("*.png"))[:3]
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for s in D.load_mvtec(small_demo):
+        if s.category == "textile" and s.path not in refs:
+            shutil.copy(s.path, imgs / f"{s.defect}_{os.path.basename(s.path)}")
+    bank = ReferenceBank.from_images(det, refs, "textile")
+    assert len(bank) == 3 and all(e.keep is None and e.penalty is None for e in bank.entries)
+    df = predict(str(imgs), "textile", out=tmp_path / "p", detector=det, reference_dir=refs, progress=False)
+    assert len(df) == 10 and not set(df.path) & {os.path.basename(r) for r in refs}
+    assert (df.references == df.groupby("batch").path.transform("count") - 1 + 3).all()
+    # the bank changes the scores; a reference is matched exactly like an extra in-batch image without filter
+    plain = predict(str(imgs), "textile", detector=det, progress=False)
+    assert not np.allclose(plain.score, df.score)
+    conf = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert conf["scoring"] == {"mode": "batch", "references": 3, "bank_size": None}
+
+
+def _img(path, size, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def test_overlays_one_per_image_at_original_size_with_unique_stems(tmp_path, tiny_encoder):
+    src = tmp_path / "src"
+    sizes = {"a/x.png": (50, 37), "b/x.png": (64, 64), "b/X.jpg": (90, 40), "b/$a <b> & c.png": (33, 33),
+             "b/line\nbreak.png": (40, 48), "b/big.png": (120, 80)}
+    for i, (name, size) in enumerate(sizes.items()):
+        _img(src / name, size, i)
+    os.rename(_img(src / "c" / "tmp.png", (30, 30), 9), os.fsencode(src / "c") + b"/caf\xe9.png")
+    det = Detector(FiseConfig(**{**TINY, "image_size": 28}), encoder=None)
+    out = tmp_path / "out"
+    df = predict(str(src / "**" / "*"), "thing", out=out, detector=det, progress=False, threshold=0.5)
+    assert len(df) == 7 and df.overlay.nunique() == 7
+    assert not [p.name for p in out.rglob(".*") if p.name != ".fiseclip.lock"]  # no hidden or temp files
+    written = pd.read_csv(out / "predictions.csv")
+    assert len(written) == 7
+    for row in df.itertuples():
+        assert (out / row.overlay).is_file(), row.overlay
+    for p in src.rglob("*"):
+        if p.is_file():
+            match = [r for r in df.itertuples() if os.fsencode(r.path) == os.fsencode(str(p))]
+            assert len(match) == 1, p
+            with Image.open(out / match[0].overlay) as ov, Image.open(p) as im:
+                assert ov.size == im.size, p
+    assert unique_stems(["a/x.png", "b/x.png", "b/X.jpg"]) == ["x", "x-2", "X-3"]
+    assert unique_stems([".hidden.png", "a\nb.png"]) == ["_hidden", "a_b"]
+    assert ((df.score > 0.5) == (df.decision == "anomalous")).all() and set(df.threshold) == {0.5}
+
+
+def test_predict_applies_a_calibrated_threshold_file(small_demo, tmp_path, tiny_encoder):
+    cfg = FiseConfig(**TINY)
+    run_benchmark("demo", small_demo, cfg, tmp_path / "run", categories=["textile"], progress=False)
+    assert main(["calibrate", "--scores", str(tmp_path / "run" / "scores.csv"), "--out",
+                 str(tmp_path / "t.json")]) == 0
+    t = json.loads((tmp_path / "t.json").read_text())
+    det = Detector(cfg, encoder=tiny_encoder)
+    df = predict(str(small_demo / "textile" / "test" / "*" / "*.png"), "textile", detector=det,
+                 threshold=str(tmp_path / "t.json"), progress=False)
+    assert (df.threshold == t["value"]).all() and (df.threshold_method == "f1").all()
+    assert ((df.score > t["value"]) == (df.decision == "anomalous")).all()
+
+
+def test_streaming_predict_writes_states_and_bank_admissions(small_demo, tmp_path, tiny_encoder):
+    det = Detector(FiseConfig(**TINY, method="musc"), encoder=tiny_encoder)
+    df = predict(str(small_demo / "textile" / "test" / "good"), "textile", out=tmp_path / "s", detector=det,
+                 stream=True, bank_size=3, threshold=1e9, progress=False)
+    assert list(df.state[:2]) == ["cold", "cold"] and set(df.state[2:]) == {"warm"}
+    assert (df.references <= 3).all() and df.admitted.all() and np.isfinite(df.score).all()
+    assert len(list((tmp_path / "s" / "overlays").glob("*.png"))) == len(df)
+
+
+# ------------------------------------------------------------------------------------------- fault table
+
+def _tree(tmp):
+    imgs = tmp / "imgs"
+    for i in range(6):
+        _img(imgs / f"{i:03d}.png", (32, 32), i)
+    return imgs
+
+
+def _then(_side_effect, args):
+    """Run a setup step (its value is ignored), then give the command-line arguments."""
+    return args
+
+
+FAULTS = {
+    "images missing": (lambda t, i: ["--images", str(t / "nope"), "--class-name", "x"], "does not exist"),
+    "images folder empty": (lambda t, i: _then((t / "empty").mkdir(), ["--images", str(t / "empty"), "--class-name",
+                                                                    "x"]), "no image files"),
+    "glob matches nothing": (lambda t, i: ["--images", str(t / "*.tif"), "--class-name", "x"], "matches no image"),
+    "no --images": (lambda t, i: ["--class-name", "x"], "--images is required"),
+    "no --class-name": (lambda t, i: ["--images", str(i)], "--class-name is required"),
+    "unreadable image": (lambda t, i: _then((i / "003.png").write_bytes(b"junk"), ["--images", str(i), "--class-name",
+                                                                               "x"]), "003.png cannot be read"),
+    "bank size 0": (lambda t, i: ["--images", str(i), "--class-name", "x", "--stream", "--bank-size", "0"],
+                    "--bank-size 0"),
+    "threshold file missing": (lambda t, i: ["--images", str(i), "--class-name", "x", "--threshold",
+                                             str(t / "t.json")], "t.json does not exist"),
+    "threshold file not JSON": (lambda t, i: _then((t / "t.json").write_text("{"), [
+        "--images", str(i), "--class-name", "x", "--threshold", str(t / "t.json")]), "not valid JSON"),
+    "threshold file foreign": (lambda t, i: _then((t / "t.json").write_text('{"value": 1}'), [
+        "--images", str(i), "--class-name", "x", "--threshold", str(t / "t.json")]), "not a fiseclip threshold"),
+    "threshold value nan": (lambda t, i: _then((t / "t.json").write_text(
+        '{"format": "fiseclip-threshold/1", "value": NaN}'), [
+        "--images", str(i), "--class-name", "x", "--threshold", str(t / "t.json")]), "not a finite number"),
+    "references overlap images": (lambda t, i: ["--images", str(i), "--class-name", "x", "--reference-dir", str(i)],
+                                  "is also an image to score"),
+    "reference dir missing": (lambda t, i: ["--images", str(i), "--class-name", "x", "--reference-dir",
+                                            str(t / "refs")], "refs does not exist"),
+    "false alarm rate 2": (lambda t, i: ["--images", str(i), "--class-name", "x", "--false-alarm-rate", "2"],
+                           "false-alarm rate 2"),
+    "config bogus": (lambda t, i: ["--images", str(i), "--class-name", "x", "--set", "alpha=9"], "alpha"),
+    "out is a file": (lambda t, i: _then((t / "f").write_text("x"), ["--images", str(i), "--class-name", "x", "--out",
+                                                                  str(t / "f" / "sub")]), "is not writable"),
+}
+CAL_FAULTS = {
+    "scores missing": (lambda t: ["--scores", str(t / "nope.csv")], "does not exist"),
+    "no score column": (lambda t: _then((t / "s.csv").write_text("a,b\n1,2\n"), ["--scores", str(t / "s.csv")]),
+                        "no score column"),
+    "not UTF-8": (lambda t: _then((t / "s.csv").write_bytes(b"score\n\xff\xfe\n"), ["--scores", str(t / "s.csv")]),
+                  "s.csv"),
+    "labels not 0/1": (lambda t: _then((t / "s.csv").write_text("score,label\n1,0\n2,7\n"),
+                                       ["--scores", str(t / "s.csv")]), "labels must be 0"),
+    "f1 without anomalies": (lambda t: _then((t / "s.csv").write_text("score,label\n1,0\n2,0\n"),
+                                             ["--scores", str(t / "s.csv"), "--method", "f1"]), "needs both"),
+    "unknown category": (lambda t: _then((t / "s.csv").write_text("score,category\n1,a\n"),
+                                         ["--scores", str(t / "s.csv"), "--category", "b"]), "no category 'b'"),
+    "out is a folder": (lambda t: _then(((t / "s.csv").write_text("score\n1\n2\n"), (t / "o").mkdir()),
+                                        ["--scores", str(t / "s.csv"), "--out", str(t / "o")]), "is a folder"),
+}
+
+
+def _one_line_error(capsys, code, text):
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.out + cap.err
+    assert code == 2, cap.out + cap.err
+    lines = [l for l in cap.err.splitlines() if l.strip() and not l.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("fiseclip: error:"), cap.err
+    assert text in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("name", list(FAULTS))
+def test_predict_fault(name, tmp_path, capsys):
+    setup, text = FAULTS[name]
+    imgs = _tree(tmp_path)
+    args = setup(tmp_path, imgs)
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    capsys.readouterr()
+    _one_line_error(capsys, main(["predict", *args, *CLI]), text)
+    out = tmp_path / "out"
+    if out.is_dir():  # nothing half-written
+        assert not [p.name for p in out.rglob(".*") if p.name != ".fiseclip.lock"]
+        assert not (out / "predictions.csv").exists()
+
+
+@pytest.mark.parametrize("name", list(CAL_FAULTS))
+def test_calibrate_fault(name, tmp_path, capsys):
+    setup, text = CAL_FAULTS[name]
+    args = setup(tmp_path)
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "t.json")]
+    capsys.readouterr()
+    _one_line_error(capsys, main(["calibrate", *args]), text)
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_predict_threshold_from_other_config_stops_and_output_folder_lock(tmp_path, capsys):
+    imgs = _tree(tmp_path)
+    assert main(["predict", "--images", str(imgs), "--class-name", "x", "--out", str(tmp_path / "a"), *CLI]) == 0
+    assert main(["calibrate", "--scores", str(tmp_path / "a" / "predictions.csv"), "--out",
+                 str(tmp_path / "t.json")]) == 0
+    capsys.readouterr()
+    code = main(["predict", "--images", str(imgs), "--class-name", "x", "--out", str(tmp_path / "b"), "--threshold",
+                 str(tmp_path / "t.json"), "--set", "alpha=0.2", *CLI])
+    _one_line_error(capsys, code, "calibrated on other scores")
+    assert main(["predict", "--images", str(imgs), "--class-name", "x", "--out", str(tmp_path / "b"), "--threshold",
+                 str(tmp_path / "t.json"), "--set", "alpha=0.2", "--force-threshold", *CLI]) == 0
+    assert "calibrated on other scores" in capsys.readouterr().err
+    from fiseclip_lib._io import output_lock
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with output_lock(tmp_path / "a", command="fiseclip predict (test holder)"):
+            held.set()
+            release.wait(30)
+    th = threading.Thread(target=hold, daemon=True)
+    th.start()
+    held.wait(10)
+    try:
+        code = main(["predict", "--images", str(imgs), "--class-name", "x", "--out", str(tmp_path / "a"), *CLI])
+    finally:
+        release.set()
+        th.join()
+    _one_line_error(capsys, code, "is in use by")
+    # the predictions of the first run are intact
+    assert len(pd.read_csv(tmp_path / "a" / "predictions.csv")) == 6

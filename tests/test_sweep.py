@@ -1,0 +1,333 @@
+"""`fiseclip sweep`: grid expansion, one tidy table equal to `fiseclip run`'s numbers, resumable tasks, the same
+bytes from the local and the Dask executor, a killed worker that loses and duplicates nothing, a feature cache
+shared by concurrent writers, and one-line errors for bad grids and unreachable schedulers.
+
+The random tiny CLIP at 28 px on two categories of six images keeps every task well under a second; the Dask
+tests share one LocalCluster (processes, 2 workers) per module.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fiseclip_lib.cli import main
+from fiseclip_lib.errors import FiseclipError
+from fiseclip_lib.sweep import expand_grid, load_grid, run_sweep
+from helpers import make_mvtec_tree
+
+MODEL = "model: fiseclip-tiny\npretrained: none\nimage_size: 28\nbatch_size: 4\n"
+GRID = "dataset: mvtec\nroot: {root}\n" + MODEL + "method: [fiseclip, musc]\nalpha: [0.3, 0.7]\n"
+METRICS = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_mvtec_tree(tmp_path_factory.mktemp("sweepdata") / "mvtec")
+
+
+@pytest.fixture(scope="module")
+def grid_file(data, tmp_path_factory):
+    p = tmp_path_factory.mktemp("grid") / "grid.yaml"
+    p.write_text(GRID.format(root=data))
+    return p
+
+
+@pytest.fixture(scope="module")
+def serial(grid_file, tmp_path_factory):
+    """The reference: the grid run with the local executor in a fresh process, which must not import Dask."""
+    out = tmp_path_factory.mktemp("serial") / "sweep"
+    code = ("import sys; from fiseclip_lib.cli import main; rc = main(sys.argv[1:]); "
+            "assert not {'dask', 'distributed'} & set(sys.modules), 'local executor imported dask'; sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "sweep", str(grid_file), "--out", str(out), "--no-progress",
+                        "--no-feature-cache"], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import logging
+
+    from distributed import LocalCluster
+
+    c = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                     silence_logs=logging.ERROR)
+    yield c
+    c.close()
+
+
+# ------------------------------------------------------------------------------------------- expansion
+
+def test_grid_expands_to_the_product_in_file_order(data):
+    grid = {"dataset": "mvtec", "root": str(data), "categories": ["screw", "bottle"], "model": "fiseclip-tiny",
+            "pretrained": "none", "alpha": [0.2, 0.4, 0.6], "degrees": [[1], "1,3"], "seed": 3}
+    s = expand_grid(grid)
+    assert s.varied == ["alpha", "degrees"]
+    assert [(c.config["alpha"], tuple(c.config["degrees"])) for c in s.configs] == [
+        (a, d) for a in (0.2, 0.4, 0.6) for d in ((1,), (1, 3))]
+    assert all(c.config["seed"] == 3 and c.categories == ["screw", "bottle"] for c in s.configs)
+    assert [t[1] for t in s.tasks[:2]] == ["screw", "bottle"] and len(s.tasks) == 12
+    ids = [c.config_id for c in s.configs]
+    assert len(set(ids)) == 6 and ids == [c.config_id for c in expand_grid(grid).configs]  # stable
+    # fields that change no number do not change the id (so --resume finds the task on another device)
+    assert expand_grid({**grid, "device": "cpu", "encode_batch": 2}).configs[0].config_id == ids[0]
+    assert expand_grid({**grid, "seed": 4}).configs[0].config_id != ids[0]
+
+
+def test_several_roots_and_datasets(data, tmp_path):
+    other = make_mvtec_tree(tmp_path / "other", categories=("pill",))
+    s = expand_grid({"dataset": "mvtec", "root": [str(data), str(other)], "model": "fiseclip-tiny"})
+    assert s.varied == ["root"] and [c.categories for c in s.configs] == [["bottle", "screw"], ["pill"]]
+    s = expand_grid({"datasets": [{"dataset": "mvtec", "root": str(other)},
+                                  {"dataset": "mvtec", "root": str(data), "categories": "screw"}],
+                     "model": "fiseclip-tiny"})
+    assert [(c.root, c.categories) for c in s.configs] == [(str(other), ["pill"]), (str(data), ["screw"])]
+
+
+# ------------------------------------------------------------------------------------------- the table
+
+def test_table_rows_equal_fiseclip_run_per_config(serial, data, tmp_path):
+    table = pd.read_csv(serial / "sweep.csv")
+    assert list(table.columns) == ["config_id", "dataset", "method", "alpha", "category", *METRICS, "images",
+                                   "encoder", "weights", "pretrained", "git_commit"]
+    assert list(table.category) == ["bottle", "screw", "mean"] * 4
+    assert (table.encoder == "fiseclip-tiny").all() and (~table.pretrained).all()
+    assert table.git_commit.str.len().gt(6).all()
+    info = json.loads((serial / "sweep.json").read_text())
+    assert info["status"] == "finished" and info["varied"] == ["method", "alpha"]
+    # independent reference: `fiseclip run` with each configuration gives the same numbers and the same files
+    groups = list(table.groupby(["config_id", "method", "alpha"], sort=False))
+    for (cid, method, alpha), rows in groups[::3]:  # one fiseclip and one musc configuration
+        out = tmp_path / cid
+        assert main(["run", "--dataset", "mvtec", "--root", str(data), "--model", "fiseclip-tiny", "--pretrained",
+                     "none", "--image-size", "28", "--batch-size", "4", "--method", method, "--set",
+                     f"alpha={alpha}", "--out", str(out), "--no-progress", "--no-feature-cache"]) == 0
+        ref = pd.read_csv(out / "metrics.csv")
+        assert ref.category.tolist() == rows.category.tolist()
+        pd.testing.assert_frame_equal(ref[METRICS].reset_index(drop=True), rows[METRICS].reset_index(drop=True))
+        for name in ("metrics.csv", "scores.csv"):
+            assert (serial / "configs" / cid / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_resume_reuses_finished_tasks_only(grid_file, serial, tmp_path, capsys):
+    out = tmp_path / "s"
+    base = ["sweep", str(grid_file), "--out", str(out), "--no-feature-cache"]
+    assert main(base) == 0
+    assert (out / "sweep.csv").read_bytes() == (serial / "sweep.csv").read_bytes()
+    capsys.readouterr()
+    cats = sorted((out / "configs").glob("*/categories/*.json"))
+    assert len(cats) == 8
+    cats[0].unlink()                      # a task killed before it wrote
+    cats[1].write_text('{"category": ')   # a torn file (cannot happen with atomic writes, but never trusted)
+    assert main(base + ["--resume"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("reused finished result") == 6 and "[8/8]" in text
+    assert (out / "sweep.csv").read_bytes() == (serial / "sweep.csv").read_bytes()
+    # a larger grid computes only its new tasks
+    bigger = tmp_path / "bigger.yaml"
+    bigger.write_text(grid_file.read_text().replace("[0.3, 0.7]", "[0.3, 0.7, 0.9]"))
+    assert main(["sweep", str(bigger), "--out", str(out), "--no-feature-cache", "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("reused finished result") == 8 and "[12/12]" in text
+    assert len(pd.read_csv(out / "sweep.csv")) == 18
+
+
+def test_failed_task_is_one_line_and_the_others_are_kept(data, tmp_path, capsys):
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"dataset: mvtec\nroot: {data}\n{MODEL}sigma: [1, 20]\n")  # sigma 20 px cannot fit 28 px
+    out = tmp_path / "o"
+    assert main(["sweep", str(grid), "--out", str(out), "--no-feature-cache", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 of 4 sweep tasks failed" in err[0] and "sigma 20.0 px is too large" in err[0]
+    table = pd.read_csv(out / "sweep.csv")
+    assert list(table.category) == ["bottle", "screw", "mean"] and (table.sigma == 1).all()
+    assert json.loads((out / "sweep.json").read_text())["status"] == "failed"
+
+
+# ------------------------------------------------------------------------------------------- dask
+
+def test_dask_local_cluster_gives_the_same_bytes(grid_file, serial, tmp_path, capsys):
+    out = tmp_path / "dask"
+    assert main(["sweep", str(grid_file), "--out", str(out), "--executor", "dask", "--workers", "2",
+                 "--no-feature-cache"]) == 0
+    text = capsys.readouterr().out
+    assert "dask: scheduler tcp://" in text and "dashboard http" in text
+    assert (out / "sweep.csv").read_bytes() == (serial / "sweep.csv").read_bytes()
+    workers = {line.rsplit(", ", 1)[1] for line in text.splitlines() if line.startswith("[")}
+    assert all(not w.endswith(f":{os.getpid()})") for w in workers)  # the tasks ran in worker processes
+    for cid in (out / "configs").iterdir():
+        for name in ("metrics.csv", "scores.csv"):
+            assert (cid / name).read_bytes() == (serial / "configs" / cid.name / name).read_bytes()
+
+
+def test_killed_worker_loses_and_duplicates_nothing(cluster, grid_file, serial, tmp_path, capsys):
+    marker = tmp_path / "paused.pid"
+    killed = []
+
+    def kill_when_paused():
+        deadline = time.time() + 120
+        while not (marker.exists() and marker.read_text()) and time.time() < deadline:
+            time.sleep(0.05)
+        pid = int(marker.read_text())
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    killer = threading.Thread(target=kill_when_paused, daemon=True)
+    killer.start()
+    out = tmp_path / "killed"
+    table = run_sweep(grid_file, out, executor="dask", scheduler=cluster.scheduler_address, use_cache=False,
+                      pause={"category": "screw", "seconds": 30, "marker": str(marker)})
+    killer.join(5)
+    text = capsys.readouterr().out
+    assert killed and killed[0] != os.getpid()
+    screw_lines = [line for line in text.splitlines() if line.startswith("[") and " screw:" in line]
+    assert len(screw_lines) == 4 and not any(line.endswith(f":{killed[0]})") for line in screw_lines)
+    assert (out / "sweep.csv").read_bytes() == (serial / "sweep.csv").read_bytes()
+    assert len(table) == 12 and not table.duplicated(["config_id", "category"]).any()
+
+
+def test_dask_resume_reuses_tasks_on_the_workers(cluster, grid_file, serial, tmp_path, capsys):
+    out = tmp_path / "r"
+    args = ["sweep", str(grid_file), "--out", str(out), "--scheduler", cluster.scheduler_address,
+            "--no-feature-cache"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    assert capsys.readouterr().out.count("reused finished result") == 8
+    assert (out / "sweep.csv").read_bytes() == (serial / "sweep.csv").read_bytes()
+
+
+# ------------------------------------------------------------------------------------------- feature cache
+
+WRITER = """
+import sys, torch
+from fiseclip_lib.cache import FeatureCache
+from fiseclip_lib.encoder import Features
+g = torch.Generator().manual_seed(0)  # both writers store the same features, as two workers encoding one image
+feats = Features(layers={l: torch.randn(1, 1024, 64, generator=g) for l in (1, 2, 3)}, grid=(32, 32),
+                 global_embedding=torch.randn(1, 64, generator=g))
+cache = FeatureCache(sys.argv[1])
+for _ in range(int(sys.argv[3])):
+    cache.put(sys.argv[2], feats, 0)
+print("done")
+"""
+
+
+def test_two_processes_writing_one_cache_entry_never_tear_a_read(tmp_path):
+    """Two processes write the same 800 KB entry over and over while this one reads it: every read is a miss
+    or the whole, verified entry (cache.py writes atomically and checks a checksum on read)."""
+    from fiseclip_lib.cache import FeatureCache
+
+    root, key = tmp_path / "fc", "ab" * 32
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(root), key, "60"], stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    cache = FeatureCache(root)
+    import warnings
+
+    hits = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a damaged entry would warn
+        while any(p.poll() is None for p in procs):
+            f = cache.get(key, layers=(1, 2, 3))
+            if f is not None:
+                hits += 1
+                assert f.layers[2].shape == (1, 1024, 64) and f.grid == (32, 32)
+    assert [p.communicate()[0].strip() for p in procs] == ["done", "done"]
+    assert cache.damaged == 0 and hits > 0
+    assert cache.get(key, layers=(1, 2, 3)) is not None
+    assert not list(root.glob("*/.*.tmp.safetensors"))  # no temp file left behind
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+def _grid(tmp, text):
+    p = tmp / "grid.yaml"
+    (p.write_bytes if isinstance(text, bytes) else p.write_text)(text)
+    return [str(p)]
+
+
+# name -> (grid text with {root} or a setup(tmp, root) -> args, extra CLI args, text the one line must hold)
+ERRORS = {
+    "grid not a mapping": ("- alpha: 0.3\n", [], "must hold a mapping"),
+    "grid empty": ("", [], "is empty"),
+    "unknown field": ("root: {root}\ndataset: mvtec\ncolour: [red]\n", [], "unknown field 'colour'"),
+    "empty list": ("root: {root}\ndataset: mvtec\nalpha: []\n", [], "alpha is an empty list"),
+    "wrong type": ("root: {root}\ndataset: mvtec\nalpha: [0.3, lots]\n", [], "alpha='lots' is not a valid float"),
+    "out of range": ("root: {root}\ndataset: mvtec\nalpha: [0.3, 2]\n", [], "alpha 2.0 must be in [0, 1]"),
+    "bool for a number": ("root: {root}\ndataset: mvtec\nbatch_size: [true]\n", [], "batch_size"),
+    "list field flat": ("root: {root}\ndataset: mvtec\ndegrees: [1, 3]\n", [], "degrees takes a list per value"),
+    "value twice": ("root: {root}\ndataset: mvtec\nalpha: [0.5, 0.5]\n", [], "alpha lists the value 0.5 twice"),
+    "no-number field swept": ("root: {root}\ndataset: mvtec\nencode_batch: [1, 2]\n", [],
+                              "two configurations are the same"),
+    "unknown method": ("root: {root}\ndataset: mvtec\nmethod: [musc, patchcore]\n", [], "patchcore"),
+    "key a number": ("root: {root}\ndataset: mvtec\n1: x\n", [], "key 1 is not a name"),
+    "unknown dataset": ("root: {root}\ndataset: kolektor\n", [], "unknown dataset 'kolektor'"),
+    "dataset a list": ("root: {root}\ndataset: [mvtec, visa]\n", [], "dataset must be text"),
+    "root missing": ("root: {root}/nope\ndataset: mvtec\n", [], "nope"),
+    "root a number": ("root: 5\ndataset: mvtec\n", [], "root must be text"),
+    "root required": ("dataset: mvtec\n", [], "root is required for dataset mvtec"),
+    "unknown category": ("root: {root}\ndataset: mvtec\ncategories: [cable]\n", [], "cable"),
+    "categories a number": ("root: {root}\ndataset: mvtec\ncategories: 5\n", [], "categories must be a list"),
+    "datasets entry not a mapping": ("datasets: [mvtec]\n", [], "datasets[0] must be a mapping"),
+    "datasets entry unknown field": ("datasets:\n  - {{dataset: mvtec, root: {root}, colour: red}}\n", [],
+                                     "datasets[0]: unknown field(s) ['colour']"),
+    "datasets and root": ("datasets: [{{dataset: mvtec, root: {root}}}]\nroot: {root}\n", [], "not both"),
+    "invalid yaml": ("alpha: [0.3\n", [], "not valid YAML"),
+    "not utf-8": (b"alpha: \xff\n", [], "not UTF-8"),
+    "grid missing": (lambda tmp, root: [str(tmp / "nope.yaml")], [], "does not exist"),
+    "grid a folder": (lambda tmp, root: [str(tmp)], [], "is a folder"),
+    "scheduler with local executor": ("root: {root}\ndataset: mvtec\n", ["--executor", "local", "--scheduler",
+                                                                         "tcp://127.0.0.1:9"], "needs --executor dask"),
+    "workers 0": ("root: {root}\ndataset: mvtec\n", ["--executor", "dask", "--workers", "0"], "--workers 0"),
+    "workers with scheduler": ("root: {root}\ndataset: mvtec\n", ["--scheduler", "tcp://127.0.0.1:9", "--workers",
+                                                                  "2"], "drop one of them"),
+    "connect timeout 0": ("root: {root}\ndataset: mvtec\n", ["--connect-timeout", "0"], "--connect-timeout"),
+    "scheduler malformed": ("root: {root}\ndataset: mvtec\n", ["--scheduler", "nonsense", "--connect-timeout", "2"],
+                            "cannot reach the Dask scheduler at nonsense"),
+    "scheduler unreachable": ("root: {root}\ndataset: mvtec\n", ["--scheduler", "tcp://127.0.0.1:9",
+                                                                 "--connect-timeout", "2"],
+                              "cannot reach the Dask scheduler at tcp://127.0.0.1:9 within 2 s"),
+    "task error": ("root: {root}\ndataset: mvtec\n" + MODEL + "layers: [[99]]\n", [], "2 of 2 sweep tasks failed"),
+}
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_bad_grid_or_cluster_is_one_line(name, data, tmp_path, capsys):
+    spec, extra, text = ERRORS[name]
+    args = spec(tmp_path, data) if callable(spec) else _grid(
+        tmp_path, spec if isinstance(spec, bytes) else spec.format(root=data))
+    out = tmp_path / "out"
+    t0 = time.time()
+    try:
+        code = main(["sweep", *args, "--out", str(out), "--no-progress", "--no-feature-cache", *extra])
+    except SystemExit as e:  # argparse
+        code = e.code
+    elapsed = time.time() - t0
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.strip().splitlines() if not line.startswith("warning:")]
+    assert code == 2, captured.out + captured.err
+    assert len(err) == 1 and err[0].startswith("fiseclip: error:") and text in err[0], captured.err
+    assert "Traceback" not in captured.out + captured.err
+    assert not (out / "sweep.csv").exists() or name == "task error"
+    if name.startswith("scheduler"):
+        assert elapsed < 20 and not (out / "sweep.json").exists()  # time-bounded, and nothing written
+
+
+def test_error_table_is_large_enough():
+    assert len(ERRORS) >= 25
+
+
+def test_grid_api_errors_are_fiseclip_errors(tmp_path):
+    with pytest.raises(FiseclipError, match="must hold a mapping"):
+        load_grid(Path(_grid(tmp_path, "3\n")[0]))
+    with pytest.raises(FiseclipError, match="unknown executor"):
+        run_sweep({"alpha": 0.5}, tmp_path / "o", executor="slurm")
