@@ -91,6 +91,8 @@ class FeatureCache:
         self.hits = 0
         self.misses = 0
         self.damaged = 0
+        self._scanned_bytes: int | None = None  # folder size at the last scan (None: not scanned yet)
+        self._added = 0  # bytes this process wrote since
 
     # ------------------------------------------------------------------ keys and files
     @staticmethod
@@ -184,6 +186,10 @@ class FeatureCache:
                 save_file(tensors, str(tmp), metadata=meta)
         except OSError:
             return
+        try:
+            self._added += path.stat().st_size
+        except OSError:
+            pass
         self._enforce_cap()
 
     # ------------------------------------------------------------------ maintenance
@@ -205,6 +211,10 @@ class FeatureCache:
             return False
 
     def _enforce_cap(self) -> None:
+        """Evict least recently used entries above the cap. The folder is scanned once, then only when what this
+        process added since could have crossed the cap (a scan per write is quadratic on a cold cache)."""
+        if self._scanned_bytes is not None and self._scanned_bytes + self._added <= self.max_bytes:
+            return
         files = self._files()
         sizes = {}
         for p in files:
@@ -213,6 +223,8 @@ class FeatureCache:
             except OSError:
                 continue
         total = sum(st.st_size for st in sizes.values())
+        self._added = 0
+        self._scanned_bytes = total
         if total <= self.max_bytes:
             return
         for p, st in sorted(sizes.items(), key=lambda kv: kv[1].st_mtime):
@@ -220,6 +232,7 @@ class FeatureCache:
                 break
             total -= st.st_size
             p.unlink(missing_ok=True)
+        self._scanned_bytes = total
 
     def info(self) -> dict:
         files = self._files()

@@ -19,7 +19,9 @@ NOTEBOOK_KEYS = {"baseline_model", "baseline_pretrained", "run_dir", "operators"
                  "matching_pretrained", "batch_sizes", "contamination", "n_references", "n_trials", "thetas", "methods",
                  "fiseclip_operators", "contamination_counts", "n_kinds", "text_qualities",
                  "sweep_dir", "sweep_grid", "sweep_metric", "sweep_top_k", "norm_batch_sizes", "norm_image_size",
-                 "text_auroc"}
+                 "text_auroc", "norm_shares",
+                 "matching_image_size", "bank_references", "bank_batch_sizes", "stream_bank_size", "false_alarm_rate",
+                 "bank_images"}
 
 
 def _load_params(path) -> dict:

@@ -16,6 +16,14 @@ columns are written). Both maxima run in the block's own dtype (a max is exact i
 into the result; only the `[N, N, P]` result is upcast. The reordering is undone on the final `[N, P]`
 scores. lnamd works on the `[N, P, C]` layout (channels_last pooling), so no transpose copy is made, and
 visual_map checks its inputs and prepares the keep-mask once per batch, not per layer and degree.
+
+visual_map over several degrees (the pipeline: 4 layers x r in {1, 3, 5}) multiplies each pair of images once per
+layer, not once per degree: with A = LN(X) (not unit), <boxmean_r(A_i)(p), boxmean_r(A_j)(q)> is a 4-D box filter
+(r x r over p's grid, r x r over q's grid, zero padded) of S1 = A_i A_j^T, and the norms of boxmean_r(A) are cheap
+per image. So one GEMM is followed by a few memory-bound passes over the block per degree
+(`_box_filtered_distances`); the keep-mask is applied after the filtering (filters need grid order), as -inf
+on excluded rows / columns. Same values as the per-degree route up to rounding (~1e-6 in fp32); in bf16 only
+the GEMM is bf16, the filtering and maxima are float32.
 """
 from __future__ import annotations
 
@@ -32,6 +40,11 @@ QUERY_CHUNK = 4096  # reference columns per GEMM: bounds the [P, chunk] block, s
 # the reductions that follow each GEMM (P = 1369: 2 references, 15 MB fp32; 16384 columns measured slower)
 AGG_ELEMENTS = 1 << 24  # elements per slice in lnamd (64 MB fp32): bounds its temporaries
 UNIT_ATOL = 1e-5  # |z|^2 within this of 1: the unit-vector fast path (2 - 2 a.b) is used
+BOX_FILTER_MIN_CHANNELS = 512  # visual_map multiplies each pair once and box-filters the product for the degrees
+# from this many channels on; below, the filter passes (O(P^2) per pair) cost more than the GEMMs they save (O(P^2 C)):
+# break-even measured on 2 CPU cores at P = 1369 near C = 200 (fp32) and C = 500 (bf16)
+BOX_CHUNK = 8192  # reference columns per block on that route: its ~40 memory-bound ops per block each cost a thread
+# wake-up on a busy machine, so fewer, larger blocks (6 references at P = 1369, 45 MB fp32) beat cache-sized ones
 
 
 def _check_degree(r: int) -> None:
@@ -267,13 +280,14 @@ def mutual_scores(Z: torch.Tensor, keep: torch.Tensor | None = None, topmin_max:
 
 def visual_map(layers: dict[int, torch.Tensor], grid: tuple[int, int], degrees=(1, 3, 5),
                keep: torch.Tensor | None = None, penalty: torch.Tensor | None = None, topmin_max: float = 0.3,
-               dtype: torch.dtype = torch.float32, chunk: int = QUERY_CHUNK) -> torch.Tensor:
+               dtype: torch.dtype = torch.float32, chunk: int | None = None) -> torch.Tensor:
     """A_V: mutual scores averaged over layers and aggregation degrees.
 
     Inputs are checked and the keep-mask prepared once per batch; each layer is layer-normed once. With two or
-    more distinct degrees and no soft penalty, each pair of images is multiplied ONCE per layer and the degrees
-    are box filters of that product (`_box_filtered_distances`; equal to the per-degree route up to rounding);
-    otherwise (one degree, a penalty, or a window whose mean is zero) each degree's features are aggregated and
+    more distinct degrees, no soft penalty and C >= BOX_FILTER_MIN_CHANNELS, each pair of images is multiplied
+    ONCE per layer and the degrees are box filters of that product (`_box_filtered_distances`; equal to the
+    per-degree route up to rounding); otherwise (one degree, a penalty, few channels, or a window whose mean is
+    zero) each degree's features are aggregated and
     matched by `_sorted_distances`.
 
     Args:
@@ -281,7 +295,7 @@ def visual_map(layers: dict[int, torch.Tensor], grid: tuple[int, int], degrees=(
         grid: (h, w) with h * w = P.
         degrees: odd aggregation degrees r.
         keep, penalty, topmin_max, dtype: as in `mutual_scores`.
-        chunk: reference columns per GEMM.
+        chunk: reference columns per GEMM (None: BOX_CHUNK on the box-filtered route, QUERY_CHUNK otherwise).
 
     Returns:
         float32 `[N, P]`.
@@ -300,7 +314,7 @@ def visual_map(layers: dict[int, torch.Tensor], grid: tuple[int, int], degrees=(
     if n == 1:
         return mutual_scores(lnamd(first, grid, degrees[0]), keep, topmin_max, penalty, dtype)
     keep = _usable_keep(keep, n, p, device)
-    fused = penalty is None and len(set(degrees)) > 1
+    fused = penalty is None and len(set(degrees)) > 1 and first.shape[2] >= BOX_FILTER_MIN_CHANNELS
     sorted_route = None  # (order, counts, penalty) of the per-degree route, prepared on first use
 
     def per_degree(x, r):
@@ -313,13 +327,13 @@ def visual_map(layers: dict[int, torch.Tensor], grid: tuple[int, int], degrees=(
             sorted_route = (order, counts, pen)
         order, counts, pen = sorted_route
         Z, unit = _aggregate(x, grid, r, order, dtype)
-        s = _interval_mean(_sorted_distances(Z, counts, pen, unit, dtype, chunk), topmin_max)
+        s = _interval_mean(_sorted_distances(Z, counts, pen, unit, dtype, chunk or QUERY_CHUNK), topmin_max)
         return _unsort(s, order)
 
     total = torch.zeros(n, p, dtype=torch.float32, device=device)
     for tokens in layers.values():
         x = _layer_norm(tokens)
-        d = _box_filtered_distances(x, grid, sorted(set(degrees)), keep, dtype, chunk) if fused else None
+        d = _box_filtered_distances(x, grid, sorted(set(degrees)), keep, dtype, chunk or BOX_CHUNK) if fused else None
         for r in degrees:
             total.add_(per_degree(x, r) if d is None else _interval_mean(d[r], topmin_max))
         del x, d
@@ -348,14 +362,14 @@ def _box_filtered_distances(x: torch.Tensor, grid: tuple[int, int], degrees: lis
     `reference_distances`); None when some window mean is (almost) zero (no unit vectors: use the per-degree route).
 
     With A = LN(X), <boxmean_r(A_i)(p), boxmean_r(A_j)(q)> is the r x r x r x r box mean of S1 = A_i A_j^T over
-    the grid axes of p and q (zero outside the grid: the zero padding of the pooling). So S1 is computed once,
-    and each r > 1 is a few memory-bound passes over the block: box sums along the reference grid axes (the
-    block's inner axes: shifted in-place adds, the vertical sums shared between degrees), scaling by the
-    reference inverse norms (which commutes with the next filter), then avg_pool2d over the query grid axes on
-    the channels_last view of the block (the block's rows are an NHWC image whose channels are the columns).
-    The query inverse norms are applied on the way to the maxima: a positive per-row factor leaves the max along
-    a row unchanged, so it is applied to that [P] result only. The maxima are taken in grid order with
-    excluded rows / columns set to -inf (the -inf of one direction never reaches the other: separate buffers).
+    the grid axes of p and q (zero outside the grid: the zero padding of the pooling). So S1 is computed once per
+    block (rows: patches of image i; columns: patches of a group of images j > i), and each r > 1 costs a few
+    memory-bound passes: box sums along the column grid axes (the block's inner axes: shifted in-place adds, the
+    vertical sums shared between degrees), scaling by the column inverse norms (which commutes with the next
+    filter), then separable avg_pool2d along the row grid axes on the channels_last view of the block (its rows
+    are an NHWC image whose channels are the columns). The row inverse norms are positive per-row factors: for
+    the maxima along rows they are applied to the [P] result only. Masks come after the filtering: excluded rows
+    (columns) are set to -inf in separate buffers, so one direction's -inf never reaches the other.
     """
     n, p, c = x.shape
     h, w = grid
@@ -365,8 +379,8 @@ def _box_filtered_distances(x: torch.Tensor, grid: tuple[int, int], degrees: lis
         norm = _window_norms(x, grid, r)
         if not bool(norm.min() > 1e-6):
             return None
-        # 1/||.|| of the query (rows: mean over its window) and of the reference (columns: the block holds sums
-        # over the reference window, hence the extra 1/r^2)
+        # 1/||.|| for the rows (avg_pool: a mean over the window) and for the columns (the block holds sums over
+        # the column window, hence the extra 1/r^2)
         inv[r] = (norm.reciprocal(), norm.mul(r * r).reciprocal())
     Ad = x.to(dtype).contiguous()
     group = max(1, chunk // p)
@@ -411,8 +425,9 @@ def _box_filtered_distances(x: torch.Tensor, grid: tuple[int, int], degrees: lis
                     qsv[:, :, d:].add_(hsv[:, :, :-d])
                     qsv[:, :, :-d].add_(hsv[:, :, d:])
                 qs.mul_(inv[r][1][g0:g1].reshape(1, g * p))
-                y = F.avg_pool2d(qs.view(1, h, w, g * p).permute(0, 3, 1, 2), kernel_size=r, stride=1, padding=k,
-                                 count_include_pad=True).permute(0, 2, 3, 1).reshape(p, g * p)
+                # separable (r x 1 then 1 x r: ~1.5x faster than r x r at r = 3, 5), zero padding counted
+                y = F.avg_pool2d(qs.view(1, h, w, g * p).permute(0, 3, 1, 2), (r, 1), 1, (k, 0), count_include_pad=True)
+                y = F.avg_pool2d(y, (1, r), 1, (0, k), count_include_pad=True).permute(0, 2, 3, 1).reshape(p, g * p)
                 _block_maxima(y, inv[r][0][i], ex_r, ex_c, work, rowmax, cos[r], i, g0, g1)
                 del y
             if 1 in degrees:  # last: s1 is scaled in place

@@ -28,14 +28,12 @@ without RsCIN, `text`, or `fusion_norm=none`), which the tests check.
 from __future__ import annotations
 
 import glob as globlib
-import hashlib
 import io
-import json
 import os
 import time
 import unicodedata
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -460,6 +458,9 @@ def predict(images, class_name: str, out=None, config=None, detector: Detector |
     thr = load_threshold(threshold) if threshold is not None else None
     if thr is not None:
         thr.check(detector, mode, force=force_threshold)
+        if not stream and detector.config.use_rscin:
+            warnings.warn("RsCIN re-scores min-max over the images of each run, so a fixed threshold means "
+                          "something else on every run; use --set rscin=false for thresholds that carry over")
     far = DEFAULT_FALSE_ALARM_RATE if false_alarm_rate is None else float(false_alarm_rate)
     ref_paths = collect_images(reference_dir)[0] if reference_dir else []
     if out is None:
@@ -566,9 +567,5 @@ def _progress(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, unit="img", disable=not enabled)
 
 
-def file_sha(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 __all__ = ["ReferenceBank", "BankEntry", "score_against", "score_features_against", "predict", "collect_images",
-           "render_overlay", "unique_stems", "safe_stem", "PREDICTION_COLUMNS", "field", "json"]
+           "render_overlay", "unique_stems", "safe_stem", "PREDICTION_COLUMNS"]

@@ -76,8 +76,8 @@ def list_notebooks(notebooks_dir: Path, only: str | None = None) -> list[Path]:
 _FENCE = re.compile(r"(```.*?```|~~~.*?~~~|`[^`\n]*`)", re.S)
 _DISPLAY = re.compile(r"\$\$(.+?)\$\$", re.S)
 # Inline math as pandoc reads it: no space after the opening `$`, none before the closing one, no digit after
-# it (so "costs $5 and $6" stays text), and an escaped `\$` is a dollar sign.
-_INLINE = re.compile(r"(?<![\\$])\$(?![\s$])((?:\\.|[^$\\\n])+?)(?<!\s)\$(?!\d)")
+# it (so "costs $5 and $6" stays text), an escaped `\$` is a dollar sign; it may wrap over lines, not paragraphs.
+_INLINE = re.compile(r"(?<![\\$])\$(?![\s$])((?:\\.|[^$\\\n]|\n(?!\s*\n))+?)(?<!\s)\$(?!\d)")
 
 
 def latex_to_mathml(tex: str, display: bool = False) -> str:
@@ -258,7 +258,8 @@ def _index(out: Path, results: list[dict], prov: dict) -> None:
     banner = banner_html(all(r.get("badge", {}).get("level") == "pretrained" for r in results))
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>fiseclip reports</title>"
             "<style>body{font-family:sans-serif;margin:1em} td,th{vertical-align:top;font-size:13px}"
-            ".badge{color:white;padding:1px 6px;border-radius:4px;white-space:nowrap}</style></head>"
+            ".badge{color:white;padding:1px 6px;border-radius:4px;display:inline-block}"
+            "td:nth-child(6){max-width:16em} td:nth-child(7){min-width:24em}</style></head>"
             f"<body class='{IGNORE_MATH_CLASS}'><h1>fiseclip reports</h1>{banner}"
             f"<p>git commit{'s' if len(commits) > 1 else ''} <code>{html.escape(', '.join(commits))}</code>, "
             f"fiseclip {html.escape(prov['versions'].get('fiseclip', '?'))}. Each row is the latest run of its "
@@ -345,9 +346,26 @@ def run_reports(out, params: dict | None = None, only: str | None = None, notebo
 
     timeout = timeout or CELL_TIMEOUT_S
     out = ensure_writable(out)
-    with output_lock(out, command="fiseclip report"):
+    with output_lock(out, command="fiseclip report"), _terminate_cleanly():
         clean_debris(out)
         return _run_reports_locked(out, params, only, notebooks_dir, kernel_name, timeout, verbose)
+
+
+@contextlib.contextmanager
+def _terminate_cleanly():
+    """Turn SIGTERM (a `kill`) into SystemExit, so that temporary files are removed and the kernel is shut down
+    on the way out (SIGKILL cannot be caught: its debris is removed at the next start)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_reports_locked(out: Path, params, only, notebooks_dir, kernel_name, timeout, verbose) -> list[dict]:

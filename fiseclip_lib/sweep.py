@@ -397,23 +397,33 @@ def run_task(sc: SweepConfig, category: str, out, cache_dir=None, use_cache: boo
 
 
 def _dask_task(sc, category, out, cache_dir, use_cache, resume, threads_per_host, default_threads, pause):
-    """run_task on a Dask worker: torch threads = this host's cores // the task slots Dask runs on it."""
-    try:
-        from distributed import get_worker
-        from distributed.comm import get_address_host
+    """run_task on a Dask worker, with torch threads that do not oversubscribe the cores: a local cluster
+    passes cores // workers; on a running cluster, a worker confined to a job's cpuset (Slurm, PBS) splits that
+    cpuset among its own task slots, a worker that sees the whole machine splits it among all the task slots
+    Dask runs on that host."""
+    threads = default_threads
+    if threads is None:
+        try:
+            from distributed import get_worker
+            from distributed.comm import get_address_host
 
-        host = get_address_host(get_worker().address)
-    except (ImportError, ValueError):
-        host = None
-    slots = threads_per_host.get(host)
-    threads = max(1, available_cores() // slots) if slots else default_threads
+            worker = get_worker()
+            cores = available_cores()
+            if cores < (os.cpu_count() or cores):
+                threads = max(1, cores // max(1, int(getattr(worker, "nthreads", 1))))
+            else:
+                slots = threads_per_host.get(get_address_host(worker.address))
+                threads = max(1, cores // slots) if slots else None
+        except (ImportError, ValueError):
+            threads = None
     return run_task(sc, category, out, cache_dir, use_cache, resume, threads, pause)
 
 
 # ----------------------------------------------------------------------------------------------- table
 
 def sweep_table(sweep: Sweep, results: dict) -> pd.DataFrame:
-    """One row per (config, category) in grid order plus a mean row per config (unweighted, as `run`).
+    """One row per (config, category) in grid order plus a mean row per complete config (unweighted, as `run`;
+    a configuration with failed tasks has rows for its finished categories and no mean row).
 
     Columns: config_id, dataset, the varied fields, category, the metrics, then provenance per row: images,
     method, encoder, weights (as asked), pretrained (False = random weights), git_commit (of the code that
@@ -431,6 +441,8 @@ def sweep_table(sweep: Sweep, results: dict) -> pd.DataFrame:
         df = _metrics_frame(res, enc, sc.config["method"]).drop(columns=varied, errors="ignore")
         commits = [r.get("git_commit", "unknown") for r in res]
         df["git_commit"] = commits + [" ".join(sorted(set(commits)))]
+        if len(res) < len(sc.categories):  # a mean over some categories would rank beside complete ones
+            df = df.iloc[:-1]
         df.insert(0, "config_id", sc.config_id)
         df.insert(1, "dataset", sc.dataset)
         for i, name in enumerate(sweep.varied):
@@ -585,6 +597,8 @@ def run_sweep(grid, out, executor: str = "local", scheduler: str | None = None, 
         raise FiseclipError(f"unknown executor {executor!r}; use local or dask")
     if scheduler and executor != "dask":
         raise FiseclipError("--scheduler needs --executor dask")
+    if workers is not None and executor != "dask":
+        raise FiseclipError("--workers sets the size of a local Dask cluster: add --executor dask")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise FiseclipError(f"--workers {workers} must be a whole number >= 1")
     if scheduler and workers is not None:
@@ -597,6 +611,8 @@ def run_sweep(grid, out, executor: str = "local", scheduler: str | None = None, 
     else:
         sweep = expand_grid(load_grid(grid), f"grid file {grid}", base_dir)
     out = ensure_writable(out)
+    if cache_dir is not None:  # workers may run in another folder: give them the same absolute path
+        cache_dir = str(Path(cache_dir).expanduser().resolve())
     with output_lock(out, command=f"fiseclip sweep ({sweep.source}, {len(sweep.tasks)} tasks)"):
         client = cluster = None
         if executor == "dask":  # connect before writing anything: an unreachable scheduler leaves no trace
@@ -642,14 +658,20 @@ def _run_locked(sweep, out, executor, client, scheduler, workers, resume, cache_
             for n in outcome["result"].get("notes", []) if not outcome["reused"] else []:
                 print("warning: " + n.replace("\r", "\\r").replace("\n", "\\n"), flush=True)
 
+    def fail(i, sc, cat, e):
+        failures.append((sc, cat, e))
+        if progress:
+            print(f"[{i}/{len(tasks)}] {sc.config_id} {cat}: FAILED: {str(e).splitlines()[0] if str(e) else e!r}",
+                  flush=True)
+
     if executor == "local":
         for i, (sc, cat) in enumerate(tasks, 1):
             try:
                 collect(i, run_task(sc, cat, out, cache_dir, use_cache, resume, None, pause))
             except FiseclipError as e:
-                failures.append((sc, cat, e))
+                fail(i, sc, cat, e)
     else:
-        _run_dask(sweep, out, client, scheduler, workers, resume, cache_dir, use_cache, pause, collect, failures)
+        _run_dask(sweep, out, client, scheduler, workers, resume, cache_dir, use_cache, pause, collect, fail)
     for sc in sweep.configs:
         if all((sc.config_id, c) in results for c in sc.categories):
             _finish_config(out, sc, sweep, results, prov)
@@ -660,14 +682,15 @@ def _run_locked(sweep, out, executor, client, scheduler, workers, resume, cache_
                                            "failed": [[sc.config_id, cat, str(e)] for sc, cat, e in failures],
                                            "wall_time_s": round(time.time() - t0, 3)})
     if failures:
-        sc, cat, e = failures[0]
+        order = {(sc.config_id, cat): i for i, (sc, cat) in enumerate(tasks)}
+        sc, cat, e = min(failures, key=lambda f: order[(f[0].config_id, f[1])])  # the first in grid order
         raise FiseclipError(f"{len(failures)} of {len(tasks)} sweep tasks failed, first {sc.config_id} "
                             f"({sc.varied or sc.config['method']}) category {cat}: {e}; the finished tasks are "
                             f"kept in {out}: fix it and rerun with --resume")
     return table
 
 
-def _run_dask(sweep, out, client, scheduler, workers, resume, cache_dir, use_cache, pause, collect, failures):
+def _run_dask(sweep, out, client, scheduler, workers, resume, cache_dir, use_cache, pause, collect, fail):
     """Submit every task to the cluster; collect results as they finish (a task lost with its worker is
     rerun by the scheduler; one that kills workers repeatedly or raises is a failure of that task only)."""
     from distributed import as_completed
@@ -695,10 +718,10 @@ def _run_dask(sweep, out, client, scheduler, workers, resume, cache_dir, use_cac
             continue
         e = f.exception()
         if isinstance(e, FiseclipError):
-            failures.append((sc, cat, e))
+            fail(i, sc, cat, e)
         elif KilledWorker and isinstance(e, KilledWorker):
-            failures.append((sc, cat, FiseclipError("the task killed its worker several times (out of memory? "
-                                                    "lower batch_size or image_size)")))
+            fail(i, sc, cat, FiseclipError("the task killed its worker several times (out of memory? lower "
+                                           "batch_size or image_size)"))
         else:
             for g in futures:
                 g.cancel()

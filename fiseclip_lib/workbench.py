@@ -370,8 +370,20 @@ def defect_patch(mask: np.ndarray, grid: tuple[int, int]) -> tuple[int, int]:
     return divmod(int(cover.flatten().argmax()), grid[1])
 
 
-def contamination_study(detector: Detector, samples: Sequence[D.Sample], masks_of: Callable,
-                        counts: Sequence[int] = (0, 1, 2, 3), n_references: int = 8, same_kind: bool = True,
+def window_oracle_keep(masks, grid: tuple[int, int], degrees=(1, 3, 5)) -> torch.Tensor:
+    """The best reference filter: ground truth, widened to the aggregation windows. A patch is dropped when
+    any patch of its largest r x r window holds a defect pixel (a window is kept by its centre patch, so the
+    plain `filtering.oracle_keep` would leave windows that reach into a defect). `[N, H, W]` -> `[N, h * w]`."""
+    from .filtering import oracle_keep
+
+    half = max(degrees) // 2
+    drop = (~oracle_keep(masks, grid)).reshape(-1, 1, *grid).float()
+    if half:
+        drop = torch.nn.functional.max_pool2d(drop, 2 * half + 1, stride=1, padding=half)
+    return (drop[:, 0] <= 0).flatten(1)
+
+
+def contamination_study(detector: Detector, samples: Sequence[D.Sample], counts: Sequence[int] = (0, 1, 2, 3), n_references: int = 8, same_kind: bool = True,
                         text_qualities: Sequence[float] = (), theta: float = 0.5, n_probes: int = 2,
                         seed: int = 0, max_kinds: int | None = None, max_probes: int | None = None) -> pd.DataFrame:
     """How anomalous references hide a defect, and what a reference filter gives back.
@@ -379,25 +391,34 @@ def contamination_study(detector: Detector, samples: Sequence[D.Sample], masks_o
     For each defect kind of the category and each probe (a defective image of that kind), a batch is the probe,
     `n_probes` normal probes and `n_references` references of which `count` are defective, either of the
     probe's own kind (`same_kind`: the case where matching fails, since a repeated defect finds its twin) or of
-    other kinds. The batch is encoded once and scored without filter, with an oracle filter (ground truth:
-    what any filter could at best do) and with text filters from SIMULATED text maps of the given patch
-    AUROCs (`studies.simulated_text_map`; keep = map < theta, at least 10 % kept).
+    other kinds. Batches are scored without filter, with an oracle filter (ground truth widened to the aggregation
+    windows, `window_oracle_keep`: what any filter could at best do) and with text filters from SIMULATED text maps of the given patch AUROCs
+    (`studies.simulated_text_map`, one map per image as CLIP's would be; keep = map < theta, at least 10 % kept).
+
+    Cost: the images of one kind's batches are encoded once and their filtered distances computed once per
+    filter (LNAMD and the keep masks are per image, so every batch drawn from them has the same distances);
+    each batch then only selects and averages, which gives the same maps as `detector.score_features` on it.
 
     Args:
-        detector: the matching detector (its config's `musc`/`fiseclip-nofilter` matching is used).
-        samples: one category.
-        masks_of: samples -> `[N, S, S]` bool masks at the detector's image size.
+        detector: the matching detector (its layers, degrees, interval, smoothing and encoder are used).
+        samples: one category (masks are read at the detector's image size).
         counts: numbers of defective references.
         text_qualities: patch AUROCs of simulated text filters (empty: none).
         max_kinds, max_probes: use at most this many defect kinds, and probes per kind (cost knobs).
     Returns:
         a row per (kind, probe, count, variant): columns kind, probe, count, variant, defect_score (max of the
         defective probe's map), normal_score (max over the normal probes), margin (their difference, > 0 when
-        the defect stands out), pixel_auroc (over the probes' pixels).
+        the defect stands out), pixel_auroc (over the probes' pixels), batch (its image paths, probes first,
+        joined by "|").
     """
-    from .filtering import apply_min_keep, oracle_keep
+    from .filtering import apply_min_keep
+    from .matching import lnamd, reference_distances
     from .metrics import pixel_metrics
+    from .postprocess import gaussian_smooth, upsample
+    from .studies import batch_visual_map, simulated_text_map
 
+    cfg = detector.config
+    size = detector.encoder.image_size
     rng = random.Random(seed)
     good = [s for s in samples if s.label == 0]
     kinds = sorted({s.defect for s in samples if s.label == 1})[:max_kinds]
@@ -405,32 +426,46 @@ def contamination_study(detector: Detector, samples: Sequence[D.Sample], masks_o
     for kind in kinds:
         own = [s for s in samples if s.label == 1 and s.defect == kind]
         other = [s for s in samples if s.label == 1 and s.defect != kind]
-        for p_i, probe in enumerate(own[:max_probes]):
+        probes_bad = own[:max_probes]
+        if n_probes + n_references > len(good):
+            continue
+        normal = rng.sample(good, n_probes + n_references)
+        # one pool per kind: the normal images, the defective probes and the defective references they use
+        picks = {}
+        for probe in probes_bad:
             refs_bad = [s for s in own if s is not probe] if same_kind else other
-            if max(counts) > len(refs_bad) or n_probes + n_references > len(good):
+            if max(counts) <= len(refs_bad):
+                picks[probe.path] = rng.sample(refs_bad, max(counts))
+        if not picks:
+            continue
+        pool = list({s.path: s for s in normal + probes_bad + [r for v in picks.values() for r in v]}.values())
+        where = {s.path: i for i, s in enumerate(pool)}
+        masks = eval_masks(pool, size)
+        feats = detector.encode([s.path for s in pool])
+        grid = feats.grid
+        keeps = {"no filter": None, "oracle filter": window_oracle_keep(masks, grid, cfg.degrees)}
+        for q in text_qualities:
+            sim = torch.as_tensor(simulated_text_map(masks, grid, q, seed=seed))
+            keeps[f"text filter (simulated, AUROC {q:.2f})"] = apply_min_keep(sim < theta, sim, 0.1)
+        dists = {name: torch.stack([reference_distances(lnamd(t, grid, r), keep=keep)
+                                    for t in feats.layers.values() for r in cfg.degrees])
+                 for name, keep in keeps.items()}
+        for p_i, probe in enumerate(probes_bad):
+            if probe.path not in picks:
                 continue
-            normal = rng.sample(good, n_probes + n_references)
-            probes, ref_good = [probe] + normal[:n_probes], normal[n_probes:]
-            bad_pick = rng.sample(refs_bad, max(counts))
+            probes = [probe] + normal[:n_probes]
             for count in counts:
-                batch = probes + bad_pick[:count] + ref_good[:n_references - count]
-                masks = masks_of(batch)
-                feats = detector.encode([s.path for s in batch])
-                variants = {"no filter": None, "oracle filter": oracle_keep(masks, feats.grid)}
-                for q in text_qualities:
-                    from .studies import simulated_text_map
-
-                    sim = torch.as_tensor(simulated_text_map(masks, feats.grid, q, seed=seed + p_i))
-                    variants[f"text filter (simulated, AUROC {q:.2f})"] = apply_min_keep(sim < theta, sim, 0.1)
-                for name, keep in variants.items():
-                    r = detector.score_features(feats, probe.category, keep=keep)
-                    k = len(probes)
-                    px = pixel_metrics(masks[:k], r.maps[:k])
-                    defect = float(r.maps[0].max())
-                    normal_max = float(r.maps[1:k].max())
+                batch = probes + picks[probe.path][:count] + normal[n_probes:n_probes + n_references - count]
+                idx = [where[s.path] for s in batch]
+                k = len(probes)
+                for name, dist in dists.items():
+                    a_v = batch_visual_map(dist, idx, cfg.topmin_max)
+                    maps = gaussian_smooth(upsample(a_v, grid, size), cfg.smoothing_sigma).numpy()
+                    px = pixel_metrics(masks[idx[:k]], maps[:k])
+                    defect, normal_max = float(maps[0].max()), float(maps[1:k].max())
                     rows.append({"kind": kind, "probe": p_i, "count": count, "variant": name,
                                  "defect_score": defect, "normal_score": normal_max, "margin": defect - normal_max,
-                                 "pixel_auroc": px["auroc"]})
+                                 "pixel_auroc": px["auroc"], "batch": "|".join(s.path for s in batch)})
     return pd.DataFrame(rows)
 
 

@@ -1,8 +1,9 @@
 """Every HTML report, opened in a real browser (headless Chromium): math rendered, no raw `$...$`, no error
 outputs, every figure loaded, every index link resolving.
 
-The reports are the ones README command 1 just wrote into `reports/` (CI runs it before the tests); where there
-are none, a minimal series (`--only 00`) is generated into a temporary folder. Chromium comes from Debian
+The reports are the ones README command 1 just wrote into `reports/` (CI runs it before the tests; set
+FISECLIP_TEST_REPORTS=DIR to check another folder); where there are none, a minimal series (`--only 00`) is
+generated into a temporary folder. Chromium comes from Debian
 (`apt-get install chromium`; `.ci/run` installs it). The page is checked by a script added to a copy of it,
 whose findings the browser writes into the DOM that `--dump-dom` prints: no WebDriver is needed.
 """
@@ -16,7 +17,7 @@ from urllib.parse import unquote, urlparse
 import nbformat
 import pytest
 
-from fiseclip_lib.report import run_reports
+from fiseclip_lib.report import markdown_math_to_mathml, run_reports
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,8 +58,11 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory) -> Path:
-    """README command 1's reports when present and complete, else a minimal series generated now."""
-    existing = REPO / "reports"
+    """README command 1's reports (or the folder FISECLIP_TEST_REPORTS names) when present and complete, else a
+    minimal series generated now."""
+    import os
+
+    existing = Path(os.environ.get("FISECLIP_TEST_REPORTS") or REPO / "reports")
     index = existing / "index.json"
     if index.is_file():
         rows = json.loads(index.read_text())["reports"]
@@ -88,15 +92,22 @@ def open_in_browser(page: Path, scratch: Path) -> dict:
 def test_every_report_reads_in_a_browser(report_dir, tmp_path):
     rows = json.loads((report_dir / "index.json").read_text())["reports"]
     assert rows
+    checked = []
     for r in rows:
         page = report_dir / r["links"]["html"]
+        nb = nbformat.read(str(report_dir / r["links"]["ipynb"]), as_version=4)
+        formulas = any(markdown_math_to_mathml(c.source) != c.source for c in nb.cells if c.cell_type == "markdown")
+        figures = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
         found = open_in_browser(page, tmp_path / "pages")
         assert found["raw_math"] == [], f"{page.name}: formulas left as text: {found['raw_math']}"
-        assert found["math"] > 0 and found["math_unrendered"] == 0, f"{page.name}: math not rendered: {found}"
+        assert found["math_unrendered"] == 0, f"{page.name}: math not rendered: {found}"
+        assert (found["math"] > 0) == formulas, f"{page.name}: {found['math']} math elements, formulas: {formulas}"
         assert found["errors"] == [], f"{page.name}: error outputs: {found['errors']}"
-        assert found["images"] > 0 and found["broken_images"] == [], f"{page.name}: figures: {found}"
-        nb = nbformat.read(str(report_dir / r["links"]["ipynb"]), as_version=4)
+        assert found["images"] >= figures and found["broken_images"] == [], f"{page.name}: figures: {found}"
         assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        checked.append((page.name, formulas, figures))
+    # the lesson notebooks all have equations and figures
+    assert any(f and n for _, f, n in checked), checked
 
 
 def test_index_links_resolve(report_dir, tmp_path):

@@ -108,6 +108,7 @@ def test_calibrate_cli_on_run_scores_and_provenance_checks(small_demo, tmp_path,
         t.check(det, "stream")
     with pytest.warns(UserWarning, match="calibrated on other scores"):
         t.check(Detector(cfg.replace(alpha=0.3), encoder=tiny_encoder), "batch", force=True)
-    bare = Threshold(value=1.0, method="given")
+    bare = Threshold(value=1.0, method="f1")  # calibrated from scores without a config.json beside them
     with pytest.warns(UserWarning, match="records no config"):
         bare.check(det, "batch")
+    load_threshold(0.7).check(det, "stream")  # a number the user chose: nothing to check, no warning

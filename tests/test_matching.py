@@ -139,7 +139,11 @@ def test_lnamd_equals_naive(r):
 
 
 @pytest.mark.parametrize("mode", ["none", "keep", "keep-empty", "soft"])
-def test_visual_map_equals_brute_force_over_layers_and_degrees(mode):
+@pytest.mark.parametrize("min_channels", [1, 10 ** 6])  # box-filtered route (except "soft"), per-degree route
+def test_visual_map_equals_brute_force_over_layers_and_degrees(mode, min_channels, monkeypatch):
+    from fiseclip_lib import matching
+
+    monkeypatch.setattr(matching, "BOX_FILTER_MIN_CHANNELS", min_channels)
     g = torch.Generator().manual_seed(6)
     n, grid, degrees = 4, (3, 4), (1, 3)
     layers = {2: torch.randn(n, 12, 6, generator=g), 5: 2 + torch.randn(n, 12, 6, generator=g)}
@@ -235,8 +239,10 @@ def test_soft_penalty_pushes_noisy_references_away():
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
 @pytest.mark.parametrize("grid,degrees", [((5, 7), (1, 3, 5)), ((7, 5), (3, 5)), ((2, 3), (1, 5)), ((4, 4), (1, 3))])
-def test_visual_map_box_filtered_route_equals_per_degree_route(n, grid, degrees):
+def test_visual_map_box_filtered_route_equals_per_degree_route(n, grid, degrees, monkeypatch):
     """One GEMM per pair, degrees as box filters of it == aggregate, normalise and match each degree separately."""
+    from fiseclip_lib import matching
+
     g = torch.Generator().manual_seed(100 * n + grid[0])
     p = grid[0] * grid[1]
     layers = {l: torch.randn(n, p, 8, generator=g) + torch.randn(1, 1, 8, generator=g) for l in (3, 7)}
@@ -244,10 +250,12 @@ def test_visual_map_box_filtered_route_equals_per_degree_route(n, grid, degrees)
     keep[:, 0] = True
     keep[0, 1:] = False  # one reference keeps a single patch
     ref = torch.stack([mutual_scores(lnamd(t, grid, r), keep=keep) for t in layers.values() for r in degrees]).mean(0)
+    plain = torch.stack([mutual_scores(lnamd(t, grid, r)) for t in layers.values() for r in degrees]).mean(0)
+    monkeypatch.setattr(matching, "BOX_FILTER_MIN_CHANNELS", 1)  # the box-filtered route for 8 channels too
+    monkeypatch.setattr(matching, "_sorted_distances", None)  # and nothing else: the per-degree route would fail
     for chunk in (1, 2 * p, 3 * p - 1, 4096):  # one, two (partial last group) and all references per GEMM
         got = visual_map(layers, grid, degrees, keep=keep, chunk=chunk)
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
-    torch.testing.assert_close(visual_map(layers, grid, degrees), torch.stack(
-        [mutual_scores(lnamd(t, grid, r)) for t in layers.values() for r in degrees]).mean(0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(visual_map(layers, grid, degrees), plain, rtol=0, atol=1e-5)
     bf = visual_map(layers, grid, degrees, keep=keep, dtype=torch.bfloat16)
     assert (bf - ref).abs().max() < 0.03  # BF16_TOLERANCE

@@ -1,6 +1,5 @@
 import json
 import re
-import os
 import time
 
 import nbformat
@@ -9,7 +8,6 @@ import pytest
 from fiseclip_lib.cli import main
 from fiseclip_lib.report import (clean_debris, list_notebooks, markdown_math_to_mathml, result_record, run_reports,
                                  weights_badge)
-from fiseclip_lib.workbench import RESULT_MIME
 
 RESULT = ('from fiseclip_lib import workbench as wb\n'
           'wb.result({text}, numbers_from=[{{"model": "m", "weights": "w", "pretrained": {pre}, "kind": "{kind}"}}], '
@@ -122,6 +120,8 @@ def test_markdown_math_conversion_rules():
     s = markdown_math_to_mathml(r"a $x_1$ b $$\frac{a}{b}$$ c \$5 and $5, `$y$` d $ e $")
     assert s.count("<math") == 2 and "`$y$`" in s and r"\$5" in s and "$ e $" in s
     assert markdown_math_to_mathml("costs $5 and $6") == "costs $5 and $6"
+    assert markdown_math_to_mathml("a $x +\ny$ b").count("<math") == 1  # a formula may wrap
+    assert markdown_math_to_mathml("a $x\n\ny$ b") == "a $x\n\ny$ b"  # but not over a paragraph break
 
 
 def test_badge_levels():
@@ -177,3 +177,25 @@ def test_shipped_notebooks_are_lessons_without_copies():
     for stem in ("01", "03"):
         nb = nbformat.read(str(next(b for b in books if b.stem.startswith(stem))), as_version=4)
         assert "params/classroom.yaml" in "".join(c.source for c in nb.cells[:2]), stem
+
+
+def test_a_terminated_report_leaves_no_temporary_file(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    books = tmp_path / "nbs"
+    books.mkdir()
+    write_nb(books / "00_slow.ipynb", "pretrained = 'none'", "import time\ntime.sleep(120)")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "fiseclip_lib", "report", "--notebooks", str(books), "--out",
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob(".00_slow.*.tmp.ipynb")):
+        time.sleep(0.5)
+    assert list(out.glob(".00_slow.*.tmp.ipynb")), "the report never started writing"
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]

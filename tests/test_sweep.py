@@ -141,16 +141,25 @@ def test_resume_reuses_finished_tasks_only(grid_file, serial, tmp_path, capsys):
     assert len(pd.read_csv(out / "sweep.csv")) == 18
 
 
-def test_failed_task_is_one_line_and_the_others_are_kept(data, tmp_path, capsys):
+def failing_grid(tmp_path):
+    data = make_mvtec_tree(tmp_path / "mvtec")
+    (data / "screw" / "test" / "crack" / "000.png").write_bytes(b"not an image")  # fails screw's tasks only
     grid = tmp_path / "g.yaml"
     grid.write_text(f"dataset: mvtec\nroot: {data}\n{MODEL}sigma: [1, 20]\n")  # sigma 20 px cannot fit 28 px
+    return grid
+
+
+def test_failed_task_is_one_line_and_the_others_are_kept(tmp_path, capsys):
     out = tmp_path / "o"
-    assert main(["sweep", str(grid), "--out", str(out), "--no-feature-cache", "--no-progress"]) == 2
+    assert main(["sweep", str(failing_grid(tmp_path)), "--out", str(out), "--no-feature-cache", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "2 of 4 sweep tasks failed" in err[0] and "sigma 20.0 px is too large" in err[0]
-    table = pd.read_csv(out / "sweep.csv")
-    assert list(table.category) == ["bottle", "screw", "mean"] and (table.sigma == 1).all()
-    assert json.loads((out / "sweep.json").read_text())["status"] == "failed"
+    assert len(err) == 1 and "3 of 4 sweep tasks failed" in err[0] and "000.png cannot be read" in err[0]
+    assert "--resume" in err[0]
+    table = pd.read_csv(out / "sweep.csv")  # the finished task, and no mean over an incomplete configuration
+    assert list(table.category) == ["bottle"] and (table.sigma == 1).all()
+    info = json.loads((out / "sweep.json").read_text())
+    assert info["status"] == "failed" and len(info["failed"]) == 3
+    assert any("sigma 20.0 px is too large" in f[2] for f in info["failed"])
 
 
 # ------------------------------------------------------------------------------------------- dask
@@ -193,6 +202,17 @@ def test_killed_worker_loses_and_duplicates_nothing(cluster, grid_file, serial, 
     assert len(screw_lines) == 4 and not any(line.endswith(f":{killed[0]})") for line in screw_lines)
     assert (out / "sweep.csv").read_bytes() == (serial / "sweep.csv").read_bytes()
     assert len(table) == 12 and not table.duplicated(["config_id", "category"]).any()
+
+
+def test_failed_tasks_on_dask_are_the_same_one_line(cluster, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["sweep", str(failing_grid(tmp_path)), "--out", str(out), "--scheduler", cluster.scheduler_address,
+                 "--no-feature-cache"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "3 of 4 sweep tasks failed" in err[0] and "000.png cannot be read" in err[0], err
+    assert captured.out.count(": FAILED: ") == 3 and "Traceback" not in captured.out + captured.err
+    assert list(pd.read_csv(out / "sweep.csv").category) == ["bottle"]
 
 
 def test_dask_resume_reuses_tasks_on_the_workers(cluster, grid_file, serial, tmp_path, capsys):
@@ -287,6 +307,7 @@ ERRORS = {
     "grid a folder": (lambda tmp, root: [str(tmp)], [], "is a folder"),
     "scheduler with local executor": ("root: {root}\ndataset: mvtec\n", ["--executor", "local", "--scheduler",
                                                                          "tcp://127.0.0.1:9"], "needs --executor dask"),
+    "workers without dask": ("root: {root}\ndataset: mvtec\n", ["--workers", "2"], "add --executor dask"),
     "workers 0": ("root: {root}\ndataset: mvtec\n", ["--executor", "dask", "--workers", "0"], "--workers 0"),
     "workers with scheduler": ("root: {root}\ndataset: mvtec\n", ["--scheduler", "tcp://127.0.0.1:9", "--workers",
                                                                   "2"], "drop one of them"),

@@ -9,6 +9,7 @@ from PIL import Image
 from fiseclip_lib import data as D
 from fiseclip_lib import workbench as wb
 from fiseclip_lib.config import FiseConfig
+from fiseclip_lib.filtering import oracle_keep
 from fiseclip_lib.pipeline import Detector
 from fiseclip_lib.run import eval_masks
 
@@ -58,8 +59,8 @@ def test_contamination_study_twins_hide_a_defect_and_the_oracle_gives_it_back(tm
     samples = D.load_dataset("mvtec", _twin_defect_tree(tmp_path / "mv"))
     det = Detector(FiseConfig(model="fiseclip-tiny", pretrained="none", image_size=112, method="musc", sigma=1),
                    encoder=tiny_encoder)
-    study = wb.contamination_study(det, samples, lambda b: eval_masks(b, 112), counts=(0, 3), n_references=8,
-                                   same_kind=True, max_probes=2, text_qualities=(0.95,))
+    study = wb.contamination_study(det, samples, counts=(0, 3), n_references=8, same_kind=True, max_probes=2,
+                                   text_qualities=(0.95,))
     assert set(study.kind) == {"spot"}  # 'line' has too few images for 3 twins: skipped, not half-done
     assert set(study.variant) == {"no filter", "oracle filter", "text filter (simulated, AUROC 0.95)"}
     assert len(study) == 2 * 2 * 3
@@ -69,6 +70,32 @@ def test_contamination_study_twins_hide_a_defect_and_the_oracle_gives_it_back(tm
         assert s[(p, 0, "oracle filter")] == pytest.approx(s[(p, 0, "no filter")], rel=1e-6)
     assert m[(3, "no filter")] < m[(0, "no filter")]  # three twins in the references hide the defect
     assert m[(3, "oracle filter")] > m[(3, "no filter")]  # dropping the twins' defect patches gives it back
+    # the study's shortcut (pool distances computed once, batches selected) equals scoring each batch in full
+    by_path = {s.path: s for s in samples}
+    for _, row in study[study.variant != "text filter (simulated, AUROC 0.95)"].iterrows():
+        batch = [by_path[p] for p in row.batch.split("|")]
+        assert len(batch) == 11 and sum(s.label for s in batch[3:]) == row["count"]
+        assert all(s.defect == batch[0].defect for s in batch[3:] if s.label)
+        feats = det.encode([s.path for s in batch])
+        keep = (wb.window_oracle_keep(eval_masks(batch, 112), feats.grid, det.config.degrees)
+                if row.variant == "oracle filter" else None)
+        maps = det.score_features(feats, "tex", keep=keep).maps
+        assert row.defect_score == pytest.approx(float(maps[0].max()), rel=1e-4, abs=1e-5)
+        assert row.normal_score == pytest.approx(float(maps[1:3].max()), rel=1e-4, abs=1e-5)
+
+
+def test_window_oracle_drops_every_patch_whose_window_reaches_a_defect():
+    masks = np.zeros((1, 64, 64), bool)
+    masks[0, 20:22, 40:42] = True  # one defect pixel block in patch (2, 5) of an 8 x 8 grid
+    keep = wb.window_oracle_keep(masks, (8, 8), degrees=(1, 3, 5)).reshape(8, 8).numpy()
+    expected = np.ones((8, 8), bool)
+    for r in range(8):
+        for c in range(8):
+            if abs(r - 2) <= 2 and abs(c - 5) <= 2:  # the 5 x 5 window of (r, c) contains (2, 5)
+                expected[r, c] = False
+    assert (keep == expected).all()
+    assert (wb.window_oracle_keep(masks, (8, 8), degrees=(1,)).reshape(8, 8).numpy()
+            == oracle_keep(masks, (8, 8)).reshape(8, 8).numpy()).all()
 
 
 def test_set_threads_respects_the_cpu_affinity():
