@@ -3,6 +3,8 @@ import os
 # Offline by construction: an offline pretrained='openai' then fails in milliseconds instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Passive OpenMP waiting (as fiseclip_lib sets it): tests share 2 cores with other processes.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Never touch the user's feature cache from tests.
 os.environ["FISECLIP_FEATURE_CACHE"] = os.path.join(__import__("tempfile").mkdtemp(prefix="fiseclip-test-cache-"))
 

@@ -519,10 +519,12 @@ def test_names_are_escaped_in_html_and_markdown(tmp_path):
 
     hostile = 'a$b$ <script>alert(1)</script> & "q"'
     _index(tmp_path, [{"name": hostile, "status": "ok", "error": "", "wall_s": 1.0, "result": hostile,
-                       "pretrained": False}], {"git_commit": "x", "versions": {}})
+                       "pretrained": False, "links": {"html": hostile + ".html", "ipynb": hostile + ".ipynb"}, "params": {"dataset": hostile}}],
+           {"git_commit": "x", "versions": {}})
     page = (tmp_path / "index.html").read_text()
     assert "<script>" not in page and "&lt;script&gt;" in page
-    head = _header(hostile, "ok", "", 1.0, {"root": hostile}, {"git_commit": "x", "versions": {}})
+    head = _header(hostile, "ok", "", 1.0, {"root": hostile}, {"git_commit": "x", "versions": {}},
+                   {"level": "random", "text": hostile})
     assert "<script>" not in head
     md = markdown_escape(hostile)
     assert "$" not in md.replace("\\$", "") and "<" not in md.replace("\\<", "")
