@@ -110,3 +110,41 @@ def _read_lock(fd: int) -> dict:
         return info if isinstance(info, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def read_yaml_mapping(path: str | os.PathLike, kind: str = "params file", empty: str | None = None) -> dict:
+    """Read a YAML file that must hold a mapping; any problem is a one-line error naming `kind` and the file.
+
+    Args:
+        path: the file.
+        kind: what the file is, for messages ("params file", "grid file").
+        empty: the error for an empty file; None returns {} for it.
+    Returns:
+        The mapping as read.
+    """
+    import yaml
+
+    from .errors import FiseclipError
+
+    p = Path(path)
+    if p.is_dir():
+        raise FiseclipError(f"{kind} {p} is a folder; pass a .yaml file")
+    if not p.is_file():
+        raise FiseclipError(f"{kind} {p} does not exist")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FiseclipError(f"{kind} {p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise FiseclipError(f"{kind} {p} cannot be read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise FiseclipError(f"{kind} {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        if empty is not None:
+            raise FiseclipError(f"{kind} {p} is empty; {empty}")
+        return {}
+    if not isinstance(data, dict):
+        raise FiseclipError(f"{kind} {p} must hold a mapping of name: value, not a {type(data).__name__}")
+    return data

@@ -26,25 +26,10 @@ NOTEBOOK_KEYS = {"baseline_model", "baseline_pretrained", "run_dir", "operators"
 
 def _load_params(path) -> dict:
     """Read a params file: a YAML mapping with string keys. Anything else is a one-line error naming the file."""
-    import yaml
+    from ._io import read_yaml_mapping
 
     p = Path(path)
-    if p.is_dir():
-        raise FiseclipError(f"params file {p} is a folder; pass a .yaml file")
-    if not p.is_file():
-        raise FiseclipError(f"params file {p} does not exist")
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise FiseclipError(f"params file {p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    except OSError as e:
-        raise FiseclipError(f"params file {p} cannot be read ({e.strerror})") from None
-    try:
-        params = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise FiseclipError(f"params file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(params, dict):
-        raise FiseclipError(f"params file {p} must hold a mapping of name: value, not a {type(params).__name__}")
+    params = read_yaml_mapping(p, "params file")
     _check_keys(params, p)
     options = params.get("options")
     if options is not None:
@@ -91,8 +76,8 @@ def _add_config_args(p):
     d = FiseConfig()
     p.add_argument("--method", help=f"{' | '.join(METHODS)} (default: {d.method})")
     p.add_argument("--model", help=f"open_clip model name, fiseclip-tiny or efficientnet-lite0 (default: {d.model})")
-    p.add_argument("--pretrained", help=f"open_clip tag, hf-hub:org/name, local weights file, or none for random "
-                                        f"weights (default: openai for CLIP, imagenet for efficientnet-lite0)")
+    p.add_argument("--pretrained", help="open_clip tag, hf-hub:org/name, local weights file, or none for random "
+                                        "weights (default: openai for CLIP, imagenet for efficientnet-lite0)")
     p.add_argument("--image-size", type=int, help=f"input side in px (default: {DEFAULT_IMAGE_SIZE} for CLIP, "
                                                   f"{DEFAULT_IMAGE_SIZES['efficientnet-lite0']} for efficientnet-lite0)")
     p.add_argument("--batch-size", type=int, help=f"images per test batch (default: {d.batch_size})")

@@ -213,8 +213,15 @@ class Detector:
                              topmin_max=cfg.topmin_max, dtype=match_dtype).cpu()
             patch = a_v if cfg.method == "musc" else fuse(a_v, a_t, cfg.fusion, cfg.alpha, cfg.gate_tau,
                                                           cfg.fusion_norm)
+        return self.batch_result(feats, patch, a_v=a_v, a_t=a_t, s_t=s_t, keep=ref_keep, notes=notes)
+
+    def batch_result(self, feats: Features, patch: torch.Tensor, a_v=None, a_t=None, s_t=None, keep=None,
+                     notes=None) -> BatchResult:
+        """Post-processing of patch scores `[N, P]` into a BatchResult: upsampling to the input size, smoothing,
+        image scores (shared by batch scoring and scoring against a reference bank, `predict.py`).
+        RsCIN (`cfg.use_rscin`) needs the whole pool: `run.score_category` applies it after the last batch."""
+        cfg, grid, n = self.config, feats.grid, patch.shape[0]
         maps = gaussian_smooth(upsample(patch, grid, self.encoder.image_size), cfg.smoothing_sigma)
-        # RsCIN (cfg.use_rscin) needs the whole pool: run.score_category applies it after the last batch
         scores = image_scores(maps, s_t, cfg.beta)
 
         def grid_np(x):
@@ -223,7 +230,7 @@ class Detector:
         return BatchResult(
             maps=maps.numpy().astype(np.float32), scores=scores.numpy().astype(np.float64), grid=grid,
             method=cfg.method, visual_map=grid_np(a_v), text_map=grid_np(a_t),
-            keep=None if ref_keep is None else ref_keep.reshape(n, *grid).numpy(),
-            text_scores=None if s_t is None else s_t.numpy(), notes=notes,
+            keep=None if keep is None else torch.as_tensor(keep).reshape(n, *grid).numpy(),
+            text_scores=None if s_t is None else s_t.numpy(), notes=list(notes or []),
             embeddings=pool_embedding(feats).cpu().numpy(),
         )

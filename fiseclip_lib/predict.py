@@ -48,7 +48,6 @@ from .filtering import reference_keep
 from .fusion import fuse, fuse_text_only
 from .matching import lnamd, visual_map_against
 from .pipeline import BatchResult, Detector, split_features
-from .postprocess import gaussian_smooth, image_scores, pool_embedding, upsample
 from .text import text_embeddings, text_map, text_score
 
 PREDICTION_COLUMNS = ["path", "score", "decision", "batch", "threshold", "threshold_method", "state", "admitted",
@@ -235,19 +234,7 @@ def score_features_against(detector: Detector, feats, class_name: str, bank: Ref
                                  query_penalty=q_pen, topmin_max=cfg.topmin_max, dtype=dtype).cpu()
         patch = a_v if cfg.method == "musc" else fused(
             lambda v, t_: fuse(v, t_, cfg.fusion, cfg.alpha, cfg.gate_tau, cfg.fusion_norm), a_v, a_t)
-    maps = gaussian_smooth(upsample(patch, grid, detector.encoder.image_size), cfg.smoothing_sigma)
-    scores = image_scores(maps, s_t, cfg.beta)
-
-    def grid_np(x):
-        return None if x is None else x.reshape(n, *grid).float().numpy()
-
-    return BatchResult(
-        maps=maps.numpy().astype(np.float32), scores=scores.numpy().astype(np.float64), grid=grid,
-        method=cfg.method, visual_map=grid_np(a_v), text_map=grid_np(a_t),
-        keep=None if q_keep is None else q_keep.reshape(n, *grid).numpy(),
-        text_scores=None if s_t is None else s_t.numpy(), notes=notes,
-        embeddings=pool_embedding(feats).cpu().numpy(),
-    )
+    return detector.batch_result(feats, patch, a_v=a_v, a_t=a_t, s_t=s_t, keep=q_keep, notes=notes)
 
 
 def score_against(detector: Detector, images: Sequence, class_name: str, bank: ReferenceBank | None = None,
@@ -477,7 +464,6 @@ def _predict(paths, base, class_name, out, detector, ref_paths, stream, bank_siz
     from .provenance import RANDOM_WEIGHTS_NOTE, provenance
 
     t0 = time.time()
-    cfg = detector.config
     overlap = set(map(os.path.realpath, paths)) & set(map(os.path.realpath, ref_paths))
     if overlap:
         raise FiseclipError(f"reference image {sorted(overlap)[0]} is also an image to score: a reference is never "

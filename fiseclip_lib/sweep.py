@@ -97,28 +97,9 @@ def load_grid(path) -> dict:
     Returns:
         the mapping as read (not yet expanded; see `expand_grid`).
     """
-    import yaml
+    from ._io import read_yaml_mapping
 
-    p = Path(path)
-    if p.is_dir():
-        raise FiseclipError(f"grid file {p} is a folder; pass a .yaml file")
-    if not p.is_file():
-        raise FiseclipError(f"grid file {p} does not exist")
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise FiseclipError(f"grid file {p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    except OSError as e:
-        raise FiseclipError(f"grid file {p} cannot be read ({e.strerror})") from None
-    try:
-        grid = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise FiseclipError(f"grid file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if grid is None:
-        raise FiseclipError(f"grid file {p} is empty; name dataset, root and the config fields to sweep")
-    if not isinstance(grid, dict):
-        raise FiseclipError(f"grid file {p} must hold a mapping of field: value or [values], "
-                            f"not a {type(grid).__name__}")
+    grid = read_yaml_mapping(path, "grid file", empty="name dataset, root and the config fields to sweep")
     return grid
 
 
