@@ -90,6 +90,13 @@ def _add_config_args(p):
                                   if k not in _RUN_FLAGS) + " (auto: see README, Options)")
 
 
+def _add_cache_args(p) -> None:
+    """Progress and feature-cache flags shared by the commands that encode images."""
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--feature-cache", metavar="DIR", help="feature cache folder (default: ~/.cache/fiseclip/features)")
+    p.add_argument("--no-feature-cache", action="store_true", help="encode every image, store nothing")
+
+
 def _add_run(sub):
     p = sub.add_parser("run", help="score a dataset with one method and write metrics.csv, scores.csv, config.json")
     p.add_argument("--params", help="YAML file of options (config fields plus dataset/root/categories/out)")
@@ -101,9 +108,7 @@ def _add_run(sub):
     p.add_argument("--out", help="output folder (default: runs/<dataset>-<method>)")
     p.add_argument("--save-maps", action="store_true", help="also write maps/<category>.npz (float16)")
     p.add_argument("--resume", action="store_true", help="reuse categories already finished in --out")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--feature-cache", metavar="DIR", help="feature cache folder (default: ~/.cache/fiseclip/features)")
-    p.add_argument("--no-feature-cache", action="store_true", help="encode every image, store nothing")
+    _add_cache_args(p)
     return p
 
 
@@ -175,9 +180,7 @@ def _add_predict(sub):
                    help="apply a threshold calibrated for another config with a warning instead of stopping")
     p.add_argument("--save-maps", action="store_true", help="also write maps.npz (float16)")
     p.add_argument("--no-overlays", action="store_true", help="do not write overlays/")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--feature-cache", metavar="DIR", help="feature cache folder (default: ~/.cache/fiseclip/features)")
-    p.add_argument("--no-feature-cache", action="store_true", help="encode every image, store nothing")
+    _add_cache_args(p)
     return p
 
 
