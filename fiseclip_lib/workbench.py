@@ -342,8 +342,8 @@ def setup(notebook: str, dataset: str = "demo", root="../demo_data", categories=
     options.setdefault("musc_pool", "batch")
     cfg = FiseConfig(model=model, pretrained=pretrained, image_size=image_size, batch_size=batch_size, seed=seed,
                      device=device).replace(**options)
-    encoder = load_encoder(cfg.model, cfg.pretrained, cfg.input_size, cfg.device, cfg.precision, cfg.cache_dir,
-                           seed=seed)
+    encoder = load_encoder(cfg.model, cfg.weights_tag, cfg.input_size, cfg.device, cfg.precision, cfg.cache_dir,
+                           seed=seed, quick_gelu=cfg.quick_gelu, restore_depth=cfg.restore_depth)
     baseline = (load_encoder(baseline_model, baseline_pretrained, cfg.input_size, cfg.device, seed=seed)
                 if baseline_model else None)
     session = Session(notebook=notebook, dataset=dataset, root=str(root), categories=cats, samples=samples, cfg=cfg,
