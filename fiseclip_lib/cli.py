@@ -56,14 +56,10 @@ def _text_param(params: dict, name: str, source: str):
 
 
 def _categories_param(value, source: str):
-    """categories: a comma-separated string or a list of names."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [c.strip() for c in value.split(",") if c.strip()]
-    if isinstance(value, list) and all(isinstance(c, str) for c in value):
-        return [c.strip() for c in value if c.strip()]
-    raise FiseclipError(f"{source}: categories must be a list of names or a comma-separated string, got {value!r}")
+    """categories: a comma-separated string or a list of names (data.parse_categories)."""
+    from .data import parse_categories
+
+    return parse_categories(value, source)
 
 
 _RUN_FLAGS = {"method", "model", "pretrained", "image_size", "batch_size", "seed", "device", "cache_dir"}

@@ -259,6 +259,18 @@ def load_dataset(name: str, root, categories: Sequence[str] | None = None) -> li
     return samples
 
 
+def parse_categories(value, source: str) -> list[str] | None:
+    """A `categories` setting: a comma-separated string or a list of names -> stripped names ([] when it names
+    none), None when absent; anything else is a one-line error naming `source`."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [c.strip() for c in value.split(",") if c.strip()]
+    if isinstance(value, list) and all(isinstance(c, str) for c in value):
+        return [c.strip() for c in value if c.strip()]
+    raise FiseclipError(f"{source}: categories must be a list of names or a comma-separated string, got {value!r}")
+
+
 def categories_of(samples: Iterable[Sample]) -> list[str]:
     return sorted({s.category for s in samples})
 

@@ -186,11 +186,8 @@ class Detector:
         n = next(iter(feats.layers.values())).shape[0]
         grid = feats.grid
         notes: list[str] = []
-        a_t = s_t = a_v = ref_keep = None
-        if self.uses_text:
-            t = text_embeddings(self.encoder, class_name, cfg.class_names)
-            a_t = text_map(feats.dense, t, cfg.text_temperature).cpu()
-            s_t = text_score(feats.global_embedding, t, cfg.text_temperature).cpu()
+        a_v = ref_keep = None
+        a_t, s_t = self.text_branch(feats, class_name)
         match_dtype = torch.bfloat16 if cfg.match_dtype == "bf16" else torch.float32
         if cfg.method == "text":
             patch = a_t
@@ -214,6 +211,15 @@ class Detector:
             patch = a_v if cfg.method == "musc" else fuse(a_v, a_t, cfg.fusion, cfg.alpha, cfg.gate_tau,
                                                           cfg.fusion_norm)
         return self.batch_result(feats, patch, a_v=a_v, a_t=a_t, s_t=s_t, keep=ref_keep, notes=notes)
+
+    def text_branch(self, feats: Features, class_name: str):
+        """(A_T `[N, P]`, s_T `[N]`) on the CPU for methods that use text, else (None, None)."""
+        if not self.uses_text:
+            return None, None
+        cfg = self.config
+        t = text_embeddings(self.encoder, class_name, cfg.class_names)
+        return (text_map(feats.dense, t, cfg.text_temperature).cpu(),
+                text_score(feats.global_embedding, t, cfg.text_temperature).cpu())
 
     def batch_result(self, feats: Features, patch: torch.Tensor, a_v=None, a_t=None, s_t=None, keep=None,
                      notes=None) -> BatchResult:

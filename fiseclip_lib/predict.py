@@ -48,7 +48,7 @@ from .filtering import reference_keep
 from .fusion import fuse, fuse_text_only
 from .matching import lnamd, visual_map_against
 from .pipeline import BatchResult, Detector, split_features
-from .text import text_embeddings, text_map, text_score
+from .text import text_embeddings, text_map
 
 PREDICTION_COLUMNS = ["path", "score", "decision", "batch", "threshold", "threshold_method", "state", "admitted",
                       "references", "overlay"]
@@ -204,11 +204,8 @@ def score_features_against(detector: Detector, feats, class_name: str, bank: Ref
         raise FiseclipError(f"references have a {bank.grid} patch grid, the images {grid}: use one encoder and "
                             f"image size for both")
     notes: list[str] = []
-    a_t = s_t = a_v = q_keep = None
-    if detector.uses_text:
-        t = text_embeddings(detector.encoder, class_name, cfg.class_names)
-        a_t = text_map(feats.dense, t, cfg.text_temperature).cpu()
-        s_t = text_score(feats.global_embedding, t, cfg.text_temperature).cpu()
+    a_v = q_keep = None
+    a_t, s_t = detector.text_branch(feats, class_name)
     n_refs = len(bank) + (n - 1 if mutual else 0)
     groups = [slice(0, n)] if mutual else [slice(i, i + 1) for i in range(n)]  # images normalised together
 

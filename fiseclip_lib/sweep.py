@@ -38,6 +38,7 @@ import pandas as pd
 
 from ._io import output_lock, write_json_atomic
 from .config import FiseConfig
+from .data import parse_categories
 from .errors import FiseclipError
 
 DATA_KEYS = ("dataset", "root", "categories", "datasets")
@@ -138,13 +139,9 @@ def _text(value, name: str, src: str):
 
 
 def _categories(value, src: str):
+    value = parse_categories(value, src)
     if value is None:
         return None
-    if isinstance(value, str):
-        value = [c.strip() for c in value.split(",")]
-    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
-        raise FiseclipError(f"{src}: categories must be a list of names or a comma-separated string, got {value!r}")
-    value = [c.strip() for c in value if c.strip()]
     if not value:
         raise FiseclipError(f"{src}: categories is empty; name at least one, or leave it out for all")
     return value
