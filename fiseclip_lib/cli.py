@@ -110,37 +110,28 @@ def _add_run(sub):
 
 def cmd_run(args) -> int:
     from .cache import FeatureCache
-    from .config import FiseConfig
     from .run import format_table, run_benchmark
 
     params = _load_params(args.params) if args.params else {}
     source = f"params file {args.params}"
     params.update(params.pop("options", None) or {})
     params = {k: v for k, v in params.items() if k not in NOTEBOOK_KEYS}
-    # run-level settings: the command line wins over the params file
-    dataset = args.dataset or _text_param(params, "dataset", source) or "demo"
-    root = args.root or _text_param(params, "root", source) or (DEFAULT_DEMO_ROOT if dataset == "demo" else None)
-    cats = _categories_param(args.categories, "--categories") if args.categories else \
-        _categories_param(params.get("categories"), source)
-    out = args.out or _text_param(params, "out", source)
+    # run-level settings, checked even where the command line overrides them (the file is wrong); then the
+    # command line wins over the params file
     for key in ("dataset", "root", "out"):
-        _text_param(params, key, source)  # checked even when the command line overrides it: the file is wrong
-    _categories_param(params.get("categories"), source)
+        _text_param(params, key, source)
+    file_cats = _categories_param(params.get("categories"), source)
+    dataset = args.dataset or params.pop("dataset", None) or "demo"
+    root = args.root or params.pop("root", None) or (DEFAULT_DEMO_ROOT if dataset == "demo" else None)
+    cats = _categories_param(args.categories, "--categories") if args.categories else file_cats
+    out = args.out or params.pop("out", None)
     for key in ("dataset", "root", "categories", "out"):
         params.pop(key, None)
-    if args.params:
-        try:
-            FiseConfig.from_dict(params)
-        except FiseclipError as e:
-            raise FiseclipError(f"{source}: {e}") from None
     if dataset not in ("mvtec", "visa", "folder", "demo"):
         raise FiseclipError(f"{source}: unknown dataset {dataset!r}; use mvtec, visa, folder or demo")
     if root is None:
         raise FiseclipError(f"--root is required for dataset {dataset}")
-    cli = {"method": args.method, "model": args.model, "pretrained": args.pretrained, "image_size": args.image_size,
-           "batch_size": args.batch_size, "seed": args.seed, "device": args.device, "cache_dir": args.cache_dir}
-    params.update({k: v for k, v in cli.items() if v is not None})
-    config = FiseConfig.from_dict(params).with_overrides(args.set)
+    config = _config_from_args(args, params, source)
     out = out or f"runs/{dataset}-{config.method}"
     cache = None if args.no_feature_cache else FeatureCache(args.feature_cache)
     df = run_benchmark(dataset, root, config, out, categories=cats or None, save_maps=args.save_maps,
