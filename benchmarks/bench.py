@@ -9,7 +9,8 @@ of the per-repeat values are reported, so a load spike on a shared machine hits 
   matching  the matching as the pipeline calls it (visual_map: raw tokens -> masked MSM over layers x degrees,
             the text filter's keep-mask on) vs torch.mm of the per-degree route's GEMMs (one per pair, layer and
             degree): effective throughput = degree-equivalent FLOPs per second; also visual_map's time over that
-            of its own GEMMs (one per pair and layer), its speed-up over the per-degree route; bf16 score error
+            of its own GEMMs (one per pair and layer), its speed-up over the per-degree route and (CPU) of the
+            compiled kernel over the same route's torch passes; bf16 score error
   sweep     a 10-configuration sweep with the feature cache vs one uncached run (model load and text
             embeddings paid before both sides, reported separately)
   memory    peak extra memory of matching at N = 16, 32 (64 as a dry run: GEMM outputs allocated, not
@@ -50,7 +51,7 @@ from fiseclip_lib import Detector, FiseConfig, load_encoder  # noqa: E402
 from fiseclip_lib.encoder import Features  # noqa: E402
 from fiseclip_lib.matching import (QUERY_CHUNK, interval_count, lnamd, mutual_scores,  # noqa: E402
                                    visual_map)
-from fiseclip_lib import matching  # noqa: E402
+from fiseclip_lib import _match_kernel, matching  # noqa: E402
 from fiseclip_lib.text import text_embeddings  # noqa: E402
 
 ROWS: list[dict] = []
@@ -191,6 +192,7 @@ def bench_matching(n, h, c, n_layers, degrees, repeats, kept=0.9):
         flops = 2.0 * p * p * c * n * (n - 1) / 2 * combos  # degree-equivalent
         maps = {}
         fns = {}
+        kernel = device == "cpu" and matching.USE_COMPILED_KERNEL and _match_kernel.available()
         for dt in (torch.float32, torch.bfloat16):
             Zd = lnamd(layers[0], (h, h), degrees[-1]).to(dt)
 
@@ -213,14 +215,24 @@ def bench_matching(n, h, c, n_layers, degrees, repeats, kept=0.9):
                 finally:
                     matching.BOX_FILTER_MIN_CHANNELS = saved
 
+            def passes(dt=dt):  # the box-filtered route with torch passes instead of the compiled kernel
+                saved = matching.USE_COMPILED_KERNEL
+                matching.USE_COMPILED_KERNEL = False
+                try:
+                    visual_map(layers, (h, h), degrees, keep=keep, dtype=dt)
+                finally:
+                    matching.USE_COMPILED_KERNEL = saved
+
             fns[f"ours {dt}"], fns[f"mm {dt}"], fns[f"own {dt}"], fns[f"route {dt}"] = ours, per_degree, own, route
+            if kernel:
+                fns[f"passes {dt}"] = passes
         for dt in (torch.float32, torch.bfloat16):  # warm-up on a small slice: the full shape costs minutes
             visual_map({l: t[:2] for l, t in layers.items()}, (h, h), degrees, keep=keep[:2], dtype=dt)
             matching_gemms(lnamd(layers[0][:2], (h, h), 1).to(dt))
         t = interleaved(fns, repeats, warm=False)
         for dt in (torch.float32, torch.bfloat16):
             tag = dict(device=device, dtype=str(dt).replace("torch.", ""), N=n, P=p, C=c, layers=n_layers,
-                       degrees="/".join(map(str, degrees)), kept=kept)
+                       degrees="/".join(map(str, degrees)), kept=kept, engine="compiled" if kernel else "torch passes")
             ours_s, mm_s, own_s, route_s = t[f"ours {dt}"], t[f"mm {dt}"], t[f"own {dt}"], t[f"route {dt}"]
             record_series("matching", "visual_map effective GFLOP/s", [flops / s / 1e9 for s in ours_s], "GFLOP/s",
                           **tag)
@@ -232,6 +244,9 @@ def bench_matching(n, h, c, n_layers, degrees, repeats, kept=0.9):
                           "ratio", **tag)
             record_series("matching", "speed-up over the per-degree route", [r / o for r, o in zip(route_s, ours_s)],
                           "ratio", **tag)
+            if kernel:
+                record_series("matching", "speed-up of the compiled kernel over the torch passes",
+                              [q / o for q, o in zip(t[f"passes {dt}"], ours_s)], "ratio", **tag)
             if dt == torch.bfloat16:
                 ref = maps[torch.float32]
                 err = float((maps[dt] - ref).abs().max())

@@ -2,6 +2,7 @@ import math
 import warnings
 
 import pytest
+import numpy as np
 import torch
 
 from fiseclip_lib.filtering import apply_min_keep, reference_keep
@@ -138,9 +139,31 @@ def test_lnamd_equals_naive(r):
     torch.testing.assert_close(got, naive_lnamd(tokens, (4, 5), r), rtol=1e-4, atol=1e-4)
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def box_engine(request, monkeypatch):
+    """Run a test with the box-filtered route's compiled kernel, then with its torch passes; checks that the
+    kernel ran (or did not), so that a missing numba cannot silently turn the first case into the second."""
+    from fiseclip_lib import _match_kernel, matching
+
+    calls = []
+    real = _match_kernel.block_maxima
+    monkeypatch.setattr(_match_kernel, "block_maxima", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(matching, "USE_COMPILED_KERNEL", request.param == "compiled")
+    yield request.param
+    if request.param == "torch":
+        assert not calls
+
+
+def test_compiled_kernel_is_available():
+    """numba is a requirement: the fast route must not fall back to the torch passes unnoticed."""
+    from fiseclip_lib import _match_kernel
+
+    assert _match_kernel.available()
+
+
 @pytest.mark.parametrize("mode", ["none", "keep", "keep-empty", "soft"])
 @pytest.mark.parametrize("min_channels", [1, 10 ** 6])  # box-filtered route (except "soft"), per-degree route
-def test_visual_map_equals_brute_force_over_layers_and_degrees(mode, min_channels, monkeypatch):
+def test_visual_map_equals_brute_force_over_layers_and_degrees(mode, min_channels, box_engine, monkeypatch):
     from fiseclip_lib import matching
 
     monkeypatch.setattr(matching, "BOX_FILTER_MIN_CHANNELS", min_channels)
@@ -239,9 +262,9 @@ def test_soft_penalty_pushes_noisy_references_away():
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
 @pytest.mark.parametrize("grid,degrees", [((5, 7), (1, 3, 5)), ((7, 5), (3, 5)), ((2, 3), (1, 5)), ((4, 4), (1, 3))])
-def test_visual_map_box_filtered_route_equals_per_degree_route(n, grid, degrees, monkeypatch):
+def test_visual_map_box_filtered_route_equals_per_degree_route(n, grid, degrees, box_engine, monkeypatch):
     """One GEMM per pair, degrees as box filters of it == aggregate, normalise and match each degree separately."""
-    from fiseclip_lib import matching
+    from fiseclip_lib import _match_kernel, matching
 
     g = torch.Generator().manual_seed(100 * n + grid[0])
     p = grid[0] * grid[1]
@@ -253,9 +276,53 @@ def test_visual_map_box_filtered_route_equals_per_degree_route(n, grid, degrees,
     plain = torch.stack([mutual_scores(lnamd(t, grid, r)) for t in layers.values() for r in degrees]).mean(0)
     monkeypatch.setattr(matching, "BOX_FILTER_MIN_CHANNELS", 1)  # the box-filtered route for 8 channels too
     monkeypatch.setattr(matching, "_sorted_distances", None)  # and nothing else: the per-degree route would fail
-    for chunk in (1, 2 * p, 3 * p - 1, 4096):  # one, two (partial last group) and all references per GEMM
+    # one, two (partial last group) and all references per GEMM; the kernel's work units one grid row, two, all
+    for chunk, tile_rows in ((1, 1), (2 * p, 2), (3 * p - 1, 8), (4096, 1)):
+        monkeypatch.setattr(_match_kernel, "TILE_ROWS", tile_rows)
         got = visual_map(layers, grid, degrees, keep=keep, chunk=chunk)
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(visual_map(layers, grid, degrees), plain, rtol=0, atol=1e-5)
     bf = visual_map(layers, grid, degrees, keep=keep, dtype=torch.bfloat16)
     assert (bf - ref).abs().max() < 0.03  # BF16_TOLERANCE
+
+
+@pytest.mark.parametrize("grid", [(1, 6), (6, 1), (2, 2), (3, 5)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_compiled_block_maxima_equals_dense_filtering(grid, threads):
+    """The kernel on one block (degrees 1, 3, 5 on grids narrower than the window, bf16 bits and float32, any
+    split of the work) equals the 4-D box sums of the block computed densely with numpy, then scaled and maxed."""
+    from fiseclip_lib import _match_kernel
+
+    rng = np.random.default_rng(sum(grid) + threads)
+    h, w = grid
+    p, g, degrees = h * w, 3, [1, 3, 5]
+    S = rng.standard_normal((p, g * p)).astype(np.float32)
+    a = rng.uniform(0.5, 2, (3, p)).astype(np.float32)
+    b = rng.uniform(0.5, 2, (3, g * p)).astype(np.float32)
+    row_keep = rng.random(p) > 0.3
+    row_keep[0] = True
+    col_keep = rng.random(g * p) > 0.3
+    col_keep[::p] = True
+    bias = np.where(col_keep, 0, _match_kernel.NEG).astype(np.float32)
+    for bf16 in (False, True):
+        src = torch.from_numpy(S).to(torch.bfloat16) if bf16 else torch.from_numpy(S)
+        dense = src.float().numpy().astype(np.float64).reshape(h, w, g, h, w)
+        oc, orow = np.empty((3, g, p), np.float32), np.empty((3, g, p), np.float32)
+        arr = src.view(torch.uint16).numpy() if bf16 else S
+        _match_kernel.block_maxima(arr, grid, np.array([r // 2 for r in degrees]), a, b, row_keep, bias, oc, orow,
+                                   threads, tile_rows=2)
+        for di, r in enumerate(degrees):
+            k = r // 2
+            T = np.zeros_like(dense)
+            pad = np.pad(dense, ((k, k), (k, k), (0, 0), (k, k), (k, k)))
+            for dy in range(r):  # naive 4-D box sum: every shift of both windows
+                for dx in range(r):
+                    for ey in range(r):
+                        for ex in range(r):
+                            T += pad[dy:dy + h, dx:dx + w, :, ey:ey + h, ex:ex + w]
+            T = T.reshape(p, g * p)
+            cos = T * a[di][:, None] * b[di][None, :]
+            want_col = np.where(row_keep[:, None], cos, -np.inf).max(axis=0).reshape(g, p)
+            want_row = np.where(col_keep[None, :], cos, -np.inf).reshape(p, g, p).max(axis=2).T
+            np.testing.assert_allclose(oc[di], want_col, rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(orow[di], want_row, rtol=1e-5, atol=1e-4)
