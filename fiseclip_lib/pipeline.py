@@ -75,7 +75,7 @@ class Detector:
         self.cache = cache
         # Seconds spent in the encoder (images actually encoded, cache misses) and after it (text, filter,
         # matching, fusion, post-processing), so that reports can state both per image.
-        self.costs = {"encode_s": 0.0, "images_encoded": 0, "score_s": 0.0, "images_scored": 0}
+        self.costs = {"encode_s": 0.0, "images_encoded": 0, "score_s": 0.0, "match_s": 0.0, "images_scored": 0}
         cfg = self.config
         self.encoder = encoder or load_encoder(cfg.model, cfg.weights_tag, cfg.input_size, cfg.device, cfg.precision,
                                                cfg.cache_dir, seed=cfg.seed, quick_gelu=cfg.quick_gelu,
@@ -206,8 +206,10 @@ class Detector:
             elif cfg.method == "fiseclip":
                 ref_keep, penalty = reference_keep(a_t, cfg.filter, cfg.filter_theta, cfg.filter_ratio,
                                                    cfg.filter_min_keep)
+            t0 = time.perf_counter()
             a_v = visual_map(feats.layers, grid, cfg.degrees, keep=ref_keep, penalty=penalty,
-                             topmin_max=cfg.topmin_max, dtype=match_dtype).cpu()
+                             topmin_max=cfg.topmin_max, dtype=match_dtype).cpu()  # .cpu() waits for a GPU
+            self.costs["match_s"] += time.perf_counter() - t0
             patch = a_v if cfg.method == "musc" else fuse(a_v, a_t, cfg.fusion, cfg.alpha, cfg.gate_tau,
                                                           cfg.fusion_norm)
         return self.batch_result(feats, patch, a_v=a_v, a_t=a_t, s_t=s_t, keep=ref_keep, notes=notes)

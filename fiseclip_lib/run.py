@@ -337,22 +337,32 @@ def memory_increase_mb(device, mark: float) -> float:
 
 
 def run_costs(detector: Detector, before: dict, memory_mark_mb: float) -> dict:
-    """Encoder and scoring seconds per image, measured separately, with the cache state beside them.
+    """Encoder, matching and scoring seconds per image, measured separately, with the cache state beside them.
 
     Encoder seconds are per image actually encoded (cache misses); images read from the feature cache cost
-    no encoder time and are counted as such. Memory is the increase during this work (CUDA: peak allocated
+    no encoder time and are counted as such. Matching is `visual_map` (LNAMD + MSM); scoring is everything
+    after the encoder (text branch, filter, matching, fusion, post-processing). Memory is the increase during this work (CUDA: peak allocated
     since the mark; CPU: growth of the process's peak resident memory)."""
     c = {k: detector.costs[k] - before.get(k, 0) for k in detector.costs}
     enc_per = c["encode_s"] / c["images_encoded"] if c["images_encoded"] else None
     score_per = c["score_s"] / c["images_scored"] if c["images_scored"] else None
+    match_per = (c.get("match_s", 0.0) / c["images_scored"] if c["images_scored"] and detector.config.method != "text"
+                 else None)  # the text method does no matching
     from_cache = max(0, c["images_scored"] - c["images_encoded"])
+    cache_state = ("no feature cache" if detector.cache is None else "miss" if from_cache == 0
+                   else "hit" if c["images_encoded"] == 0 else "partial hit")
     mem = memory_increase_mb(detector.encoder.device, memory_mark_mb)
     summary = (f"encoder {enc_per:.3f} s/image over {c['images_encoded']} encoded" if enc_per is not None
                else "encoder 0 s (all features from the cache)")
-    summary += (f", scoring {score_per:.3f} s/image" if score_per is not None else "")
-    summary += f", {from_cache} images from the feature cache, memory +{mem:.0f} MB"
-    return {"encoder_s_per_image": enc_per, "scoring_s_per_image": score_per, "images_encoded": c["images_encoded"],
-            "images_scored": c["images_scored"], "images_from_cache": from_cache, "memory_increase_mb": round(mem, 1),
+    summary += (f", matching {match_per:.3f} s/image" if match_per is not None else "")
+    summary += (f", all scoring after the encoder {score_per:.3f} s/image" if score_per is not None else "")
+    summary += f", {from_cache} images from the feature cache ({cache_state}), memory +{mem:.0f} MB"
+    return {"encoder_s_per_image": enc_per, "matching_s_per_image": match_per, "scoring_s_per_image": score_per,
+            "images_encoded": c["images_encoded"], "images_scored": c["images_scored"],
+            "images_from_cache": from_cache, "feature_cache": cache_state, "memory_increase_mb": round(mem, 1),
+            "memory_measure": ("CUDA peak allocated since the start of the run"
+                               if getattr(detector.encoder.device, "type", str(detector.encoder.device)) == "cuda"
+                               else "growth of the process's peak resident memory"),
             "device": str(detector.encoder.device), "summary": summary}
 
 

@@ -49,6 +49,16 @@ def test_second_run_with_other_matching_options_does_no_encoder_work(small_demo,
     other = cfg.replace(filter="soft", fusion="gated", degrees=(1, 3), topmin_max=0.5)
     run_benchmark("demo", small_demo, other, tmp_path / "b", progress=False, detector=Detector(other, enc, cache))
     assert enc.images == n
+    # the cost record says so: encoder time only where images were encoded, the cache state beside it
+    import json
+    first, second = (json.loads((tmp_path / d / "config.json").read_text())["cost"] for d in "ab")
+    assert first["feature_cache"] == "miss" and first["images_encoded"] == n and first["encoder_s_per_image"] > 0
+    assert second["feature_cache"] == "hit" and second["images_encoded"] == 0 and second["encoder_s_per_image"] is None
+    for c in (first, second):
+        assert c["images_scored"] == n and 0 < c["matching_s_per_image"] <= c["scoring_s_per_image"]
+    text = cfg.replace(method="text")
+    run_benchmark("demo", small_demo, text, tmp_path / "t", progress=False, detector=Detector(text, enc, cache))
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["cost"]["matching_s_per_image"] is None
     # and a cached rerun of the same config reproduces the uncached numbers exactly
     run_benchmark("demo", small_demo, cfg, tmp_path / "c2", progress=False, detector=Detector(cfg, enc, cache))
     assert (tmp_path / "a" / "scores.csv").read_bytes() == (tmp_path / "c2" / "scores.csv").read_bytes()
