@@ -13,8 +13,8 @@ of the per-repeat values are reported, so a load spike on a shared machine hits 
             compiled kernel over the same route's torch passes; bf16 score error
   sweep     a 10-configuration sweep with the feature cache vs one uncached run (model load and text
             embeddings paid before both sides, reported separately)
-  memory    peak extra memory of matching at N = 16, 32 (64 as a dry run: GEMM outputs allocated, not
-            computed), paper grid P = 1369, C = 1024, in subprocesses
+  memory    peak extra memory of matching (one layer, degrees 1/3/5) at N = 16, 32 (64 as a dry run: GEMM
+            outputs allocated, not computed), paper grid P = 1369, C = 1024, in subprocesses
   musc      ours vs a MuSc-style cdist formulation on the same features, both warm: speed ratio, max difference
   dask      `fiseclip sweep`: a 12-task grid on 2 local Dask workers vs the serial executor (wall-time ratio;
             the cluster start reported separately)
@@ -296,16 +296,20 @@ def bench_sweep(model, size, n_images, repeats):
 
 
 def memory_probe(n, p, c, dtype, dry):
-    """Child process: peak RSS growth of visual_map (one layer, r = 3, keep-mask on) beyond its inputs (MB)."""
+    """Child process: peak RSS growth of visual_map (one layer, degrees 1/3/5 as the pipeline calls it: the
+    box-filtered route, keep-mask on) beyond its inputs (MB)."""
     h = int(round(p ** 0.5))
     tokens = torch.empty(n, h * h, c).normal_()  # built in place: no temporaries raise the peak before we measure
     keep = torch.rand(n, h * h) < 0.9
     dt = getattr(torch, dtype)
-    visual_map({0: tokens[:2]}, (h, h), (3,), keep=keep[:2], dtype=dt)  # load kernels before the baseline
+    degrees = (1, 3, 5)
+    visual_map({0: tokens[:2]}, (h, h), degrees, keep=keep[:2], dtype=dt)  # load kernels before the baseline
     if dry:  # allocate and touch each GEMM's output, skip its arithmetic: the same peak, minutes saved
-        torch.mm = lambda a, b: torch.zeros(a.shape[0], b.shape[1], dtype=a.dtype)
+        def mm(a, b, out=None):
+            return out.zero_() if out is not None else torch.zeros(a.shape[0], b.shape[1], dtype=a.dtype)
+        torch.mm = mm
     base = _rss_reset_peak()
-    visual_map({0: tokens}, (h, h), (3,), keep=keep, dtype=dt)
+    visual_map({0: tokens}, (h, h), degrees, keep=keep, dtype=dt)
     peak = _rss_peak_kb()
     print(json.dumps({"extra_mb": (peak - base) / 1024, "input_mb": tokens.numel() * 4 / 1e6}))
 
