@@ -184,11 +184,20 @@ def _box_units(S, Sb, bf16, h, w, ks, a, b, row_keep, col_bias, out_col, part, t
                 out_col[di, j, qs + q] = pcs[di, q] * bq[q]
 
 
+def _jit(fn, **options):
+    """njit with numba's on-disk cache (compiled once per install, ~5 s); without it where no cache folder is
+    writable (numba refuses `cache=True` at decoration time there)."""
+    try:
+        return njit(fastmath=True, cache=True, **options)(fn)
+    except RuntimeError:
+        return njit(fastmath=True, **options)(fn)
+
+
 if numba is not None:  # pragma: no branch
-    _col_filter = njit(fastmath=True, cache=True, inline="always")(_col_filter)
+    _col_filter = _jit(_col_filter, inline="always")
     # serial and GIL-free: threads of a Python pool run disjoint units (numba's parallel=True compiles 2.3x
     # slower, 8 s against 3.5 s on a fresh install, for no speed-up here)
-    _box_units = njit(fastmath=True, cache=True, nogil=True)(_box_units)
+    _box_units = _jit(_box_units, nogil=True)
 
 _STATE = {"ok": None}
 

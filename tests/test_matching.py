@@ -326,3 +326,13 @@ def test_compiled_block_maxima_equals_dense_filtering(grid, threads):
             want_row = np.where(col_keep[None, :], cos, -np.inf).reshape(p, g, p).max(axis=2).T
             np.testing.assert_allclose(oc[di], want_col, rtol=1e-5, atol=1e-4)
             np.testing.assert_allclose(orow[di], want_row, rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_compiles_where_numba_cannot_cache():
+    """numba refuses cache=True for code whose folder it cannot write (here: code without a file); the kernel's
+    decorator then compiles without the on-disk cache instead of breaking the import."""
+    from fiseclip_lib import _match_kernel
+
+    ns = {}
+    exec("def f(x):\n    return x + 1\n", ns)
+    assert _match_kernel._jit(ns["f"])(2) == 3
