@@ -21,6 +21,8 @@ numba is optional: `available()` is False without it (or when it fails to compil
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 NEG = np.float32(-1e30)  # "excluded" as a finite number (fastmath assumes no inf)
@@ -260,9 +262,12 @@ _POOLS: dict = {}
 
 
 def _pool(threads: int):
-    """One thread pool per size, kept for the process (the kernel releases the GIL)."""
-    if threads not in _POOLS:
+    """One thread pool per size, kept for the process (the kernel releases the GIL). Keyed by pid as well: a
+    forked child (a DataLoader or Dask worker) inherits the pool object but not its threads, and would wait on it
+    forever."""
+    key = (os.getpid(), threads)
+    if key not in _POOLS:
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="fiseclip-match")
-    return _POOLS[threads]
+        _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="fiseclip-match")
+    return _POOLS[key]

@@ -336,3 +336,23 @@ def test_kernel_compiles_where_numba_cannot_cache():
     ns = {}
     exec("def f(x):\n    return x + 1\n", ns)
     assert _match_kernel._jit(ns["f"])(2) == 3
+
+
+def test_kernel_threads_work_in_a_forked_child():
+    """A child forked after the kernel's thread pool started must not wait on the parent's (absent) threads."""
+    import multiprocessing as mp
+
+    assert _kernel_on_ones() == 16.0  # the parent's pool exists now
+    with mp.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_kernel_on_ones).get(timeout=60) == 16.0
+
+
+def _kernel_on_ones() -> float:
+    """The kernel with 2 threads on a 2 x 2 grid of ones, r = 3: every window covers all 4 x 4 entries."""
+    from fiseclip_lib import _match_kernel
+
+    S = np.ones((4, 8), dtype=np.float32)
+    oc, orow = np.empty((1, 2, 4), np.float32), np.empty((1, 2, 4), np.float32)
+    _match_kernel.block_maxima(S, (2, 2), np.array([1]), np.ones((1, 4), np.float32), np.ones((1, 8), np.float32),
+                               np.ones(4, np.bool_), np.zeros(8, np.float32), oc, orow, 2, 1)
+    return float(oc[0, 0, 0])
