@@ -462,10 +462,11 @@ def _box_filtered_compiled(Ad: torch.Tensor, grid: tuple[int, int], degrees: lis
     bias = None if keep is None else torch.where(keep, 0.0, float(_match_kernel.NEG)).to(torch.float32)
     all_rows = np.ones(p, dtype=np.bool_)
     keep_np = None if keep is None else keep.contiguous().numpy()
-    cos = torch.empty(nd, n, n, p, dtype=torch.float32)  # largest cosines
+    # largest cosines, then distances: numpy (one thread, no wake-ups of torch's pool for these small passes)
+    cos = np.zeros((nd, n, n, p), dtype=np.float32)  # the diagonal (j == i) is never written: zeros, then inf
     s1 = torch.empty(p * min(group, n - 1) * p, dtype=Ad.dtype)
-    out_c = torch.empty(nd * min(group, n - 1) * p, dtype=torch.float32)
-    out_r = torch.empty_like(out_c)
+    out_c = np.empty(nd * min(group, n - 1) * p, dtype=np.float32)
+    out_r = np.empty_like(out_c)
     threads = torch.get_num_threads()
     for i in range(n - 1):
         a = fac[:, i].contiguous().numpy()
@@ -473,19 +474,25 @@ def _box_filtered_compiled(Ad: torch.Tensor, grid: tuple[int, int], degrees: lis
             g1 = min(n, g0 + group)
             g = g1 - g0
             blk = s1[:p * g * p].view(p, g * p)
-            torch.mm(Ad[i], Ad[g0:g1].reshape(g * p, c).T, out=blk)  # bf16: the kernel reads it as float32
-            oc, orow = out_c[:nd * g * p].view(nd, g, p), out_r[:nd * g * p].view(nd, g, p)
+            torch.mm(Ad[i], Ad[g0:g1].reshape(g * p, c).T, out=blk)  # bf16: the kernel converts while it reads
+            oc, orow = out_c[:nd * g * p].reshape(nd, g, p), out_r[:nd * g * p].reshape(nd, g, p)
             b = fac[:, g0:g1].reshape(nd, g * p).contiguous().numpy()
             cb = np.zeros(g * p, dtype=np.float32) if bias is None else bias[g0:g1].reshape(-1).numpy()
-            _match_kernel.block_maxima(blk.numpy() if blk.dtype == torch.float32 else blk.view(torch.uint16).numpy(), grid, ks, a, b, all_rows if keep_np is None else keep_np[i],
-                                       cb, oc.numpy(), orow.numpy(), threads)
+            raw = blk.numpy() if blk.dtype == torch.float32 else blk.view(torch.uint16).numpy()
+            _match_kernel.block_maxima(raw, grid, ks, a, b, all_rows if keep_np is None else keep_np[i], cb, oc, orow,
+                                       threads)
             cos[:, i, g0:g1] = oc
             cos[:, g0:g1, i] = orow
+    d = cos  # sqrt(max(0, 2 - 2 cos)) in place, as _to_distance_
+    d *= -2.0
+    d += 2.0
+    np.maximum(d, 0.0, out=d)
+    np.sqrt(d, out=d)
     out = {}
     for di, r in enumerate(degrees):
-        d = _to_distance_(cos[di])
-        d.diagonal(dim1=0, dim2=1).fill_(float("inf"))  # an image is not its own reference
-        out[r] = d
+        dr = torch.from_numpy(d[di])
+        dr.diagonal(dim1=0, dim2=1).fill_(float("inf"))  # an image is not its own reference
+        out[r] = dr
     return out
 
 
