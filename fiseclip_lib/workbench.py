@@ -81,7 +81,7 @@ def table(df: pd.DataFrame, digits: int = 3, caption: str = "") -> None:
     shown = df.round(digits) if digits is not None else df
     cap = f"<p><i>{html.escape(caption)}</i></p>" if caption else ""
     plain_index = isinstance(shown.index, pd.RangeIndex)  # row numbers say nothing: leave them out
-    _display(HTML(f'<div class="{IGNORE_MATH_CLASS}">{cap}{shown.to_html(index=not plain_index)}</div>'))
+    _display(HTML(f'<div class="{IGNORE_MATH_CLASS}">{cap}{shown.to_html(index=not plain_index, na_rep="–")}</div>'))
 
 
 def progress(iterable: Iterable, desc: str = "", total: int | None = None):
