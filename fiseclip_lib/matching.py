@@ -391,9 +391,9 @@ def _box_filtered_distances(x: torch.Tensor, grid: tuple[int, int], degrees: lis
         inv[r] = (norm.reciprocal(), norm.mul(r * r).reciprocal())
     Ad = x.to(dtype).contiguous()
     group = max(1, chunk // p)
-    width = min(group, n - 1) * p
     if dev.type == "cpu" and USE_COMPILED_KERNEL and _match_kernel.available():
         return _box_filtered_compiled(Ad, grid, degrees, inv, keep, group)
+    width = min(group, n - 1) * p
     # workspaces, reused by every block (views of the first rows * width elements for a narrower last group)
     ws = [torch.empty(p * width, dtype=torch.float32, device=dev) for _ in range(4)]
     cos = {r: torch.empty(n, n, p, dtype=torch.float32, device=dev) for r in degrees}  # largest cosines
