@@ -10,7 +10,42 @@ os.environ["FISECLIP_FEATURE_CACHE"] = os.path.join(__import__("tempfile").mkdte
 
 import pytest  # noqa: E402
 
-from helpers import make_mvtec_tree  # noqa: E402
+
+def _share_cores_between_workers() -> None:
+    """Under pytest-xdist (`-n auto`, the default in pyproject.toml) each worker gets its share of the CPUs for
+    torch's intra-op threads: two workers with two threads each on two cores would oversubscribe them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if workers > 1:
+        import torch
+
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cpus // workers))
+
+
+_share_cores_between_workers()
+
+from helpers import kill_fresh_processes, make_mvtec_tree, start_fresh_server  # noqa: E402
+
+
+def pytest_collection_finish(session):
+    """Start the server that fresh processes fork from (helpers.Fresh) when a collected test uses one: it
+    imports the library in its own process while the first tests run."""
+    modules = {getattr(item, "module", None) for item in session.items}
+    if not session.config.option.collectonly and any(hasattr(m, "Fresh") for m in modules if m is not None):
+        start_fresh_server()
+
+
+def pytest_sessionfinish(session):
+    """Stop that server (at once: it may still be importing when the selected tests did not need it) and reap
+    it: no process outlives the session, and its work counts as the session's (CPU time of the test run)."""
+    import signal
+    from multiprocessing import forkserver
+
+    kill_fresh_processes()  # any still running (the child of a test that failed before waiting for it)
+    server = forkserver._forkserver
+    if server._forkserver_pid is not None:
+        os.kill(server._forkserver_pid, signal.SIGKILL)
+    server._stop()  # closes its pipe and waits for it, as CPython's own tests do; a no-op when never started
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +61,14 @@ def small_demo(tmp_path_factory):
     from fiseclip_lib.demo import build_demo
 
     return build_demo(tmp_path_factory.mktemp("demo") / "small", n_good=8, n_defect=5, n_train=1, size=64)
+
+
+@pytest.fixture(scope="session")
+def default_demo(tmp_path_factory):
+    """The default demo set (what README command 1 builds), built once per session; tests only read it."""
+    from fiseclip_lib.demo import build_demo
+
+    return build_demo(tmp_path_factory.mktemp("demo") / "default")
 
 
 @pytest.fixture

@@ -70,3 +70,178 @@ def make_folder_tree(root: Path, with_masks=True, size=32) -> Path:
         if with_masks:
             _mask(root / "widget" / "masks" / f"a{i}.png", size)
     return root
+
+
+# ------------------------------------------------------------------------------------------- fresh processes
+
+# Tests that need a fresh process (a second process reading a disk cache, a run killed with SIGKILL, concurrent
+# writers, a sweep that must not import Dask) fork it from multiprocessing's forkserver: a server process that
+# imported torch, open_clip and the library once (conftest starts it in the background once the tests are
+# collected) and holds no other state. A child then starts in milliseconds instead of paying seconds of
+# imports, and is still a separate process: its own pid, memory, signals and exit code, nothing inherited from
+# the test process.
+FRESH_PRELOAD = ["fiseclip_lib.cli", "fiseclip_lib.run", "fiseclip_lib.report", "open_clip", "papermill"]
+
+
+def fresh_context():
+    """The forkserver context with the library preloaded (started on first use if conftest did not)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(FRESH_PRELOAD)
+    return ctx
+
+
+def start_fresh_server() -> None:
+    """Start the forkserver now; it imports FRESH_PRELOAD in its own process while the tests go on."""
+    from multiprocessing import forkserver
+
+    fresh_context()
+    forkserver.ensure_running()
+
+
+def _in_child(log, env, fn, args):
+    """In the child: this environment, stdout and stderr into `log`, then `fn(*args)` as the exit code."""
+    import os
+    import sys
+
+    import fresh_preload  # noqa: F401 - see there
+
+    os.environ.clear()
+    os.environ.update(env)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.exit(fn(*args))
+
+
+class Fresh:
+    """`fn(*args)` in a fresh process (see above) with environment `env` (default: this one) and its stdout and
+    stderr in one log; `fn` must be a module-level function of an importable module (here, `helpers`) and
+    returns the exit code."""
+
+    def __init__(self, fn, *args, env: dict | None = None):
+        import os
+        import tempfile
+
+        fd, self.log = tempfile.mkstemp(prefix="fresh-", suffix=".log")
+        os.close(fd)
+        self.proc = fresh_context().Process(target=_in_child, args=(self.log, dict(env or os.environ), fn, args))
+        self.proc.start()
+        self.pid = self.proc.pid
+        _STARTED.append(self)
+
+    def poll(self):
+        return self.proc.exitcode
+
+    def kill(self):
+        self.proc.kill()  # SIGKILL
+
+    def terminate(self):
+        self.proc.terminate()  # SIGTERM
+
+    def wait(self, timeout: float = 300) -> tuple[int | None, str]:
+        """(exit code, output); the code is None if the process did not end within `timeout` (it is killed)."""
+        import os
+
+        self.proc.join(timeout)
+        if self.proc.exitcode is None:
+            self.proc.kill()
+            self.proc.join()
+            code = None
+        else:
+            code = self.proc.exitcode
+        with open(self.log, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        os.unlink(self.log)
+        return code, text
+
+
+_STARTED: list[Fresh] = []
+
+
+def kill_fresh_processes() -> None:
+    """Kill (SIGKILL) every fresh process of this session that still runs, reap it and remove its log."""
+    import os
+
+    for p in _STARTED:
+        if p.proc.exitcode is None:
+            p.proc.kill()
+            p.proc.join()
+        if os.path.exists(p.log):
+            os.unlink(p.log)
+    _STARTED.clear()
+
+
+def cli(argv):
+    """Child: the `fiseclip` command line."""
+    from fiseclip_lib.cli import main
+
+    return main(list(argv))
+
+
+def cli_without_dask(argv):
+    """Child: the command line, then fail if Dask was imported (the local executor must not need it)."""
+    import sys
+
+    code = cli(argv)
+    assert not {"dask", "distributed"} & set(sys.modules), "local executor imported dask"
+    return code
+
+
+def run_then_pause(marker, full_argv, argv):
+    """Child: `fiseclip run` uninterrupted (`full_argv`), then again (`argv`) with a pause at the start of its
+    second category (the first one's result is on disk): the pid goes to `marker` and the process waits to be
+    killed."""
+    import os
+    import time
+
+    import fiseclip_lib.run as R
+
+    assert cli(full_argv) == 0
+    score, seen = R.score_and_evaluate, []
+
+    def pausing(detector, samples, category, **kw):
+        seen.append(category)
+        if len(seen) == 2:
+            with open(marker, "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(300)
+        return score(detector, samples, category, **kw)
+
+    R.score_and_evaluate = pausing
+    return cli(argv)
+
+
+def write_entry(root, key, times):
+    """Child: store the same features under `key` over and over."""
+    import torch
+
+    from fiseclip_lib.cache import FeatureCache
+    from fiseclip_lib.encoder import Features
+
+    g = torch.Generator().manual_seed(0)  # both writers store the same features, as two workers encoding one image
+    feats = Features(layers={l: torch.randn(1, 1024, 64, generator=g) for l in (1, 2, 3)}, grid=(32, 32),
+                     global_embedding=torch.randn(1, 64, generator=g))
+    cache = FeatureCache(root)
+    for _ in range(times):
+        cache.put(key, feats, 0)
+    print("done")
+    return 0
+
+
+def embed_and_count(cfg, phrase, out):
+    """Child: text embeddings of `phrase` with a fresh encoder (saved to `out`); prints how many prompts went
+    through the text tower (CALLS n)."""
+    import torch
+
+    from fiseclip_lib.encoder import ClipEncoder, load_encoder
+    from fiseclip_lib.text import text_embeddings
+
+    calls = []
+    real = ClipEncoder.encode_text
+    ClipEncoder.encode_text = lambda self, p: calls.append(len(p)) or real(self, p)
+    torch.save(text_embeddings(load_encoder(**cfg), phrase), out)
+    print("CALLS", len(calls))
+    return 0

@@ -27,8 +27,8 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     assert digest(a) != digest(c)
 
 
-def test_default_demo_has_enough_images_and_anomalies(tmp_path):
-    root = build_demo(tmp_path / "demo")
+def test_default_demo_has_enough_images_and_anomalies(default_demo):
+    root = default_demo
     samples = D.load_mvtec(root)
     cats = D.categories_of(samples)
     assert len(cats) >= 2

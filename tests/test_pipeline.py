@@ -128,12 +128,10 @@ def test_run_writes_outputs_and_is_byte_identical_across_runs_and_encode_batches
     assert conf["config"]["restore"] == "clearclip" and "git_commit" in conf and "wall_time_s" in conf
 
 
-def test_musc_with_efficientnet_on_demo_reaches_targets(tmp_path):
+def test_musc_with_efficientnet_on_demo_reaches_targets(default_demo, tmp_path):
     """Real ImageNet features on real textures with synthetic defects: MuSc's pipeline (whole category as one
     pool, RsCIN) at 128 px reached pixel 0.925 / image 0.878 AUROC (256 px: 0.94 / 0.81, 10x the matching)."""
-    from fiseclip_lib.demo import build_demo
-
-    root = build_demo(tmp_path / "demo")
+    root = default_demo
     cfg = FiseConfig(method="musc", model="efficientnet-lite0", pretrained="imagenet", image_size=128, device="cpu")
     df = run_benchmark("demo", root, cfg, tmp_path / "out", progress=False)
     mean = df[df.category == "mean"].iloc[0]

@@ -1,9 +1,6 @@
 """Bad inputs: each gives a one-line error naming the problem, or completes with the documented warning."""
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,7 +12,7 @@ from PIL import Image
 from fiseclip_lib import Detector, FiseConfig
 from fiseclip_lib.cli import main
 from fiseclip_lib.errors import FiseclipError
-from helpers import make_mvtec_tree
+from helpers import Fresh, cli, make_mvtec_tree, run_then_pause
 
 
 def img_path(root, cat="bottle", defect="crack", i=0):
@@ -160,30 +157,31 @@ def test_nan_features_are_a_clear_error(tiny_encoder, mvtec_tree):
 def test_killed_run_resumes_to_identical_metrics(tmp_path):
     from fiseclip_lib.demo import build_demo
 
-    root = build_demo(tmp_path / "demo", categories=("textile", "brick", "gravel"), n_good=24, n_defect=8,
-                      n_train=0, size=128)
-    base = [sys.executable, "-m", "fiseclip_lib", "run", "--dataset", "demo", "--root", str(root), "--model",
-            "fiseclip-tiny", "--pretrained", "none", "--image-size", "112", "--no-progress", "--no-feature-cache"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run(base + ["--out", str(tmp_path / "full")], check=True, env=env, capture_output=True)
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(base + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = out / "categories" / "brick.json"
+    root = build_demo(tmp_path / "demo", categories=("textile", "brick", "gravel"), n_good=6, n_defect=3,
+                      n_train=0, size=64)
+    args = ["run", "--dataset", "demo", "--root", str(root), "--model", "fiseclip-tiny", "--pretrained", "none",
+            "--image-size", "56", "--batch-size", "4", "--no-progress", "--no-feature-cache"]
+    full, out, marker = tmp_path / "full", tmp_path / "killed", tmp_path / "paused.pid"
+    # one process: the uninterrupted reference run, then the run to kill, paused in its second category
+    proc = Fresh(run_then_pause, str(marker), args + ["--out", str(full)], args + ["--out", str(out)])
     deadline = time.time() + 300
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
+    while not (marker.exists() and marker.read_text()) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.poll() is None, proc.wait()  # paused in the second category, not finished or failed
+    assert int(marker.read_text()) == proc.pid
+    proc.kill()  # SIGKILL
+    assert proc.wait()[0] == -signal.SIGKILL
     done = sorted(p.name for p in (out / "categories").glob("*.json"))
     assert "brick.json" in done and len(done) < 3, done  # killed between categories
     import json
 
     for p in (out / "categories").glob("*.json"):  # every file a later run would trust is complete
         json.loads(p.read_text())
-    r = subprocess.run(base + ["--out", str(out), "--resume"], check=True, env=env, capture_output=True, text=True)
-    assert "reused finished result" in r.stdout
+    code, text = Fresh(cli, args + ["--out", str(out), "--resume"]).wait()
+    assert code == 0, text
+    assert "reused finished result" in text
     for name in ("metrics.csv", "scores.csv"):
-        assert (out / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+        assert (out / name).read_bytes() == (full / name).read_bytes()
 
 
 @pytest.mark.parametrize("method", ["fiseclip", "musc"])

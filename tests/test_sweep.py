@@ -7,11 +7,10 @@ tests share one LocalCluster (processes, 2 workers) per module.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 from fiseclip_lib.cli import main
 from fiseclip_lib.errors import FiseclipError
 from fiseclip_lib.sweep import expand_grid, load_grid, run_sweep
-from helpers import make_mvtec_tree
+from helpers import Fresh, cli_without_dask, make_mvtec_tree, start_fresh_server, write_entry
 
 MODEL = "model: fiseclip-tiny\npretrained: none\nimage_size: 28\nbatch_size: 4\n"
 GRID = "dataset: mvtec\nroot: {root}\n" + MODEL + "method: [fiseclip, musc]\nalpha: [0.3, 0.7]\n"
@@ -45,12 +44,24 @@ def grid_file(data, tmp_path_factory):
 def serial(grid_file, tmp_path_factory):
     """The reference: the grid run with the local executor in a fresh process, which must not import Dask."""
     out = tmp_path_factory.mktemp("serial") / "sweep"
-    code = ("import sys; from fiseclip_lib.cli import main; rc = main(sys.argv[1:]); "
-            "assert not {'dask', 'distributed'} & set(sys.modules), 'local executor imported dask'; sys.exit(rc)")
-    r = subprocess.run([sys.executable, "-c", code, "sweep", str(grid_file), "--out", str(out), "--no-progress",
-                        "--no-feature-cache"], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 0, r.stderr
+    code, text = Fresh(cli_without_dask, ["sweep", str(grid_file), "--out", str(out), "--no-progress",
+                                          "--no-feature-cache"]).wait()
+    assert code == 0, text
     return out
+
+
+@contextlib.contextmanager
+def forked_workers():
+    """Dask worker processes forked from the fresh-process server (helpers.Fresh), which imported the library
+    once, instead of spawned interpreters that import it each: seconds per worker, and again after a kill.
+    They are still separate processes (own pid, killed with SIGKILL, restarted by their nanny)."""
+    import dask
+    import distributed  # noqa: F401 - its defaults must be in dask's config before one key is overridden
+
+    start_fresh_server()
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver",
+                          "distributed.worker.preload": [str(Path(__file__).with_name("fresh_preload.py"))]}):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +70,11 @@ def cluster():
 
     from distributed import LocalCluster
 
-    c = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                     silence_logs=logging.ERROR)
-    yield c
-    c.close()
+    with forked_workers():
+        c = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                         silence_logs=logging.ERROR)
+        yield c
+        c.close()
 
 
 # ------------------------------------------------------------------------------------------- expansion
@@ -166,8 +178,9 @@ def test_failed_task_is_one_line_and_the_others_are_kept(tmp_path, capsys):
 
 def test_dask_local_cluster_gives_the_same_bytes(grid_file, serial, tmp_path, capsys):
     out = tmp_path / "dask"
-    assert main(["sweep", str(grid_file), "--out", str(out), "--executor", "dask", "--workers", "2",
-                 "--no-feature-cache"]) == 0
+    with forked_workers():
+        assert main(["sweep", str(grid_file), "--out", str(out), "--executor", "dask", "--workers", "2",
+                     "--no-feature-cache"]) == 0
     text = capsys.readouterr().out
     assert "dask: scheduler tcp://" in text and "dashboard http" in text
     assert (out / "sweep.csv").read_bytes() == (serial / "sweep.csv").read_bytes()
@@ -228,19 +241,6 @@ def test_dask_resume_reuses_tasks_on_the_workers(cluster, grid_file, serial, tmp
 
 # ------------------------------------------------------------------------------------------- feature cache
 
-WRITER = """
-import sys, torch
-from fiseclip_lib.cache import FeatureCache
-from fiseclip_lib.encoder import Features
-g = torch.Generator().manual_seed(0)  # both writers store the same features, as two workers encoding one image
-feats = Features(layers={l: torch.randn(1, 1024, 64, generator=g) for l in (1, 2, 3)}, grid=(32, 32),
-                 global_embedding=torch.randn(1, 64, generator=g))
-cache = FeatureCache(sys.argv[1])
-for _ in range(int(sys.argv[3])):
-    cache.put(sys.argv[2], feats, 0)
-print("done")
-"""
-
 
 def test_two_processes_writing_one_cache_entry_never_tear_a_read(tmp_path):
     """Two processes write the same 800 KB entry over and over while this one reads it: every read is a miss
@@ -248,8 +248,7 @@ def test_two_processes_writing_one_cache_entry_never_tear_a_read(tmp_path):
     from fiseclip_lib.cache import FeatureCache
 
     root, key = tmp_path / "fc", "ab" * 32
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(root), key, "60"], stdout=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    procs = [Fresh(write_entry, str(root), key, 60) for _ in range(2)]
     cache = FeatureCache(root)
     import warnings
 
@@ -261,7 +260,7 @@ def test_two_processes_writing_one_cache_entry_never_tear_a_read(tmp_path):
             if f is not None:
                 hits += 1
                 assert f.layers[2].shape == (1, 1024, 64) and f.grid == (32, 32)
-    assert [p.communicate()[0].strip() for p in procs] == ["done", "done"]
+    assert [p.wait() for p in procs] == [(0, "done\n"), (0, "done\n")]
     assert cache.damaged == 0 and hits > 0
     assert cache.get(key, layers=(1, 2, 3)) is not None
     assert not list(root.glob("*/.*.tmp.safetensors"))  # no temp file left behind
@@ -315,8 +314,8 @@ ERRORS = {
     "scheduler malformed": ("root: {root}\ndataset: mvtec\n", ["--scheduler", "nonsense", "--connect-timeout", "2"],
                             "cannot reach the Dask scheduler at nonsense"),
     "scheduler unreachable": ("root: {root}\ndataset: mvtec\n", ["--scheduler", "tcp://127.0.0.1:9",
-                                                                 "--connect-timeout", "2"],
-                              "cannot reach the Dask scheduler at tcp://127.0.0.1:9 within 2 s"),
+                                                                 "--connect-timeout", "0.5"],
+                              "cannot reach the Dask scheduler at tcp://127.0.0.1:9 within 0.5 s"),
     "task error": ("root: {root}\ndataset: mvtec\n" + MODEL + "layers: [[99]]\n", [], "2 of 2 sweep tasks failed"),
 }
 

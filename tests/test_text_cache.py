@@ -1,7 +1,5 @@
 """Text embeddings cached on disk: a second Detector or process does not pay the prompt ensemble again."""
 import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -13,6 +11,7 @@ from fiseclip_lib.config import FiseConfig
 from fiseclip_lib.encoder import ClipEncoder, load_encoder
 from fiseclip_lib.pipeline import Detector
 from fiseclip_lib.text import build_prompts, text_cache_dir, text_cache_key, text_embeddings
+from helpers import Fresh, embed_and_count
 
 CFG = dict(model="fiseclip-tiny", pretrained="none", image_size=112, device="cpu")
 
@@ -64,21 +63,9 @@ def test_second_detector_reads_the_disk_cache(counted):
 def test_second_process_reads_the_disk_cache(counted, tmp_path):
     enc = load_encoder(**CFG)
     a = text_embeddings(enc, "screw head")
-    script = (
-        "import torch\n"
-        "from fiseclip_lib.encoder import ClipEncoder, load_encoder\n"
-        "from fiseclip_lib.text import text_embeddings\n"
-        "calls = []\n"
-        "real = ClipEncoder.encode_text\n"
-        "ClipEncoder.encode_text = lambda self, p: calls.append(len(p)) or real(self, p)\n"
-        f"emb = text_embeddings(load_encoder(**{CFG!r}), 'screw head')\n"
-        f"torch.save(emb, {str(tmp_path / 'emb.pt')!r})\n"
-        "print('CALLS', len(calls))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "CALLS 0" in out.stdout
+    code, text = Fresh(embed_and_count, CFG, "screw head", str(tmp_path / "emb.pt")).wait()
+    assert code == 0, text[-2000:]
+    assert "CALLS 0" in text
     assert torch.equal(torch.load(tmp_path / "emb.pt", weights_only=True), a)
 
 
