@@ -35,6 +35,9 @@ def git_commit() -> str:
 
 
 def versions() -> dict:
+    import sys
+    from importlib import metadata
+
     import numpy
     import torch
 
@@ -42,11 +45,16 @@ def versions() -> dict:
 
     out = {"fiseclip": __version__, "python": platform.python_version(), "torch": torch.__version__,
            "numpy": numpy.__version__}
-    for name in ("open_clip", "timm", "sklearn", "pandas", "papermill"):
+    # The installed distribution's version, without importing it (papermill, sklearn and open_clip cost seconds
+    # to import in every notebook kernel and run that records provenance); a module already loaded says its own.
+    for name, dist in (("open_clip", "open_clip_torch"), ("timm", "timm"), ("sklearn", "scikit-learn"),
+                       ("pandas", "pandas"), ("papermill", "papermill")):
+        if name in sys.modules:
+            out[name] = getattr(sys.modules[name], "__version__", "?")
+            continue
         try:
-            mod = __import__(name)
-            out[name] = getattr(mod, "__version__", "?")
-        except ImportError:
+            out[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
             pass
     return out
 

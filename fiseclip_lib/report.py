@@ -1,6 +1,7 @@
 """`fiseclip report`: run the numbered notebooks headless with papermill, render HTML, keep an index.
 
-Each notebook runs in its own kernel; one that fails still gets its executed notebook and HTML (showing the
+Each notebook runs in its own kernel (the next notebook's kernel starts, and imports what that notebook
+imports, while the current one runs); one that fails still gets its executed notebook and HTML (showing the
 error) and the others go on. The terminal shows each notebook's progress (cell k of n, elapsed seconds); the
 kernel's own log lines (its TCP notice, shutdown interrupts) go to a scratch file that is shown only when a
 notebook fails outside its cells.
@@ -30,6 +31,7 @@ import contextlib
 import datetime as _dt
 import html
 import json
+import logging
 import os
 import re
 import sys
@@ -307,13 +309,16 @@ def _kernel_log_tail(log, lines: int = 8) -> str:
     return "\n".join(l for l in text if "running over TCP without encryption" not in l)[-2000:] if text else ""
 
 
-def _progress_engine(name: str, say):
-    """A papermill engine that reports each code cell as it starts (cell k of n, elapsed seconds)."""
+def _progress_engine(name: str, say, warm: "_WarmKernel | None" = None):
+    """A papermill engine that reports each code cell as it starts (cell k of n, elapsed seconds) and runs the
+    notebook in `warm`'s kernel when given (else in a new one); the kernel is shut down when the notebook ends."""
+    from papermill.clientwrap import PapermillNotebookClient
     from papermill.engines import NBClientEngine
 
     class Progress(NBClientEngine):
         @classmethod
-        def execute_managed_notebook(cls, nb_man, kernel_name, **kwargs):
+        def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None,
+                                     stderr_file=None, start_timeout=60, execution_timeout=None, **kwargs):
             code = [i for i, c in enumerate(nb_man.nb.cells) if c.cell_type == "code"]
             t0 = time.time()
             start = nb_man.cell_start
@@ -325,9 +330,122 @@ def _progress_engine(name: str, say):
                 return start(cell, cell_index, **kw)
 
             nb_man.cell_start = cell_start
-            return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+            kwargs.pop("input_path", None)
+            client = PapermillNotebookClient(
+                nb_man, km=warm.km if warm is not None else None, timeout=execution_timeout,
+                startup_timeout=start_timeout, kernel_name=kernel_name, log=logging.getLogger("papermill"),
+                log_output=log_output, stdout_file=stdout_file, stderr_file=stderr_file, **kwargs)
+            return client.execute(cleanup_kc=True)  # shut the kernel down also when it was handed in
 
     return Progress
+
+
+class _WarmKernel:
+    """The kernel of the next notebook, started while the current one runs, already importing the modules the
+    notebook imports (and open_clip for a CLIP model): the notebooks run one after the other, and each would
+    otherwise spend its first seconds importing torch and the library while a core waits idle. The imports
+    bind no name in the notebook's namespace (a notebook that forgets an import still fails), and run silently
+    (no execution count). Its stderr goes to its own log."""
+
+    def __init__(self, book: Path, kernel_name: str, cwd: Path, params: dict):
+        from jupyter_client.manager import AsyncKernelManager
+        from jupyter_core.utils import run_sync
+
+        self.log = tempfile.TemporaryFile(mode="w+b")
+        self.km = AsyncKernelManager(kernel_name=kernel_name)
+        self.kc = None
+        run_sync(self.km.start_kernel)(cwd=str(cwd), stderr=self.log,
+                                       extra_arguments=["--HistoryManager.hist_file=:memory:"])
+        try:
+            self.kc = self.km.blocking_client()
+            self.kc.start_channels()
+            modules = _imports_of(book) + (["open_clip"] if _uses_clip(params) else [])
+            self.msg_id = self.kc.execute(
+                "def _fiseclip_warm(names):\n"
+                "    import importlib\n"
+                "    for name in names:\n"
+                "        try:\n"
+                "            importlib.import_module(name)\n"
+                "        except Exception:\n"
+                "            pass\n"
+                f"_fiseclip_warm({modules!r})\n"
+                "del _fiseclip_warm\n", silent=True, store_history=False, allow_stdin=False)
+        except BaseException:
+            self.close()
+            raise
+
+    def ready(self, timeout: float) -> bool:
+        """Wait for the imports (True); False when the kernel died or took longer than `timeout` (then it is
+        closed and the notebook gets a new kernel)."""
+        import queue
+
+        deadline = time.time() + timeout
+        try:
+            while time.time() < deadline:
+                try:
+                    msg = self.kc.get_shell_msg(timeout=1)
+                except queue.Empty:
+                    if self._process().poll() is not None:
+                        break
+                    continue
+                if msg.get("parent_header", {}).get("msg_id") == self.msg_id:
+                    return True
+        finally:
+            self.kc.stop_channels()
+        self.close()
+        return False
+
+    def _process(self):
+        return self.km.provisioner.process  # the local kernel's Popen
+
+    def close(self) -> None:
+        """Kill the kernel (its process group) if it still runs. Done without the event loop that the notebook
+        client shares: after an interrupt, running that loop would resume the client's pending tasks."""
+        import signal
+
+        with contextlib.suppress(Exception):
+            proc = self._process()
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # kernels lead their own process group
+                except OSError:
+                    proc.kill()
+                proc.wait(timeout=10)
+        with contextlib.suppress(Exception):
+            self.km.cleanup_connection_file()
+        if self.kc is not None:
+            with contextlib.suppress(Exception):
+                self.kc.stop_channels()
+        self.log.close()
+
+
+def _imports_of(book: Path) -> list[str]:
+    """The absolute modules a notebook's code cells import (`from a import b` gives a and a.b: b may be a
+    module); cells that are not plain Python (magics) are skipped."""
+    import nbformat
+
+    names = []
+    for cell in nbformat.read(str(book), as_version=4).cells:
+        if cell.cell_type != "code":
+            continue
+        try:
+            tree = ast.parse(cell.source)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names += [node.module] + [f"{node.module}.{a.name}" for a in node.names if a.name != "*"]
+    return list(dict.fromkeys(names))
+
+
+def _uses_clip(params: dict) -> bool:
+    """Whether the notebook's `model` parameter names a CLIP (open_clip) model."""
+    from .encoder import EFFICIENTNET_MODEL
+
+    model = params.get("model")
+    return isinstance(model, str) and bool(model) and model != EFFICIENTNET_MODEL
 
 
 def run_reports(out, params: dict | None = None, only: str | None = None, notebooks_dir=None,
@@ -385,14 +503,24 @@ def _run_reports_locked(out: Path, params, only, notebooks_dir, kernel_name, tim
     os.environ.pop("MPLBACKEND", None)
     os.environ[HEADLESS_ENV] = "1"
     say = (lambda s: print(s, flush=True)) if verbose else (lambda s: None)
+    warm = None
     try:
         for k, book in enumerate(books, start=1):
             say(f"[report] {book.stem} ({k} of {len(books)}) ...")
-            rec = _run_one(book, out, params, notebooks_dir, kernel_name, timeout, prov, say)
+            mine, warm = warm, None
+            if k < len(books):  # the next notebook's kernel imports while this one runs
+                nxt = books[k]
+                with contextlib.suppress(Exception):  # no warm kernel (the notebook starts its own and says why)
+                    defaults = _notebook_params(nxt)
+                    warm = _WarmKernel(nxt, kernel_name, notebooks_dir,
+                                       {**defaults, **notebook_parameters(params, defaults)})
+            rec = _run_one(book, out, params, notebooks_dir, kernel_name, timeout, prov, say, mine)
             results.append(rec)
             rows[rec["name"]] = rec
             _index(out, [rows[n] for n in sorted(rows)], prov)
     finally:
+        if warm is not None:
+            warm.close()
         for key, v in saved.items():
             if v is None:
                 os.environ.pop(key, None)
@@ -402,8 +530,9 @@ def _run_reports_locked(out: Path, params, only, notebooks_dir, kernel_name, tim
 
 
 def _run_one(book: Path, out: Path, params: dict, notebooks_dir: Path, kernel_name: str, timeout, prov,
-             say) -> dict:
-    """Execute one notebook into `out` (.ipynb and .html, both even when it fails); return its record."""
+             say, warm: _WarmKernel | None = None) -> dict:
+    """Execute one notebook into `out` (.ipynb and .html, both even when it fails), in `warm`'s kernel when
+    given; return its record."""
     import nbformat
     import papermill as pm
 
@@ -416,18 +545,26 @@ def _run_one(book: Path, out: Path, params: dict, notebooks_dir: Path, kernel_na
     status, error, tail = "ok", "", ""
     from papermill.engines import papermill_engines
 
-    papermill_engines.register("fiseclip-progress", _progress_engine(name, say))
+    if warm is not None and not warm.ready(timeout):
+        warm = None
+    papermill_engines.register("fiseclip-progress", _progress_engine(name, say, warm))
     with atomic_path(out / f"{name}.ipynb") as tmp:
         with _kernel_log() as log:
             try:
+                # The kernel is stopped at once (its process group killed) when the cells are done: a graceful
+                # shutdown waits ~2 s per notebook for IPython's exit routine, and nothing of a finished notebook
+                # lives in its kernel (results are in the executed notebook, tables are written atomically).
                 pm.execute_notebook(str(book), str(tmp), parameters=params, cwd=str(notebooks_dir),
                                     kernel_name=kernel_name, progress_bar=False, execution_timeout=timeout,
-                                    engine_name="fiseclip-progress")
+                                    engine_name="fiseclip-progress", shutdown_kernel="immediate")
             except pm.PapermillExecutionError as e:
                 status, error = "failed", f"{e.ename}: {str(e.evalue).splitlines()[0] if e.evalue else ''}"
             except Exception as e:  # kernel died, bad notebook, ...
                 status, error = "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                tail = _kernel_log_tail(log)
+                tail = "\n".join(t for t in (_kernel_log_tail(warm.log) if warm else "", _kernel_log_tail(log)) if t)
+            finally:
+                if warm is not None:
+                    warm.close()  # normally shut down with the notebook already
         if tail:
             say(f"[report] {name}: kernel log:\n{tail}")
         if not tmp.exists() or tmp.stat().st_size == 0:

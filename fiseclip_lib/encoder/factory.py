@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -43,6 +44,15 @@ def _quiet_logging():
         yield
     finally:
         root.setLevel(level)
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer(model: str, text_cfg: str):
+    """open_clip's tokenizer of `model`, built once per process and text config: parsing the BPE vocabulary
+    costs ~0.1 s, paid by every encoder otherwise; a tokenizer keeps no per-encoder state (a memo of merges)."""
+    import open_clip
+
+    return open_clip.get_tokenizer(model)
 
 
 def _model_config(model: str) -> dict:
@@ -139,7 +149,8 @@ def load_encoder(model: str = "ViT-L-14-336", pretrained: str = "openai", image_
     check_restore_depth(restore_depth, n, model)
     quarter = [max(1, round(n * q / 4)) for q in (1, 2, 3, 4)]
     return ClipEncoder(
-        clip, open_clip.get_tokenizer(model), model_name=model, weights=str(pretrained),
+        clip, _tokenizer(model, json.dumps(model_cfg.get("text_cfg"), sort_keys=True, default=str)),
+        model_name=model, weights=str(pretrained),
         pretrained=not is_random, image_size=image_size, patch_size=ps, device=dev, precision=precision,
         num_layers=n, default_layers=tuple(sorted(set(quarter))), mean=prep.mean, std=prep.std,
         has_text=True, weights_id=weights_id, interpolation=prep.interpolation, quick_gelu=bool(gelu),
