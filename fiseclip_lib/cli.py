@@ -398,6 +398,12 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {_one_line(str(message))}", file=file or sys.stderr)
 
 
+# What an interrupted command leaves behind (every output is written atomically, so nothing is half-written).
+_INTERRUPTED = {"run": "; finished categories are kept (rerun with --resume)",
+                "sweep": "; finished tasks are kept (rerun with --resume)",
+                "report": "; finished reports are kept (rerun the others with --only)"}
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -415,7 +421,7 @@ def main(argv=None) -> int:
             print(f"fiseclip: error: {_one_line(str(e))}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print("fiseclip: interrupted; finished categories are kept (rerun with --resume)", file=sys.stderr)
+            print(f"fiseclip: interrupted{_INTERRUPTED.get(args.command, '')}", file=sys.stderr)
             return 130
         except (MemoryError, RuntimeError) as e:
             if debug or not _is_out_of_memory(e):

@@ -58,3 +58,23 @@ def test_resume_reuses_finished_categories(small_demo, tmp_path, capsys):
 def test_module_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "fiseclip_lib", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "demo-data" in r.stdout and "run" in r.stdout
+
+
+def test_ctrl_c_says_what_each_command_keeps(monkeypatch, tmp_path, capsys):
+    import fiseclip_lib.cli as C
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    for name in ("cmd_run", "cmd_sweep", "cmd_report", "cmd_demo_data"):
+        monkeypatch.setattr(C, name, interrupted)
+    said = {}
+    for argv in (["run", "--dataset", "demo", "--root", str(tmp_path), "--out", str(tmp_path / "o")],
+                 ["sweep", str(tmp_path / "g.yaml"), "--out", str(tmp_path / "s")],
+                 ["report", "--out", str(tmp_path / "r")], ["demo-data", "--out", str(tmp_path / "d")]):
+        assert main(argv) == 130
+        said[argv[0]] = capsys.readouterr().err.strip()
+    assert said == {"run": "fiseclip: interrupted; finished categories are kept (rerun with --resume)",
+                    "sweep": "fiseclip: interrupted; finished tasks are kept (rerun with --resume)",
+                    "report": "fiseclip: interrupted; finished reports are kept (rerun the others with --only)",
+                    "demo-data": "fiseclip: interrupted"}
