@@ -311,8 +311,8 @@ class Session:
 def setup(notebook: str, dataset: str = "demo", root="../demo_data", categories=None, model: str = "fiseclip-tiny",
           pretrained: str = "none", image_size: int | None = 168, batch_size: int = 16, seed: int = 0,
           device: str = "auto", options: dict | None = None, baseline_model: str = "",
-          baseline_pretrained: str = "imagenet", run_dir="../runs/notebooks", threads: int | None = None,
-          show: bool = True) -> Session:
+          baseline_pretrained: str = "imagenet", baseline_image_size: int | None = None,
+          run_dir="../runs/notebooks", threads: int | None = None, show: bool = True) -> Session:
     """Everything a notebook needs before its lesson, in one call.
 
     Args:
@@ -323,6 +323,8 @@ def setup(notebook: str, dataset: str = "demo", root="../demo_data", categories=
         options: any other FiseConfig field.
         baseline_model, baseline_pretrained: a second encoder ("" for none), e.g. real ImageNet
             EfficientNet-Lite0 features for the matching branch.
+        baseline_image_size: its input size (default: the CLIP's); a study that runs the CNN at another size
+            loads it here, so that the provenance names the encoder its numbers come from.
         run_dir: where tables are written.
         threads: torch threads (default: the CPUs this process may use).
         show: display the provenance (encoders, weights banner, data, versions).
@@ -344,8 +346,8 @@ def setup(notebook: str, dataset: str = "demo", root="../demo_data", categories=
                      device=device).replace(**options)
     encoder = load_encoder(cfg.model, cfg.weights_tag, cfg.input_size, cfg.device, cfg.precision, cfg.cache_dir,
                            seed=seed, quick_gelu=cfg.quick_gelu, restore_depth=cfg.restore_depth)
-    baseline = (load_encoder(baseline_model, baseline_pretrained, cfg.input_size, cfg.device, seed=seed)
-                if baseline_model else None)
+    baseline = (load_encoder(baseline_model, baseline_pretrained, baseline_image_size or cfg.input_size, cfg.device,
+                             seed=seed) if baseline_model else None)
     session = Session(notebook=notebook, dataset=dataset, root=str(root), categories=cats, samples=samples, cfg=cfg,
                       encoder=encoder, baseline=baseline, cache=FeatureCache(), run_dir=Path(run_dir))
     if show:

@@ -130,3 +130,14 @@ def test_result_is_one_display_with_the_record(monkeypatch):
     rec = bundle[wb.RESULT_MIME]
     assert rec["text"] == "a $b$ c" and rec["tables"] == {"t": "/x/t.csv"} and rec["notebook"] == "07"
     assert rec["numbers_from"][0]["kind"] == "simulated"
+
+
+def test_setup_loads_the_baseline_at_its_own_size_and_names_it_in_the_provenance(small_demo, tmp_path):
+    S = wb.setup("t", root=small_demo, model="fiseclip-tiny", pretrained="none", image_size=112,
+                 baseline_model="efficientnet-lite0", baseline_pretrained="none", baseline_image_size=64,
+                 run_dir=tmp_path, show=False)
+    assert (S.encoder.image_size, S.baseline.image_size) == (112, 64)
+    assert [e.image_size for e in S.encoders] == [112, 64]
+    default = wb.setup("t", root=small_demo, model="fiseclip-tiny", pretrained="none", image_size=112,
+                       baseline_model="efficientnet-lite0", baseline_pretrained="none", run_dir=tmp_path, show=False)
+    assert default.baseline.image_size == 112
