@@ -4,8 +4,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
+
+# Names of atomic_path's temporary files (mkstemp: prefix ".<stem>.", 8 random characters, suffix ".tmp<ext>").
+DEBRIS = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
 
 
 def current_umask() -> int:
@@ -35,6 +39,28 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_debris(*folders) -> list[Path]:
+    """Remove the temporary files of `atomic_path` that a killed writer left directly in `folders`.
+
+    Call it only while holding the folder's `output_lock`: then no other writer can be mid-write there.
+
+    Args:
+        folders: folders to clean (missing ones are skipped; subfolders are not searched).
+    Returns:
+        the removed paths.
+    """
+    removed = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if DEBRIS.match(p.name) and p.is_file():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(p)
+    return removed
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

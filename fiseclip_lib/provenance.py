@@ -1,6 +1,7 @@
 """Provenance: versions, git commit and machine facts recorded with every result."""
 from __future__ import annotations
 
+import contextlib
 import platform
 import subprocess
 from pathlib import Path
@@ -45,18 +46,44 @@ def versions() -> dict:
 
     out = {"fiseclip": __version__, "python": platform.python_version(), "torch": torch.__version__,
            "numpy": numpy.__version__}
-    # The installed distribution's version, without importing it (papermill, sklearn and open_clip cost seconds
-    # to import in every notebook kernel and run that records provenance); a module already loaded says its own.
     for name, dist in (("open_clip", "open_clip_torch"), ("timm", "timm"), ("sklearn", "scikit-learn"),
                        ("pandas", "pandas"), ("papermill", "papermill")):
-        if name in sys.modules:
-            out[name] = getattr(sys.modules[name], "__version__", "?")
-            continue
-        try:
-            out[name] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
+        version = _module_version(name, dist)
+        if version is not None:
+            out[name] = version
     return out
+
+
+def _module_version(name: str, dist: str) -> str | None:
+    """The version of the module `import name` would load (None if it cannot be imported).
+
+    Read from the installed distribution `dist` without importing the module when that distribution is what
+    the import would load (papermill, sklearn and open_clip cost seconds to import in every notebook kernel
+    and run that records provenance); otherwise (a checkout earlier on sys.path, an editable install) from
+    the module itself."""
+    import importlib
+    import importlib.util
+    import sys
+    from importlib import metadata
+
+    module = sys.modules.get(name)
+    if module is None:
+        try:
+            spec = importlib.util.find_spec(name)  # locates the package without running it
+        except (ImportError, ValueError):
+            return None
+        if spec is None:
+            return None
+        with contextlib.suppress(metadata.PackageNotFoundError, TypeError, OSError):
+            installed = metadata.distribution(dist)
+            init = Path(installed.locate_file(f"{name}/__init__.py"))
+            if spec.origin and init.is_file() and init.resolve() == Path(spec.origin).resolve():
+                return installed.version
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a broken optional package is left out of the record
+            return None
+    return str(getattr(module, "__version__", "?"))
 
 
 def machine() -> dict:

@@ -40,7 +40,7 @@ import time
 import warnings
 from pathlib import Path
 
-from ._io import atomic_path, output_lock, write_json_atomic, write_text_atomic
+from ._io import atomic_path, output_lock, remove_debris, write_json_atomic, write_text_atomic
 from .encoder import is_random_weights
 from .errors import FiseclipError
 from .provenance import banner_html, provenance
@@ -49,8 +49,6 @@ from .workbench import HEADLESS_ENV, IGNORE_MATH_CLASS, RESULT_MIME
 PATH_PARAMS = ("root", "run_dir", "sweep_dir")  # parameters that are paths: made absolute before reaching the notebooks
 INDEX_PARAMS = ("dataset", "model", "pretrained", "image_size", "batch_size", "seed")  # shown per index row
 CELL_TIMEOUT_S = 1800  # a cell that runs longer fails its notebook instead of stalling the whole series
-# Temporary files of `_io.atomic_path` (mkstemp: prefix ".<stem>.", 8 random characters, suffix ".tmp<ext>").
-DEBRIS = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
 
 
 def default_notebooks_dir() -> Path:
@@ -277,15 +275,8 @@ def _index(out: Path, results: list[dict], prov: dict) -> None:
 
 def clean_debris(out: Path) -> list[Path]:
     """Remove temporary files of our own naming left in `out` (and its `_runs/`) by a killed run."""
-    removed = []
-    for folder in [out] + ([out / "_runs"] if (out / "_runs").is_dir() else []):
-        paths = folder.iterdir() if folder == out else folder.rglob(".*")
-        for p in paths:
-            if p.is_file() and DEBRIS.match(p.name):
-                with contextlib.suppress(OSError):
-                    p.unlink()
-                    removed.append(p)
-    return removed
+    runs = out / "_runs"
+    return remove_debris(out, *(sorted({p.parent for p in runs.rglob(".*")}) if runs.is_dir() else []))
 
 
 @contextlib.contextmanager
@@ -503,7 +494,7 @@ def _run_reports_locked(out: Path, params, only, notebooks_dir, kernel_name, tim
     os.environ.pop("MPLBACKEND", None)
     os.environ[HEADLESS_ENV] = "1"
     say = (lambda s: print(s, flush=True)) if verbose else (lambda s: None)
-    warm = None
+    warm = mine = None
     try:
         for k, book in enumerate(books, start=1):
             say(f"[report] {book.stem} ({k} of {len(books)}) ...")
@@ -519,8 +510,9 @@ def _run_reports_locked(out: Path, params, only, notebooks_dir, kernel_name, tim
             rows[rec["name"]] = rec
             _index(out, [rows[n] for n in sorted(rows)], prov)
     finally:
-        if warm is not None:
-            warm.close()
+        for kernel in (mine, warm):  # also when interrupted before the notebook took its kernel over
+            if kernel is not None:
+                kernel.close()
         for key, v in saved.items():
             if v is None:
                 os.environ.pop(key, None)

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from . import data as D
-from ._io import atomic_path, output_lock, write_json_atomic, write_text_atomic
+from ._io import atomic_path, output_lock, remove_debris, write_json_atomic, write_text_atomic
 from .cache import FeatureCache
 from .config import FiseConfig
 from .errors import FiseclipError
@@ -252,6 +252,7 @@ def run_benchmark(dataset: str, root, config: FiseConfig, out, categories=None, 
 
 def _run_locked(dataset, root, config, out, categories, save_maps, resume, progress, detector, cache):
     t0 = time.time()
+    remove_debris(out, out / "categories", out / "maps")  # temporary files of a killed run (we hold the lock)
     samples = prepare_dataset(dataset, root, categories)
     cats = D.categories_of(samples) if not categories else list(categories)
     detector = detector or Detector(config, cache=cache)

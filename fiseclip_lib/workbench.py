@@ -346,8 +346,9 @@ def setup(notebook: str, dataset: str = "demo", root="../demo_data", categories=
                      device=device).replace(**options)
     encoder = load_encoder(cfg.model, cfg.weights_tag, cfg.input_size, cfg.device, cfg.precision, cfg.cache_dir,
                            seed=seed, quick_gelu=cfg.quick_gelu, restore_depth=cfg.restore_depth)
-    baseline = (load_encoder(baseline_model, baseline_pretrained, baseline_image_size or cfg.input_size, cfg.device,
-                             seed=seed) if baseline_model else None)
+    baseline_size = cfg.input_size if baseline_image_size is None else baseline_image_size
+    baseline = (load_encoder(baseline_model, baseline_pretrained, baseline_size, cfg.device, seed=seed)
+                if baseline_model else None)
     session = Session(notebook=notebook, dataset=dataset, root=str(root), categories=cats, samples=samples, cfg=cfg,
                       encoder=encoder, baseline=baseline, cache=FeatureCache(), run_dir=Path(run_dir))
     if show:

@@ -46,6 +46,9 @@ def pytest_sessionfinish(session):
     if server._forkserver_pid is not None:
         os.kill(server._forkserver_pid, signal.SIGKILL)
     server._stop()  # closes its pipe and waits for it, as CPython's own tests do; a no-op when never started
+    import shutil
+
+    shutil.rmtree(os.environ["FISECLIP_FEATURE_CACHE"], ignore_errors=True)  # this process's scratch cache
 
 
 @pytest.fixture(scope="session")

@@ -100,8 +100,9 @@ def start_fresh_server() -> None:
     forkserver.ensure_running()
 
 
-def _in_child(log, env, fn, args):
-    """In the child: this environment, stdout and stderr into `log`, then `fn(*args)` as the exit code."""
+def _in_child(log, env, cwd, fn, args):
+    """In the child: this environment and working directory, stdout and stderr into `log`, then `fn(*args)` as
+    the exit code."""
     import os
     import sys
 
@@ -109,6 +110,7 @@ def _in_child(log, env, fn, args):
 
     os.environ.clear()
     os.environ.update(env)
+    os.chdir(cwd)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -117,8 +119,8 @@ def _in_child(log, env, fn, args):
 
 
 class Fresh:
-    """`fn(*args)` in a fresh process (see above) with environment `env` (default: this one) and its stdout and
-    stderr in one log; `fn` must be a module-level function of an importable module (here, `helpers`) and
+    """`fn(*args)` in a fresh process (see above) with environment `env` (default: this one), this working
+    directory, and its stdout and stderr in one log; `fn` must be a module-level function of an importable module (here, `helpers`) and
     returns the exit code."""
 
     def __init__(self, fn, *args, env: dict | None = None):
@@ -127,7 +129,8 @@ class Fresh:
 
         fd, self.log = tempfile.mkstemp(prefix="fresh-", suffix=".log")
         os.close(fd)
-        self.proc = fresh_context().Process(target=_in_child, args=(self.log, dict(env or os.environ), fn, args))
+        self.proc = fresh_context().Process(
+            target=_in_child, args=(self.log, dict(os.environ if env is None else env), os.getcwd(), fn, args))
         self.proc.start()
         self.pid = self.proc.pid
         _STARTED.append(self)
@@ -190,27 +193,44 @@ def cli_without_dask(argv):
     return code
 
 
-def run_then_pause(marker, full_argv, argv):
-    """Child: `fiseclip run` uninterrupted (`full_argv`), then again (`argv`) with a pause at the start of its
-    second category (the first one's result is on disk): the pid goes to `marker` and the process waits to be
-    killed."""
+def run_then_pause(marker, full_argv, argv, where="category"):
+    """Child: `fiseclip run` uninterrupted (`full_argv`), then again (`argv`) until it reaches `where`, where
+    the pid goes to `marker` and the process waits to be killed. `where`: "category" pauses at the start of the
+    second category (the first one's result is on disk); "NAME@K" pauses on the K-th atomic write to the file
+    NAME, its temporary file complete but not yet renamed into place."""
     import os
     import time
 
     import fiseclip_lib.run as R
 
     assert cli(full_argv) == 0
-    score, seen = R.score_and_evaluate, []
 
-    def pausing(detector, samples, category, **kw):
-        seen.append(category)
-        if len(seen) == 2:
-            with open(marker, "w") as f:
-                f.write(str(os.getpid()))
-            time.sleep(300)
-        return score(detector, samples, category, **kw)
+    def pause():
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(300)
 
-    R.score_and_evaluate = pausing
+    if where == "category":
+        score, seen = R.score_and_evaluate, []
+
+        def pausing(detector, samples, category, **kw):
+            seen.append(category)
+            if len(seen) == 2:
+                pause()
+            return score(detector, samples, category, **kw)
+
+        R.score_and_evaluate = pausing
+    else:
+        replace, (name, k), writes = os.replace, where.split("@"), []
+
+        def pausing_replace(src, dst, *a, **kw):
+            if os.path.basename(dst) == name:
+                writes.append(dst)
+                if len(writes) == int(k):
+                    pause()
+            return replace(src, dst, *a, **kw)
+
+        os.replace = pausing_replace  # this child only
     return cli(argv)
 
 

@@ -373,3 +373,24 @@ def test_restore_depth_one_is_the_last_block_and_deeper_matches_a_naive_dual_pat
     for bad in (0, 5):
         with pytest.raises(FiseclipError, match="restore_depth"):
             load_encoder("fiseclip-tiny", "none", image_size=112, device="cpu", restore_depth=bad)
+
+
+def test_bpe_tokenizer_is_shared_and_a_hugging_face_one_is_not(monkeypatch):
+    """The BPE tokenizer is built once per model and text config; a Hugging Face (Rust) tokenizer, which two
+    threads must not share, once per encoder."""
+    import open_clip
+
+    from fiseclip_lib.encoder import factory
+
+    built = []
+    monkeypatch.setattr(open_clip, "get_tokenizer", lambda model: built.append(model) or object())
+    factory._bpe_tokenizer.cache_clear()
+    try:
+        bpe = [factory._tokenizer("m-bpe", {"context_length": 77}) for _ in range(2)]
+        other_cfg = factory._tokenizer("m-bpe", {"context_length": 64})
+        hf = [factory._tokenizer("m-hf", {"hf_tokenizer_name": "x"}) for _ in range(2)]
+    finally:
+        factory._bpe_tokenizer.cache_clear()  # no fake tokenizer for later tests
+    assert bpe[0] is bpe[1] and other_cfg is not bpe[0]
+    assert hf[0] is not hf[1]
+    assert built == ["m-bpe", "m-bpe", "m-hf", "m-hf"]

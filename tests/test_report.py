@@ -216,3 +216,64 @@ def test_a_terminated_report_leaves_no_temporary_file(tmp_path):
     code, text = proc.wait(120)
     assert code not in (0, None), text
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+
+
+def _kernel_children() -> list[int]:
+    """Live kernel processes started by this process."""
+    import os
+    from pathlib import Path
+
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and b"ipykernel" in cmd:
+            found.append(int(d.name))
+    return found
+
+
+def test_warm_kernels_bind_no_names_and_none_outlives_the_series(tmp_path, monkeypatch):
+    """The next notebook's kernel imports its modules ahead of time, but binds no name (a notebook that uses a
+    module before importing it still fails), and no kernel is left running: not after the series, not after an
+    interrupt while a warm kernel was still importing."""
+    import fiseclip_lib.report as R
+
+    books = tmp_path / "nbs"
+    books.mkdir()
+    write_nb(books / "00_a.ipynb", "pretrained = 'none'", "x = 1")
+    write_nb(books / "01_b.ipynb", "pretrained = 'none'", "pid = os.getpid()\nimport os")  # os used too early
+    write_nb(books / "02_c.ipynb", "pretrained = 'none'", "import os\npid = os.getpid()")
+    assert R._imports_of(books / "01_b.ipynb") == ["os"]
+    res = run_reports(tmp_path / "out", {}, notebooks_dir=books, verbose=False)
+    assert [(r["status"], r["error"].split(":")[0]) for r in res] == [("ok", ""), ("failed", "NameError"),
+                                                                       ("ok", "")]
+    assert _kernel_children() == []
+
+    def interrupted(self, timeout):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(R._WarmKernel, "ready", interrupted)  # Ctrl-C while 01's warm kernel is importing
+    with pytest.raises(KeyboardInterrupt):
+        run_reports(tmp_path / "out2", {}, notebooks_dir=books, verbose=False)
+    assert _kernel_children() == []
+
+
+def test_recorded_versions_are_those_of_the_module_an_import_would_load(tmp_path, monkeypatch):
+    """Read from the installed distribution without importing it, unless another copy comes first on sys.path
+    (a checkout, an editable install): then that copy's own version."""
+    import sys
+    from importlib import metadata
+
+    from fiseclip_lib.provenance import _module_version
+
+    monkeypatch.delitem(sys.modules, "papermill", raising=False)  # restored afterwards
+    assert _module_version("papermill", "papermill") == metadata.version("papermill")
+    assert "papermill" not in sys.modules  # the version came without the import
+    (tmp_path / "papermill").mkdir()
+    (tmp_path / "papermill" / "__init__.py").write_text('__version__ = "0.0-shadow"\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _module_version("papermill", "papermill") == "0.0-shadow"
+    assert _module_version("no_such_module_xyz", "no-such-dist") is None

@@ -154,7 +154,11 @@ def test_nan_features_are_a_clear_error(tiny_encoder, mvtec_tree):
         det.score_batch([path, path], "bottle")
 
 
-def test_killed_run_resumes_to_identical_metrics(tmp_path):
+# Where the run is killed: between categories; inside the atomic write of the second category's result; inside
+# the write of scores.csv after the first category (its 1st write is the empty one at the start; config.json
+# already rewritten, metrics.csv removed).
+@pytest.mark.parametrize("where", ["category", "gravel.json@1", "scores.csv@2"])
+def test_killed_run_resumes_to_identical_metrics(tmp_path, where):
     from fiseclip_lib.demo import build_demo
 
     root = build_demo(tmp_path / "demo", categories=("textile", "brick", "gravel"), n_good=6, n_defect=3,
@@ -162,17 +166,19 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path):
     args = ["run", "--dataset", "demo", "--root", str(root), "--model", "fiseclip-tiny", "--pretrained", "none",
             "--image-size", "56", "--batch-size", "4", "--no-progress", "--no-feature-cache"]
     full, out, marker = tmp_path / "full", tmp_path / "killed", tmp_path / "paused.pid"
-    # one process: the uninterrupted reference run, then the run to kill, paused in its second category
-    proc = Fresh(run_then_pause, str(marker), args + ["--out", str(full)], args + ["--out", str(out)])
+    # one process: the uninterrupted reference run, then the run to kill, paused at `where`
+    proc = Fresh(run_then_pause, str(marker), args + ["--out", str(full)], args + ["--out", str(out)], where)
     deadline = time.time() + 300
     while not (marker.exists() and marker.read_text()) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    assert proc.poll() is None, proc.wait()  # paused in the second category, not finished or failed
+    assert proc.poll() is None, proc.wait()  # paused, not finished or failed
     assert int(marker.read_text()) == proc.pid
     proc.kill()  # SIGKILL
     assert proc.wait()[0] == -signal.SIGKILL
-    done = sorted(p.name for p in (out / "categories").glob("*.json"))
-    assert "brick.json" in done and len(done) < 3, done  # killed between categories
+    done = sorted(p.name for p in (out / "categories").glob("[!.]*.json"))
+    assert done == ["brick.json"], done  # the first category finished, the second not
+    debris = [p for p in out.rglob(".*.tmp*")]
+    assert bool(debris) == (where != "category"), debris  # a write cut short leaves its temporary file
     import json
 
     for p in (out / "categories").glob("*.json"):  # every file a later run would trust is complete
@@ -182,6 +188,7 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path):
     assert "reused finished result" in text
     for name in ("metrics.csv", "scores.csv"):
         assert (out / name).read_bytes() == (full / name).read_bytes()
+    assert not list(out.rglob(".*.tmp*"))  # the resumed run removed the killed run's temporary files
 
 
 @pytest.mark.parametrize("method", ["fiseclip", "musc"])

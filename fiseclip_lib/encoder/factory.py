@@ -46,10 +46,19 @@ def _quiet_logging():
         root.setLevel(level)
 
 
+def _tokenizer(model: str, text_cfg: dict):
+    """open_clip's tokenizer of `model`. The BPE tokenizer is built once per process and text config (parsing
+    its vocabulary costs ~0.1 s per encoder otherwise; it keeps no per-encoder state, only a memo of merges);
+    a Hugging Face tokenizer is built per encoder, since one Rust tokenizer must not serve two threads."""
+    import open_clip
+
+    if text_cfg.get("hf_tokenizer_name"):
+        return open_clip.get_tokenizer(model)
+    return _bpe_tokenizer(model, json.dumps(text_cfg, sort_keys=True, default=str))
+
+
 @functools.lru_cache(maxsize=None)
-def _tokenizer(model: str, text_cfg: str):
-    """open_clip's tokenizer of `model`, built once per process and text config: parsing the BPE vocabulary
-    costs ~0.1 s, paid by every encoder otherwise; a tokenizer keeps no per-encoder state (a memo of merges)."""
+def _bpe_tokenizer(model: str, text_cfg_key: str):
     import open_clip
 
     return open_clip.get_tokenizer(model)
@@ -149,7 +158,7 @@ def load_encoder(model: str = "ViT-L-14-336", pretrained: str = "openai", image_
     check_restore_depth(restore_depth, n, model)
     quarter = [max(1, round(n * q / 4)) for q in (1, 2, 3, 4)]
     return ClipEncoder(
-        clip, _tokenizer(model, json.dumps(model_cfg.get("text_cfg"), sort_keys=True, default=str)),
+        clip, _tokenizer(model, model_cfg.get("text_cfg") or {}),
         model_name=model, weights=str(pretrained),
         pretrained=not is_random, image_size=image_size, patch_size=ps, device=dev, precision=precision,
         num_layers=n, default_layers=tuple(sorted(set(quarter))), mean=prep.mean, std=prep.std,
