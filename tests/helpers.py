@@ -93,11 +93,29 @@ def fresh_context():
 
 
 def start_fresh_server() -> None:
-    """Start the forkserver now; it imports FRESH_PRELOAD in its own process while the tests go on."""
+    """Start the forkserver now (a no-op when it runs); it imports FRESH_PRELOAD in its own process while the
+    tests go on. Its stdout and stderr, which the processes forked from it inherit, go to /dev/null: pytest
+    captures neither for a process started outside a test, so the log lines of Dask workers (a failing task's
+    traceback, on purpose in test_sweep) would fill the terminal. A Fresh child writes into its own log; a
+    Dask task's error reaches the test through the client."""
+    import os
+    import sys
     from multiprocessing import forkserver
 
     fresh_context()
-    forkserver.ensure_running()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        forkserver.ensure_running()
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved + [null]:
+            os.close(fd)
 
 
 def _in_child(log, env, cwd, fn, args):
@@ -127,6 +145,7 @@ class Fresh:
         import os
         import tempfile
 
+        start_fresh_server()
         fd, self.log = tempfile.mkstemp(prefix="fresh-", suffix=".log")
         os.close(fd)
         self.proc = fresh_context().Process(
