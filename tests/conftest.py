@@ -37,7 +37,9 @@ def pytest_collection_finish(session):
 
 def pytest_sessionfinish(session):
     """Stop that server (at once: it may still be importing when the selected tests did not need it) and reap
-    it: no process outlives the session, and its work counts as the session's (CPU time of the test run)."""
+    it: no process outlives the session, and its work counts as the session's (CPU time of the test run).
+    Then remove this process's scratch feature cache."""
+    import shutil
     import signal
     from multiprocessing import forkserver
 
@@ -46,8 +48,6 @@ def pytest_sessionfinish(session):
     if server._forkserver_pid is not None:
         os.kill(server._forkserver_pid, signal.SIGKILL)
     server._stop()  # closes its pipe and waits for it, as CPython's own tests do; a no-op when never started
-    import shutil
-
     shutil.rmtree(os.environ["FISECLIP_FEATURE_CACHE"], ignore_errors=True)  # this process's scratch cache
 
 
