@@ -36,9 +36,6 @@ def git_commit() -> str:
 
 
 def versions() -> dict:
-    import sys
-    from importlib import metadata
-
     import numpy
     import torch
 

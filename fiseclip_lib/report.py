@@ -502,9 +502,7 @@ def _run_reports_locked(out: Path, params, only, notebooks_dir, kernel_name, tim
             if k < len(books):  # the next notebook's kernel imports while this one runs
                 nxt = books[k]
                 with contextlib.suppress(Exception):  # no warm kernel (the notebook starts its own and says why)
-                    defaults = _notebook_params(nxt)
-                    warm = _WarmKernel(nxt, kernel_name, notebooks_dir,
-                                       {**defaults, **notebook_parameters(params, defaults)})
+                    warm = _WarmKernel(nxt, kernel_name, notebooks_dir, _parameters_of(nxt, params)[1])
             rec = _run_one(book, out, params, notebooks_dir, kernel_name, timeout, prov, say, mine)
             results.append(rec)
             rows[rec["name"]] = rec
@@ -521,6 +519,13 @@ def _run_reports_locked(out: Path, params, only, notebooks_dir, kernel_name, tim
     return results
 
 
+def _parameters_of(book: Path, params: dict) -> tuple[dict, dict]:
+    """(the entries of `params` that notebook `book` declares, all its parameters with those applied)."""
+    defaults = _notebook_params(book)
+    overrides = notebook_parameters(params, defaults)
+    return overrides, {**defaults, **overrides}
+
+
 def _run_one(book: Path, out: Path, params: dict, notebooks_dir: Path, kernel_name: str, timeout, prov,
              say, warm: _WarmKernel | None = None) -> dict:
     """Execute one notebook into `out` (.ipynb and .html, both even when it fails), in `warm`'s kernel when
@@ -529,9 +534,7 @@ def _run_one(book: Path, out: Path, params: dict, notebooks_dir: Path, kernel_na
     import papermill as pm
 
     name = book.stem
-    defaults = _notebook_params(book)
-    params = notebook_parameters(params, defaults)
-    effective = {**defaults, **params}
+    params, effective = _parameters_of(book, params)
     run_date = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     t0 = time.time()
     status, error, tail = "ok", "", ""

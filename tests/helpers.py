@@ -138,8 +138,8 @@ def _in_child(log, env, cwd, fn, args):
 
 class Fresh:
     """`fn(*args)` in a fresh process (see above) with environment `env` (default: this one), this working
-    directory, and its stdout and stderr in one log; `fn` must be a module-level function of an importable module (here, `helpers`) and
-    returns the exit code."""
+    directory, and its stdout and stderr in one log; `fn` must be a module-level function of an importable
+    module (here, `helpers`) and returns the exit code."""
 
     def __init__(self, fn, *args, env: dict | None = None):
         import os
