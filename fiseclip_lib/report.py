@@ -193,8 +193,14 @@ def _notebook_params(path: Path) -> dict:
     """The defaults of a notebook's `parameters` cell (as papermill reads them)."""
     import papermill as pm
 
+    try:
+        specs = pm.inspect_notebook(str(path))
+    except Exception as e:  # noqa: BLE001 - not JSON, not a notebook, unreadable: nbformat/papermill vary
+        detail = str(e).splitlines()[0][:200] if str(e) else ""
+        raise FiseclipError(f"notebook {path} cannot be read ({type(e).__name__}: {detail}); "
+                            "fix or remove it, or leave it out with --only") from None
     out = {}
-    for name, spec in pm.inspect_notebook(str(path)).items():
+    for name, spec in specs.items():
         try:
             out[name] = ast.literal_eval(spec["default"])
         except (ValueError, SyntaxError):
@@ -486,6 +492,8 @@ def _run_reports_locked(out: Path, params, only, notebooks_dir, kernel_name, tim
     params.setdefault("run_dir", str((out / "_runs").resolve()))
     prov = provenance()
     books = list_notebooks(notebooks_dir, only)
+    # every notebook's parameters before any runs: one papermill cannot read stops the series at once
+    parameters = {book: _parameters_of(book, params) for book in books}
     rows = {r["name"]: r for r in _read_index(out)}
     results = []
     # Kernels inherit the environment: a headless MPLBACKEND=Agg there would drop every figure from the report,
@@ -502,8 +510,8 @@ def _run_reports_locked(out: Path, params, only, notebooks_dir, kernel_name, tim
             if k < len(books):  # the next notebook's kernel imports while this one runs
                 nxt = books[k]
                 with contextlib.suppress(Exception):  # no warm kernel (the notebook starts its own and says why)
-                    warm = _WarmKernel(nxt, kernel_name, notebooks_dir, _parameters_of(nxt, params)[1])
-            rec = _run_one(book, out, params, notebooks_dir, kernel_name, timeout, prov, say, mine)
+                    warm = _WarmKernel(nxt, kernel_name, notebooks_dir, parameters[nxt][1])
+            rec = _run_one(book, out, parameters[book], notebooks_dir, kernel_name, timeout, prov, say, mine)
             results.append(rec)
             rows[rec["name"]] = rec
             _index(out, [rows[n] for n in sorted(rows)], prov)
@@ -526,15 +534,15 @@ def _parameters_of(book: Path, params: dict) -> tuple[dict, dict]:
     return overrides, {**defaults, **overrides}
 
 
-def _run_one(book: Path, out: Path, params: dict, notebooks_dir: Path, kernel_name: str, timeout, prov,
-             say, warm: _WarmKernel | None = None) -> dict:
-    """Execute one notebook into `out` (.ipynb and .html, both even when it fails), in `warm`'s kernel when
-    given; return its record."""
+def _run_one(book: Path, out: Path, parameters: tuple[dict, dict], notebooks_dir: Path, kernel_name: str,
+             timeout, prov, say, warm: _WarmKernel | None = None) -> dict:
+    """Execute one notebook into `out` (.ipynb and .html, both even when it fails), with `parameters` (from
+    `_parameters_of`), in `warm`'s kernel when given; return its record."""
     import nbformat
     import papermill as pm
 
     name = book.stem
-    params, effective = _parameters_of(book, params)
+    params, effective = parameters
     run_date = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     t0 = time.time()
     status, error, tail = "ok", "", ""

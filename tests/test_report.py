@@ -277,3 +277,16 @@ def test_recorded_versions_are_those_of_the_module_an_import_would_load(tmp_path
     monkeypatch.syspath_prepend(str(tmp_path))
     assert _module_version("papermill", "papermill") == "0.0-shadow"
     assert _module_version("no_such_module_xyz", "no-such-dist") is None
+
+
+def test_a_notebook_papermill_cannot_read_stops_the_series_before_it_starts(tmp_path, capsys):
+    books = tmp_path / "nbs"
+    books.mkdir()
+    write_nb(books / "00_ok.ipynb", "pretrained = 'none'", "x = 1")
+    (books / "01_broken.ipynb").write_text('{"cells": [ broken')
+    out = tmp_path / "out"
+    assert main(["report", "--notebooks", str(books), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "01_broken.ipynb cannot be read" in err[0] and "--only" in err[0], err
+    assert not list(out.glob("*.html"))  # nothing ran
+    assert main(["report", "--notebooks", str(books), "--out", str(out), "--only", "00"]) == 0
