@@ -1,10 +1,17 @@
 """fiseclip: a workbench for FiSeCLIP zero-shot anomaly detection (reference implementation).
 
-Data flow, one module per stage: encoder -> restore -> text -> filtering -> matching -> fusion ->
-postprocess -> metrics; `pipeline.Detector` composes them, `config.FiseConfig` configures them,
-`run.run_benchmark` evaluates them over datasets.
+Layers, each importing only the ones before it (docs/architecture.md):
+  errors, config, features   the vocabulary: errors, the one typed config, the encoder's output
+  plumbing/                  atomic files and locks, feature cache, provenance, images, resources
+  encoder/                   CLIP ViTs (with the last-block restoration operators) and the CNN
+  core/                      the method: text, filtering, matching, fusion, postprocess, the method specs
+                             (methods.py) and the one scoring path (detector.py: queries against references)
+  evaluation/                datasets, demo data, metrics, `run` and `sweep`
+  decisions/                 calibrate, predict, stream
+  notebook/                  workbench, studies, plots and the report series
+  cli.py                     the `fiseclip` command
 """
-__version__ = "0.1.0"
+from fiseclip_lib.version import __version__  # noqa: E402
 
 import os as _os
 
@@ -15,9 +22,45 @@ import os as _os
 # yourself to choose otherwise.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .config import FiseConfig  # noqa: E402
-from .encoder import Features, load_encoder  # noqa: E402
-from .errors import FiseclipError  # noqa: E402
-from .pipeline import BatchResult, Detector  # noqa: E402
+import importlib as _importlib  # noqa: E402
+import importlib.abc as _abc  # noqa: E402
+import importlib.util as _util  # noqa: E402
+import sys as _sys  # noqa: E402
+
+from fiseclip_lib.config import FiseConfig  # noqa: E402
+from fiseclip_lib.encoder import Features, load_encoder  # noqa: E402
+from fiseclip_lib.errors import FiseclipError  # noqa: E402
+from fiseclip_lib.core.detector import BatchResult, Detector  # noqa: E402
 
 __all__ = ["FiseConfig", "Detector", "BatchResult", "Features", "load_encoder", "FiseclipError", "__version__"]
+
+# Module paths before the layers existed (`fiseclip_lib.pipeline`, `fiseclip_lib.predict`, ...) stay importable:
+# each old name is the new module itself (same object: monkeypatching through either name works).
+MOVED = {
+    "pipeline": "core.detector", "filtering": "core.filtering", "fusion": "core.fusion", "matching": "core.matching",
+    "_match_kernel": "core._match_kernel", "postprocess": "core.postprocess", "text": "core.text",
+    "restore": "encoder.restore", "encoder.features": "features",
+    "_io": "plumbing.files", "cache": "plumbing.cache", "provenance": "plumbing.provenance",
+    "data": "evaluation.data", "demo": "evaluation.demo", "metrics": "evaluation.metrics", "run": "evaluation.run",
+    "sweep": "evaluation.sweep", "calibrate": "decisions.calibrate", "predict": "decisions.predict",
+    "stream": "decisions.stream", "workbench": "notebook.workbench", "studies": "notebook.studies",
+    "plots": "notebook.plots", "report": "notebook.report",
+}
+
+
+class _MovedModules(_abc.MetaPathFinder, _abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        prefix = __name__ + "."
+        if name.startswith(prefix) and name[len(prefix):] in MOVED:
+            return _util.spec_from_loader(name, self)
+        return None
+
+    def create_module(self, spec):
+        return _importlib.import_module(f"{__name__}.{MOVED[spec.name[len(__name__) + 1:]]}")
+
+    def exec_module(self, module):
+        pass  # the new module is already executed
+
+
+if not any(isinstance(f, _MovedModules) for f in _sys.meta_path):
+    _sys.meta_path.append(_MovedModules())

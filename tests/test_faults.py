@@ -457,7 +457,7 @@ def test_fault(name, tmp_path, capsys, monkeypatch):
 
         def oom(self, *args, **kwargs):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        monkeypatch.setattr(pipe.Detector, "score_batch", oom)
+        monkeypatch.setattr(pipe.Detector, "score", oom)
     base = [a for a in BASE if a != spec.get("drop")]
     args = spec.get("command") or ["run", "--dataset", "mvtec", "--root", str(root), "--out", str(out), *base,
                                    *spec.get("args", [])]

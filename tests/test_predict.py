@@ -13,7 +13,7 @@ from PIL import Image
 from fiseclip_lib import Detector, FiseConfig
 from fiseclip_lib import data as D
 from fiseclip_lib.cli import main
-from fiseclip_lib.predict import (PREDICTION_COLUMNS, ReferenceBank, predict, score_features_against, unique_stems)
+from fiseclip_lib.predict import PREDICTION_COLUMNS, ReferenceBank, predict, unique_stems
 from fiseclip_lib.run import run_benchmark
 
 TINY = dict(model="fiseclip-tiny", pretrained="none", image_size=112, device="cpu", batch_size=5)
@@ -41,15 +41,20 @@ def test_predict_without_references_gives_run_scores(small_demo, tiny_encoder, t
     assert (written.references == written.groupby("batch").path.transform("count") - 1).all()
 
 
-def test_scoring_against_an_empty_bank_is_score_features(small_demo, tiny_encoder):
-    """Guards the reference path against drifting from the pipeline: same maps for every option."""
-    paths = [s.path for s in D.load_mvtec(small_demo) if s.category == "textile"][:5]
+def test_every_scoring_mode_equals_the_reference_matching_engine(small_demo, tiny_encoder):
+    """The fast engines (batch, bank, both, per-image) against the short reference implementation of LNAMD + MSM
+    through the whole scoring path, for the options that change what matching sees."""
+    paths = [s.path for s in D.load_mvtec(small_demo) if s.category == "textile"][:7]
     for opt in ({}, {"filter": "soft"}, {"fusion": "gated"}, {"method": "musc"}, {"fusion_norm": "minmax"}):
-        det = Detector(FiseConfig(**TINY, **opt), encoder=tiny_encoder)
-        feats = det.encode(paths)
-        a = det.score_features(feats, "textile")
-        b = score_features_against(det, feats, "textile", None, mutual=True)
-        np.testing.assert_allclose(a.maps, b.maps, atol=1e-5, err_msg=str(opt))
+        fast = Detector(FiseConfig(**TINY, **opt), encoder=tiny_encoder)
+        slow = Detector(FiseConfig(**TINY, **opt, match_engine="reference"), encoder=tiny_encoder)
+        bank = ReferenceBank.from_images(fast, paths[5:], "textile")
+        feats = fast.encode(paths[:5])
+        for refs, mutual in ((None, True), (bank, True), (bank, False)):
+            a = fast.score_features(feats, "textile", references=refs, mutual=mutual)
+            b = slow.score_features(feats, "textile", references=refs, mutual=mutual)
+            np.testing.assert_allclose(a.visual_map, b.visual_map, atol=1e-5, err_msg=f"{opt} {mutual}")
+            np.testing.assert_allclose(a.maps, b.maps, atol=1e-4, err_msg=f"{opt} {mutual}")
 
 
 def test_reference_bank_is_never_scored_or_filtered_and_counts_as_references(small_demo, tiny_encoder, tmp_path):

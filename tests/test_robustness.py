@@ -148,7 +148,7 @@ def test_nan_features_are_a_clear_error(tiny_encoder, mvtec_tree):
             f.layers = {k: v * float("nan") for k, v in f.layers.items()}
             return f
 
-    det = Detector(FiseConfig(model="fiseclip-tiny", pretrained="none", image_size=28, device="cpu"), NaNEncoder())
+    det = Detector(FiseConfig(model="fiseclip-tiny", pretrained="none", image_size=tiny_encoder.image_size, device="cpu"), NaNEncoder())
     path = str(img_path(mvtec_tree))
     with pytest.raises(FiseclipError, match="NaN or inf in the encoder.s features of .*000.png"):
         det.score_batch([path, path], "bottle")

@@ -40,7 +40,6 @@ def test_text_embeddings_are_cached_per_class(tiny_encoder, monkeypatch, tmp_pat
     calls = []
     real = tiny_encoder.encode_text
     monkeypatch.setattr(tiny_encoder, "encode_text", lambda prompts: calls.append(len(prompts)) or real(prompts))
-    tiny_encoder.__dict__.pop("_text_cache", None)
     a = text_embeddings(tiny_encoder, "screw")
     b = text_embeddings(tiny_encoder, "screw")
     text_embeddings(tiny_encoder, "cable")

@@ -12,17 +12,17 @@ Two families share one interface (`Encoder`, base.py):
 identified by their content hash; preprocessing follows the weights' pretrained config (preprocess.py);
 device and precision handling is in device.py; `Features` (features.py) is what a forward returns.
 """
-from .base import Encoder, check_restore_depth
-from .checkpoint import cache_root, file_sha256, is_random_weights, load_into, load_state_dict_file
-from .cnn import (EFFICIENTNET_MODEL, EfficientNetEncoder, efficientnet_weights_path, load_efficientnet,
+from fiseclip_lib.encoder.base import Encoder, check_restore_depth
+from fiseclip_lib.encoder.checkpoint import cache_root, file_sha256, is_random_weights, load_into, load_state_dict_file
+from fiseclip_lib.encoder.cnn import (EFFICIENTNET_MODEL, EfficientNetEncoder, efficientnet_weights_path, load_efficientnet,
                   map_efficientnet_state_dict, nearest_stride_multiple)
-from .device import PRECISIONS, autocast, place, resolve_device
-from .factory import TINY_MODEL, load_encoder, register_model_configs
-from .features import Features
-from .hub import (HF_HUB_PREFIX, HubSettings, fetch_weights, hf_hub_weights, hub_offline, hub_reachable,
+from fiseclip_lib.encoder.device import PRECISIONS, autocast, place, resolve_device
+from fiseclip_lib.encoder.factory import TINY_MODEL, load_encoder, register_model_configs
+from fiseclip_lib.features import Features
+from fiseclip_lib.encoder.hub import (HF_HUB_PREFIX, HubSettings, fetch_weights, hf_hub_weights, hub_offline, hub_reachable,
                   hub_settings, pretrained_tag, register_pretrained, tag_weights, unregister_pretrained)
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD, Preprocessing, preprocessing_from
-from .vit import ClipEncoder, resize_pos_embed
+from fiseclip_lib.encoder.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD, Preprocessing, preprocessing_from
+from fiseclip_lib.encoder.vit import ClipEncoder, resize_pos_embed
 
 # Older private names, kept so that existing imports keep working.
 _hub_offline = hub_offline

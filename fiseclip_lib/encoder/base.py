@@ -7,9 +7,9 @@ from typing import Sequence
 
 import torch
 
-from ..errors import FiseclipError
-from .features import Features
-from .preprocess import Preprocessing, preprocess_images
+from fiseclip_lib.errors import FiseclipError
+from fiseclip_lib.features import Features
+from fiseclip_lib.encoder.preprocess import Preprocessing, preprocess_images
 
 
 @dataclass

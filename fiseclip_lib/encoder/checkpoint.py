@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .._io import write_json_atomic
-from ..errors import FiseclipError
+from fiseclip_lib.plumbing.files import write_json_atomic
+from fiseclip_lib.errors import FiseclipError
 
 HASH_SIDECAR = "weights-sha256.json"
 

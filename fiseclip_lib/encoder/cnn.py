@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import FiseclipError
-from .base import Encoder
-from .checkpoint import file_sha256, is_random_weights, load_into, load_state_dict_file
-from .device import autocast, check_precision, place
-from .features import Features
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+from fiseclip_lib.errors import FiseclipError
+from fiseclip_lib.encoder.base import Encoder
+from fiseclip_lib.encoder.checkpoint import file_sha256, is_random_weights, load_into, load_state_dict_file
+from fiseclip_lib.encoder.device import autocast, check_precision, place
+from fiseclip_lib.features import Features
+from fiseclip_lib.encoder.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 EFFICIENTNET_MODEL = "efficientnet-lite0"
 EFFICIENTNET_TAGS = ("imagenet", "default")  # the packaged ImageNet weights

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import FiseclipError
+from fiseclip_lib.errors import FiseclipError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -11,30 +11,17 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FiseclipError
-from .base import check_restore_depth
-from .checkpoint import file_sha256, is_random_weights, load_into, load_state_dict_file
-from .cnn import EFFICIENTNET_MODEL, load_efficientnet
-from .device import check_precision, place, resolve_device
-from .hub import HF_HUB_PREFIX, hf_hub_weights, tag_weights
-from .preprocess import preprocessing_from
-from .vit import ClipEncoder
+from fiseclip_lib.errors import FiseclipError
+from fiseclip_lib.encoder.base import check_restore_depth
+from fiseclip_lib.encoder.checkpoint import file_sha256, is_random_weights, load_into, load_state_dict_file
+from fiseclip_lib.encoder.cnn import EFFICIENTNET_MODEL, load_efficientnet
+from fiseclip_lib.encoder.device import check_precision, place, resolve_device
+from fiseclip_lib.encoder.registry import register_model_configs
+from fiseclip_lib.encoder.hub import HF_HUB_PREFIX, hf_hub_weights, tag_weights
+from fiseclip_lib.encoder.preprocess import preprocessing_from
+from fiseclip_lib.encoder.vit import ClipEncoder
 
 TINY_MODEL = "fiseclip-tiny"
-_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
-_configs_registered = False
-
-
-def register_model_configs() -> None:
-    """Register the library's model configs (`fiseclip-tiny`) with open_clip, once per process."""
-    global _configs_registered
-    if not _configs_registered:
-        import open_clip
-
-        open_clip.add_model_config(_CONFIG_DIR)
-        _configs_registered = True
-
-
 @contextlib.contextmanager
 def _quiet_logging():
     root = logging.getLogger()

@@ -21,7 +21,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import FiseclipError, WeightsUnavailableError
+from fiseclip_lib.encoder.registry import register_model_configs
+from fiseclip_lib.errors import FiseclipError, WeightsUnavailableError
 
 HF_HUB_PREFIX = "hf-hub:"
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -296,8 +297,6 @@ def fetch_weights(model: str, pretrained: str, cache_dir: str | None = None) -> 
     Returns:
         The local path of the weights.
     """
-    from .factory import register_model_configs
-
     register_model_configs()
     if str(pretrained).startswith(HF_HUB_PREFIX):
         return hf_hub_weights(model, pretrained, cache_dir)[0]

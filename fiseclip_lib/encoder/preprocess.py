@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import FiseclipError
+from fiseclip_lib.errors import FiseclipError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -67,7 +67,7 @@ def preprocess_images(images: Sequence, size: int, prep: Preprocessing) -> torch
     """
     from PIL import Image
 
-    from ..data import load_image
+    from fiseclip_lib.plumbing.images import load_image
 
     out = []
     for im in images:

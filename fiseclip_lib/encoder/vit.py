@@ -10,10 +10,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import FiseclipError
-from .base import Encoder
-from .device import autocast
-from .features import Features
+from fiseclip_lib.errors import FiseclipError
+from fiseclip_lib.encoder.base import Encoder
+from fiseclip_lib.encoder.device import autocast
+from fiseclip_lib.features import Features
 
 
 def resize_pos_embed(pe: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
@@ -79,7 +79,7 @@ class ClipEncoder(Encoder):
         Returns:
             Features.
         """
-        from ..restore import restore_last_blocks
+        from fiseclip_lib.encoder.restore import restore_last_blocks
 
         layers = self.check_layers(layers)
         pixels = self._pixels(pixels)

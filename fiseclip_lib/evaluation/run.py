@@ -21,14 +21,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import data as D
-from ._io import atomic_path, output_lock, remove_debris, write_json_atomic, write_text_atomic
-from .cache import FeatureCache
-from .config import FiseConfig
-from .errors import FiseclipError
-from .metrics import image_metrics, pixel_metrics
-from .pipeline import Detector
-from .provenance import RANDOM_WEIGHTS_NOTE, provenance
+from fiseclip_lib.evaluation import data as D
+from fiseclip_lib.plumbing.files import atomic_path, display_path, ensure_writable, output_lock, remove_debris, write_json_atomic, write_text_atomic
+from fiseclip_lib.plumbing.cache import FeatureCache
+from fiseclip_lib.config import FiseConfig, scoring_fields
+from fiseclip_lib.errors import FiseclipError
+from fiseclip_lib.evaluation.metrics import image_metrics, pixel_metrics
+from fiseclip_lib.core.detector import Detector
+from fiseclip_lib.core.pool import score_pool
+from fiseclip_lib.plumbing.provenance import RANDOM_WEIGHTS_NOTE, provenance
+from fiseclip_lib.plumbing.resources import memory_increase_mb, memory_mark
 
 METRIC_NAMES = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro"]
 METRIC_COLUMNS = ["category"] + METRIC_NAMES + ["method", "encoder", "weights", "pretrained", "images"]
@@ -36,22 +38,10 @@ SCORE_COLUMNS = ["path", "category", "label", "defect", "score", "batch"]
 FLOAT_FORMAT = "%.6f"
 
 
-def ensure_writable(out: Path) -> Path:
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise FiseclipError(f"output folder {out} is not writable ({e.strerror}); choose another --out") from None
-    return out
-
-
 def prepare_dataset(dataset: str, root, categories=None) -> list[D.Sample]:
     """Load samples; `demo` builds the demo set into `root` first when it is not there."""
     if dataset == "demo":
-        from .demo import MANIFEST, build_demo, read_manifest
+        from fiseclip_lib.evaluation.demo import MANIFEST, build_demo, read_manifest
 
         root = Path(root)
         if not (root / MANIFEST).is_file():
@@ -59,13 +49,6 @@ def prepare_dataset(dataset: str, root, categories=None) -> list[D.Sample]:
             build_demo(root)
         read_manifest(root)
     return D.load_dataset(dataset, root, categories)
-
-
-def _relpath(path: str, root) -> str:
-    try:
-        return Path(os.path.relpath(path, root)).as_posix()
-    except ValueError:
-        return Path(path).as_posix()
 
 
 def eval_masks(samples: list[D.Sample], size: int) -> np.ndarray:
@@ -96,41 +79,12 @@ def eval_masks(samples: list[D.Sample], size: int) -> np.ndarray:
 
 
 def score_category(detector: Detector, samples: list[D.Sample], category: str, progress: bool = True,
-                   dataset: str | None = None):
-    """Score one category batch by batch; returns (rows, maps [N, S, S] in sample order of rows).
-
-    With RsCIN (`config.use_rscin`) the image scores are re-scored over the whole category after the last
-    batch, with `rscin_ks` or MuSc's k list for `dataset` (postprocess.default_rscin_ks).
-    """
-    from .postprocess import default_rscin_ks, rscin
-
-    cfg = detector.config
-    bs = len(samples) if (cfg.method == "musc" and cfg.musc_pool == "category") else cfg.batch_size
-    if bs > len(samples):
-        warnings.warn(f"batch size {bs} > {len(samples)} images in category {category}: scored as one batch")
-    batches = D.make_batches(samples, bs, seed=cfg.seed, shuffle=cfg.shuffle)
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    bar = tqdm(total=len(samples), desc=category, unit="img", disable=not progress) if tqdm else None
-    rows, maps, embs = [], [], []
-    for b, batch in enumerate(batches):
-        res = detector.score_batch([s.path for s in batch], category)
-        for s, score, m in zip(batch, res.scores, res.maps):
-            rows.append((s, float(score), b))
-            maps.append(m)
-        embs.append(res.embeddings)
-        if bar:
-            bar.update(len(batch))
-    if bar:
-        bar.close()
-    if cfg.use_rscin:
-        ks = cfg.rscin_ks or default_rscin_ks(dataset)
-        new = rscin(np.array([r[1] for r in rows]), np.concatenate(embs), ks).numpy()
-        rows = [(s, float(v), b) for (s, _, b), v in zip(rows, new)]
-    order = sorted(range(len(rows)), key=lambda i: rows[i][0].path)
-    return [rows[i] for i in order], np.stack([maps[i] for i in order])
+                   dataset: str | None = None, references=None):
+    """Score one category the method's way (`core.pool.score_pool`: batches, RsCIN over the category);
+    returns (rows [(sample, score, batch)] sorted by path, maps `[N, S, S]` in that order)."""
+    rows, maps = score_pool(detector, [s.path for s in samples], category, references=references, dataset=dataset,
+                            progress=progress)
+    return [(samples[i], score, b) for i, score, b in rows], maps
 
 
 def evaluate_category(samples: list[D.Sample], scores: np.ndarray, maps: np.ndarray, pixel: bool) -> dict:
@@ -164,10 +118,10 @@ def _category_key(cfg: FiseConfig, dataset: str, samples: list[D.Sample], root, 
     It covers the config (less knobs that change no number), the dataset kind, the encoder identity (weights
     content, preprocessing, precision), and the *content* of every image and mask, not only their names.
     """
-    from .cache import image_hash
+    from fiseclip_lib.plumbing.cache import image_hash
 
-    relevant = {k: v for k, v in cfg.to_dict().items() if k not in {"encode_batch", "device", "cache_dir"}}
-    files = [(_relpath(s.path, root), s.label, image_hash(s.path), image_hash(s.mask) if s.mask else None)
+    relevant = scoring_fields(cfg.to_dict())
+    files = [(display_path(s.path, root), s.label, image_hash(s.path), image_hash(s.mask) if s.mask else None)
              for s in samples]
     payload = json.dumps({"config": relevant, "dataset": dataset, "encoder": encoder, "samples": files},
                          sort_keys=True, default=str)
@@ -260,7 +214,7 @@ def _run_locked(dataset, root, config, out, categories, save_maps, resume, progr
     if not enc["pretrained"]:
         print(f"NOTE: {RANDOM_WEIGHTS_NOTE}", flush=True)
     record = {
-        "config": config.to_dict(), "dataset": dataset, "root": str(root), "categories": cats,
+        "config": config.resolved(dataset), "dataset": dataset, "root": str(root), "categories": cats,
         "encoder": enc, "weights_note": None if enc["pretrained"] else RANDOM_WEIGHTS_NOTE,
         "layers": detector.layers, "save_maps": save_maps, **provenance(),
     }
@@ -289,14 +243,14 @@ def _run_locked(dataset, root, config, out, categories, save_maps, resume, progr
             print("warning: " + n.replace("\r", "\\r").replace("\n", "\\n"), flush=True)
         result = {
             "category": cat, "key": key, "metrics": metrics, "images": len(cs), "notes": cat_notes,
-            "rows": [[_relpath(s.path, root), s.category, s.label, s.defect, float(score), b]
+            "rows": [[display_path(s.path, root), s.category, s.label, s.defect, float(score), b]
                      for s, score, b in rows],
         }
         if save_maps:
             with atomic_path(maps_path) as tmp:
                 with open(tmp, "wb") as f:
                     np.savez_compressed(f, maps=maps.astype(np.float16),
-                                        paths=np.array([_relpath(r[0].path, root) for r in rows]))
+                                        paths=np.array([display_path(r[0].path, root) for r in rows]))
         else:
             maps_path.unlink(missing_ok=True)  # maps of an earlier run would not match these results
         write_json_atomic(done, result)
@@ -312,29 +266,6 @@ def _run_locked(dataset, root, config, out, categories, save_maps, resume, progr
     return _write_outputs(out, results, enc, {**record, "status": "finished", "notes": notes,
                                               "feature_cache": feature_cache, "cost": cost,
                                               "wall_time_s": round(time.time() - t0, 3)})
-
-
-def memory_mark(device) -> float:
-    """Start a memory measurement: on CUDA the peak counter is reset; on the CPU the process's peak RSS so far
-    (MB) is returned, so that `memory_increase_mb` reports what this piece of work added."""
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return float(torch.cuda.memory_allocated(device)) / 2**20
-    from .workbench import peak_rss_mb
-
-    return peak_rss_mb()
-
-
-def memory_increase_mb(device, mark: float) -> float:
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda":
-        return float(torch.cuda.max_memory_allocated(device)) / 2**20 - mark
-    from .workbench import peak_rss_mb
-
-    return max(0.0, peak_rss_mb() - mark)
 
 
 def run_costs(detector: Detector, before: dict, memory_mark_mb: float) -> dict:

@@ -8,6 +8,8 @@ import re
 import tempfile
 from pathlib import Path
 
+from fiseclip_lib.errors import FiseclipError
+
 # Names of atomic_path's temporary files (mkstemp: prefix ".<stem>.", 8 random characters, suffix ".tmp<ext>").
 DEBRIS = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
 
@@ -94,7 +96,7 @@ def output_lock(folder: str | os.PathLike, command: str = "fiseclip"):
     import socket
     import time
 
-    from .errors import FiseclipError
+    from fiseclip_lib.errors import FiseclipError
 
     folder = Path(folder)
     path = folder / LOCK_NAME
@@ -150,7 +152,7 @@ def read_yaml_mapping(path: str | os.PathLike, kind: str = "params file", empty:
     """
     import yaml
 
-    from .errors import FiseclipError
+    from fiseclip_lib.errors import FiseclipError
 
     p = Path(path)
     if p.is_dir():
@@ -174,3 +176,26 @@ def read_yaml_mapping(path: str | os.PathLike, kind: str = "params file", empty:
     if not isinstance(data, dict):
         raise FiseclipError(f"{kind} {p} must hold a mapping of name: value, not a {type(data).__name__}")
     return data
+
+
+def ensure_writable(out) -> Path:
+    """Create the output folder if needed and check that files can be written there (a one-line error if not)."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise FiseclipError(f"output folder {out} is not writable ({e.strerror}); choose another --out") from None
+    return out
+
+
+def display_path(path, base=None) -> str:
+    """A path as shown in result tables: relative to `base` (None: as given), with forward slashes."""
+    if base is None:
+        return Path(path).as_posix()
+    try:
+        return Path(os.path.relpath(path, base)).as_posix()
+    except ValueError:  # another drive on Windows
+        return Path(path).as_posix()

@@ -39,7 +39,7 @@ def versions() -> dict:
     import numpy
     import torch
 
-    from . import __version__
+    from fiseclip_lib.version import __version__
 
     out = {"fiseclip": __version__, "python": platform.python_version(), "torch": torch.__version__,
            "numpy": numpy.__version__}

@@ -35,7 +35,7 @@ def weights_mark(pretrained: bool) -> str:
 
 def as_rgb(img, size=None):
     """An image (path or PIL) as an RGB array, optionally resized to size x size."""
-    from .data import load_image
+    from fiseclip_lib.plumbing.images import load_image
 
     im = load_image(img) if not hasattr(img, "convert") else img.convert("RGB")
     if size is not None:

@@ -23,12 +23,15 @@ scale: the fused value the batch would get if the visual branch agreed with the 
 """
 from __future__ import annotations
 
+import typing
+
 import torch
 
-from .errors import FiseclipError
+from fiseclip_lib.config import Fusion, FusionNorm
+from fiseclip_lib.errors import FiseclipError
 
-FUSION_MODES = ("additive", "multiplicative", "gated")
-FUSION_NORMS = ("robust", "minmax", "none")
+FUSION_MODES = typing.get_args(Fusion)
+FUSION_NORMS = typing.get_args(FusionNorm)
 MAD_TO_STD = 1.4826  # MAD of a Gaussian times this is its standard deviation
 SCALE_FLOOR = 1e-6  # a constant branch (e.g. zeros) gives z = 0, not inf
 

@@ -9,7 +9,7 @@ The cost per image is one encoder pass, one LNAMD of the image, and matching aga
 it does not grow with the number of images seen (each bank image's aggregated features are computed once,
 when it enters the bank). Memory: K + R images' features per layer and degree.
 
-Exactness. The streamed score of an image is `predict.score_against([image], references)` with the references
+Exactness. The streamed score of an image is `Detector.score_against([image], references)` with the references
 it was scored against (`StreamResult.reference_paths`): the same function on the same inputs, so the two agree
 to float rounding (tests: 1e-6). Normalisation is per image (module doc of `predict.py`), so the score never
 depends on the other images of the stream except through the bank.
@@ -44,9 +44,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import FiseclipError
-from .pipeline import Detector
-from .predict import BankEntry, ReferenceBank, make_entry, score_features_against
+from fiseclip_lib.core.detector import Detector
+from fiseclip_lib.core.references import BankEntry, ReferenceBank
+from fiseclip_lib.errors import FiseclipError
 
 MIN_REFERENCES = 2
 MIN_HISTORY = 8
@@ -89,7 +89,7 @@ class Streamer:
     def __init__(self, detector: Detector, class_name: str, bank_size: int = 16, references=None,
                  threshold=None, false_alarm_rate: float | None = None, text_gate: float | None | str = "auto",
                  min_references: int = MIN_REFERENCES, min_history: int = MIN_HISTORY, history: int = HISTORY):
-        from .calibrate import DEFAULT_FALSE_ALARM_RATE, Threshold
+        from fiseclip_lib.decisions.calibrate import DEFAULT_FALSE_ALARM_RATE, Threshold
 
         if int(bank_size) < 1:
             raise FiseclipError(f"bank size {bank_size} must be >= 1 (the number of accepted images kept as "
@@ -108,7 +108,7 @@ class Streamer:
         self.threshold = None if threshold is None else float(threshold)
         self.false_alarm_rate = DEFAULT_FALSE_ALARM_RATE if false_alarm_rate is None else float(false_alarm_rate)
         if text_gate == "auto":
-            text_gate = cfg.filter_theta if (cfg.method == "fiseclip" and cfg.filter != "none") else None
+            text_gate = cfg.filter_theta if (cfg.spec.text_filter and cfg.filter != "none") else None
         self.text_gate = text_gate
         self.min_references, self.min_history = int(min_references), int(min_history)
         self.rolling: collections.deque[BankEntry] = collections.deque(maxlen=self.bank_size)
@@ -118,7 +118,7 @@ class Streamer:
         if self.threshold is None:
             # known-good references scored against each other start the online rule (no calibrating phase when
             # there are at least min_history of them)
-            self.normal_scores.extend(self.references.leave_one_out_scores(detector, class_name))
+            self.normal_scores.extend(detector.leave_one_out_scores(self.references, class_name))
 
     @property
     def bank(self) -> ReferenceBank:
@@ -127,7 +127,7 @@ class Streamer:
 
     def current_threshold(self) -> float | None:
         """The threshold the next decision uses (None while calibrating)."""
-        from .calibrate import robust_threshold
+        from fiseclip_lib.decisions.calibrate import robust_threshold
 
         if self.threshold is not None:
             return self.threshold
@@ -143,7 +143,7 @@ class Streamer:
         bank = self.bank
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="no reference image")
-            res = score_features_against(det, feats, self.class_name, bank, mutual=False)
+            res = det.score_features(feats, self.class_name, references=bank, mutual=False)
         score = float(res.scores[0])
         s_t = None if res.text_scores is None else float(res.text_scores[0])
         n_refs = len(bank)
@@ -158,7 +158,7 @@ class Streamer:
         admitted = text_ok and decision != "anomalous"
         path = str(image) if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__") else None
         if admitted:
-            self.rolling.append(make_entry(det, feats, self.class_name, filtered=True, path=path, score=score))
+            self.rolling.append(det.reference_entry(feats, self.class_name, filtered=True, path=path, score=score))
             if state != "cold":
                 self.normal_scores.append(score)
         result = StreamResult(index=self.seen, path=path, score=score, decision=decision, state=state,

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_path
-from .encoder import Features
+from fiseclip_lib.plumbing.files import atomic_path
+from fiseclip_lib.features import Features
 
 DEFAULT_MAX_GB = 8.0
 CACHE_VERSION = 2  # bump when preprocessing or the stored layout changes
@@ -48,7 +48,7 @@ def image_hash(image) -> str:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
         except OSError as e:
-            from .errors import FiseclipError
+            from fiseclip_lib.errors import FiseclipError
 
             raise FiseclipError(f"image {image} cannot be read ({e.strerror or type(e).__name__})") from None
     elif hasattr(image, "tobytes"):

@@ -40,11 +40,11 @@ import time
 import warnings
 from pathlib import Path
 
-from ._io import atomic_path, output_lock, remove_debris, write_json_atomic, write_text_atomic
-from .encoder import is_random_weights
-from .errors import FiseclipError
-from .provenance import banner_html, provenance
-from .workbench import HEADLESS_ENV, IGNORE_MATH_CLASS, RESULT_MIME
+from fiseclip_lib.plumbing.files import atomic_path, output_lock, remove_debris, write_json_atomic, write_text_atomic
+from fiseclip_lib.encoder import is_random_weights
+from fiseclip_lib.errors import FiseclipError
+from fiseclip_lib.plumbing.provenance import banner_html, provenance
+from fiseclip_lib.notebook.workbench import HEADLESS_ENV, IGNORE_MATH_CLASS, RESULT_MIME
 
 PATH_PARAMS = ("root", "run_dir", "sweep_dir")  # parameters that are paths: made absolute before reaching the notebooks
 INDEX_PARAMS = ("dataset", "model", "pretrained", "image_size", "batch_size", "seed")  # shown per index row
@@ -214,7 +214,7 @@ def notebook_parameters(params: dict, defaults: dict) -> dict:
     that it reaches the notebook's config instead of being ignored."""
     import dataclasses
 
-    from .config import FiseConfig
+    from fiseclip_lib.config import FiseConfig
 
     fields = {f.name for f in dataclasses.fields(FiseConfig)}
     out = {k: v for k, v in params.items() if k in defaults or k not in fields}
@@ -439,7 +439,7 @@ def _imports_of(book: Path) -> list[str]:
 
 def _uses_clip(params: dict) -> bool:
     """Whether the notebook's `model` parameter names a CLIP (open_clip) model."""
-    from .encoder import EFFICIENTNET_MODEL
+    from fiseclip_lib.encoder import EFFICIENTNET_MODEL
 
     model = params.get("model")
     return isinstance(model, str) and bool(model) and model != EFFICIENTNET_MODEL
@@ -457,7 +457,7 @@ def run_reports(out, params: dict | None = None, only: str | None = None, notebo
         timeout: seconds allowed per cell (default CELL_TIMEOUT_S).
         verbose: print per-notebook progress (cell k of n, elapsed).
     """
-    from .run import ensure_writable
+    from fiseclip_lib.plumbing.files import ensure_writable
 
     timeout = timeout or CELL_TIMEOUT_S
     out = ensure_writable(out)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import FiseclipError
+from fiseclip_lib.errors import FiseclipError
 
 DEFECTS = ("scratch", "spot", "cut", "stain", "missing")
 DEFAULT_CATEGORIES = ("textile", "brick")

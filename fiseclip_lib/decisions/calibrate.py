@@ -35,24 +35,25 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 
-from ._io import write_json_atomic
-from .errors import FiseclipError
+from fiseclip_lib.plumbing.files import write_json_atomic
+from fiseclip_lib.config import FiseConfig, scoring_fields
+from fiseclip_lib.errors import FiseclipError
 
 METHODS = ("auto", "f1", "robust_z", "quantile")
 DEFAULT_FALSE_ALARM_RATE = 0.01
 MAD_TO_STD = 1.4826
-# config fields that change no score (memory knobs, where things live)
-NEUTRAL_FIELDS = {"encode_batch", "device", "cache_dir"}
-# streaming scores each image against its bank alone: batch formation and pool re-scoring do not apply
-STREAM_NEUTRAL_FIELDS = {"batch_size", "shuffle", "musc_pool", "rscin", "rscin_ks"}
 ENCODER_FIELDS = ("model", "weights_id", "input_size", "precision", "quick_gelu", "restore_depth")
 FORMAT = "fiseclip-threshold/1"
 
 
 def config_hash(config: dict, mode: str = "batch") -> str:
-    """sha256 (16 hex) of the config fields that change scores, and the scoring mode."""
-    drop = NEUTRAL_FIELDS | (STREAM_NEUTRAL_FIELDS if mode == "stream" else set())
-    relevant = {k: v for k, v in config.items() if k not in drop}
+    """sha256 (16 hex) of the config fields that change scores (automatic values resolved, so that `sigma: null`
+    and the 4 px it means hash alike) and the scoring mode (streaming ignores batch formation: config.py)."""
+    try:
+        config = FiseConfig.from_dict(config).resolved()
+    except FiseclipError:
+        pass  # a config of another version: hashed as written (it will not match, and the check says so)
+    relevant = scoring_fields(config, stream=mode == "stream")
     return hashlib.sha256(json.dumps({"config": relevant, "mode": mode}, sort_keys=True,
                                      default=str).encode()).hexdigest()[:16]
 

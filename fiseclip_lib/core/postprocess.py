@@ -17,11 +17,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .errors import FiseclipError
+from fiseclip_lib.config import default_rscin_ks  # noqa: F401 - part of this stage's API
+from fiseclip_lib.errors import FiseclipError
 
 # MuSc's k lists (models/musc.py): VisA [1, 8, 9]; MVTec AD and every other dataset [1, 2, 3].
-RSCIN_KS = {"visa": (1, 8, 9), "mvtec": (1, 2, 3)}
-RSCIN_KS_OTHER = (1, 2, 3)
 
 
 def upsample(maps: torch.Tensor, grid: tuple[int, int], size: int | tuple[int, int]) -> torch.Tensor:
@@ -56,12 +55,6 @@ def image_scores(maps: torch.Tensor, text_scores: torch.Tensor | None = None, be
     if text_scores is not None and beta:
         s = s + beta * text_scores.to(s.device)
     return s
-
-
-def default_rscin_ks(dataset: str | None) -> tuple[int, ...]:
-    """MuSc's k list for a dataset: VisA (1, 8, 9); MVTec AD, demo, folder and unknown (1, 2, 3) (MuSc's own
-    fallback for datasets other than VisA)."""
-    return RSCIN_KS.get((dataset or "").lower(), RSCIN_KS_OTHER)
 
 
 def pool_embedding(feats) -> torch.Tensor:

@@ -24,12 +24,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import data as D
-from .config import FiseConfig
-from .encoder import load_encoder  # noqa: F401 - notebooks load extra encoders through the workbench
-from .pipeline import Detector
-from .provenance import banner_html, provenance
-from .run import eval_masks, prepare_dataset, score_and_evaluate
+from fiseclip_lib.evaluation import data as D
+from fiseclip_lib.config import FiseConfig
+from fiseclip_lib.encoder import load_encoder  # noqa: F401 - notebooks load extra encoders through the workbench
+from fiseclip_lib.core.detector import Detector
+from fiseclip_lib.plumbing.provenance import banner_html, provenance
+from fiseclip_lib.plumbing.resources import peak_rss_mb, usable_cpus  # noqa: F401 - notebooks read peak_rss_mb
+from fiseclip_lib.evaluation.run import eval_masks, prepare_dataset, score_and_evaluate
 
 HEADLESS_ENV = "FISECLIP_HEADLESS"  # set by `fiseclip report`: widgets become static views, no progress bars
 RESULT_MIME = "application/vnd.fiseclip.result+json"  # the notebook's result record, read by `fiseclip report`
@@ -96,10 +97,7 @@ def set_threads(threads: int | None = None) -> int:
     """Torch intra-op threads: `threads`, else the CPUs this process may use (not the machine's cores: a
     container or `taskset` limit is respected, which torch's default ignores). Returns the number set."""
     if threads is None:
-        try:
-            threads = len(os.sched_getaffinity(0))
-        except AttributeError:  # pragma: no cover - macOS
-            threads = os.cpu_count() or 1
+        threads = usable_cpus()
         threads = min(threads, torch.get_num_threads() or threads)
     threads = max(1, int(threads))
     torch.set_num_threads(threads)
@@ -179,12 +177,6 @@ def explore(fn: Callable, **controls) -> None:
     _display_markdown("*Interactive version below (needs a live kernel in JupyterLab):*")
     _display(W.interactive(fn, {"manual": False}, **controls))
     return None
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MB)."""
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 if sys.platform != "darwin" else kb / 1e6
 
 
 def evaluate(detector: Detector, samples: Sequence[D.Sample], categories: Sequence[str] | None = None,
@@ -294,7 +286,7 @@ class Session:
     def save_table(self, df: pd.DataFrame, name: str) -> Path:
         """Write a table behind this notebook's numbers as `run_dir/<notebook>/<name>.csv` (atomic);
         `result` lists it and the report index links it."""
-        from ._io import write_text_atomic
+        from fiseclip_lib.plumbing.files import write_text_atomic
 
         path = self.run_dir / self.notebook / f"{name}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -331,7 +323,7 @@ def setup(notebook: str, dataset: str = "demo", root="../demo_data", categories=
     Returns:
         a Session.
     """
-    from .cache import FeatureCache
+    from fiseclip_lib.plumbing.cache import FeatureCache
 
     set_threads(threads)
     warnings.filterwarnings("ignore", message=".*QuickGELU.*")
@@ -344,8 +336,7 @@ def setup(notebook: str, dataset: str = "demo", root="../demo_data", categories=
     options.setdefault("musc_pool", "batch")
     cfg = FiseConfig(model=model, pretrained=pretrained, image_size=image_size, batch_size=batch_size, seed=seed,
                      device=device).replace(**options)
-    encoder = load_encoder(cfg.model, cfg.weights_tag, cfg.input_size, cfg.device, cfg.precision, cfg.cache_dir,
-                           seed=seed, quick_gelu=cfg.quick_gelu, restore_depth=cfg.restore_depth)
+    encoder = load_encoder(**cfg.encoder_args())
     baseline_size = cfg.input_size if baseline_image_size is None else baseline_image_size
     baseline = (load_encoder(baseline_model, baseline_pretrained, baseline_size, cfg.device, seed=seed)
                 if baseline_model else None)
@@ -377,7 +368,7 @@ def window_oracle_keep(masks, grid: tuple[int, int], degrees=(1, 3, 5)) -> torch
     """The best reference filter: ground truth, widened to the aggregation windows. A patch is dropped when
     any patch of its largest r x r window holds a defect pixel (a window is kept by its centre patch, so the
     plain `filtering.oracle_keep` would leave windows that reach into a defect). `[N, H, W]` -> `[N, h * w]`."""
-    from .filtering import oracle_keep
+    from fiseclip_lib.core.filtering import oracle_keep
 
     half = max(degrees) // 2
     drop = (~oracle_keep(masks, grid)).reshape(-1, 1, *grid).float()
@@ -414,11 +405,11 @@ def contamination_study(detector: Detector, samples: Sequence[D.Sample], counts:
         the defect stands out), pixel_auroc (over the probes' pixels), batch (its image paths, probes first,
         joined by "|").
     """
-    from .filtering import apply_min_keep
-    from .matching import lnamd, reference_distances
-    from .metrics import pixel_metrics
-    from .postprocess import gaussian_smooth, upsample
-    from .studies import batch_visual_map, simulated_text_map
+    from fiseclip_lib.core.filtering import apply_min_keep
+    from fiseclip_lib.core.matching import lnamd, reference_distances
+    from fiseclip_lib.evaluation.metrics import pixel_metrics
+    from fiseclip_lib.core.postprocess import gaussian_smooth, upsample
+    from fiseclip_lib.notebook.studies import batch_visual_map, simulated_text_map
 
     cfg = detector.config
     size = detector.encoder.image_size
@@ -501,7 +492,7 @@ def patch_attention(encoder, image, operators: Sequence[str], patches: dict[str,
 def operator_text_maps(encoder, images: Sequence, class_name: str, operators: Sequence[str],
                        class_names: dict | None = None) -> dict:
     """Patch-to-text maps A_T `[N, h, w]` of `images` per restoration operator (one encoder pass each)."""
-    from .text import text_embeddings, text_map
+    from fiseclip_lib.core.text import text_embeddings, text_map
 
     t = text_embeddings(encoder, class_name, class_names)
     px = encoder.preprocess(list(images))
@@ -511,7 +502,7 @@ def operator_text_maps(encoder, images: Sequence, class_name: str, operators: Se
 
 def locality_table(encoder, images: Sequence, operators: Sequence[str]) -> pd.DataFrame:
     """Mean attention distance (patches) of each operator's restored last block over `images`."""
-    from .restore import mean_attention_distance
+    from fiseclip_lib.encoder.restore import mean_attention_distance
 
     px = encoder.preprocess(list(images))
     rows = [{"operator": op, "mean_attention_distance": mean_attention_distance(
@@ -531,7 +522,7 @@ def distance_panels(detector: Detector, batch: Sequence[D.Sample], masks: np.nda
         (panels, K, layer): panels maps a title to (distances to each other image, is it anomalous) as
         `plots.show_reference_distances` takes them; K the interval count for this batch.
     """
-    from .matching import interval_count, lnamd, reference_distances
+    from fiseclip_lib.core.matching import interval_count, lnamd, reference_distances
 
     feats = detector.encode([s.path for s in batch])
     layer = layer if layer is not None else detector.layers[len(detector.layers) // 2]

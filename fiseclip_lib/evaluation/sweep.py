@@ -36,16 +36,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from ._io import output_lock, write_json_atomic
-from .config import FiseConfig
-from .data import parse_categories
-from .errors import FiseclipError
+from fiseclip_lib.plumbing.files import display_path, output_lock, write_json_atomic
+from fiseclip_lib.plumbing.resources import usable_cpus
+from fiseclip_lib.config import SCORE_NEUTRAL_FIELDS, FiseConfig, scoring_fields
+from fiseclip_lib.evaluation.data import parse_categories
+from fiseclip_lib.errors import FiseclipError
 
 DATA_KEYS = ("dataset", "root", "categories", "datasets")
 DATASET_KINDS = ("mvtec", "visa", "folder", "demo")
 DEFAULT_DEMO_ROOT = "demo_data"
 # Fields that change no number: left out of a configuration's id, as `run._category_key` leaves them out.
-NO_NUMBER_FIELDS = {"encode_batch", "device", "cache_dir"}
 PROVENANCE_COLUMNS = ["images", "method", "encoder", "weights", "pretrained", "git_commit"]
 CONNECT_TIMEOUT_S = 20.0
 
@@ -98,7 +98,7 @@ def load_grid(path) -> dict:
     Returns:
         the mapping as read (not yet expanded; see `expand_grid`).
     """
-    from ._io import read_yaml_mapping
+    from fiseclip_lib.plumbing.files import read_yaml_mapping
 
     grid = read_yaml_mapping(path, "grid file", empty="name dataset, root and the config fields to sweep")
     return grid
@@ -192,7 +192,7 @@ def _dataset_entries(grid: dict, src: str) -> list[dict]:
 def config_id(dataset: str, root_label: str, config: dict) -> str:
     """A configuration's stable id: a hash of the dataset, its root as written, and the config's fields that
     change numbers (so the same grid always maps to the same folders, and `--resume` finds them)."""
-    relevant = {k: v for k, v in config.items() if k not in NO_NUMBER_FIELDS}
+    relevant = scoring_fields(config)
     payload = json.dumps({"dataset": dataset, "root": root_label, "config": relevant}, sort_keys=True, default=str)
     return "c" + hashlib.sha256(payload.encode()).hexdigest()[:11]
 
@@ -244,8 +244,8 @@ def expand_grid(grid: dict, source: str = "grid", base_dir=None, check_data: boo
         root = str((base / Path(e["root_label"]).expanduser()).resolve())
         cats = e["categories"]
         if check_data:
-            from . import data as D
-            from .run import prepare_dataset
+            from fiseclip_lib.evaluation import data as D
+            from fiseclip_lib.evaluation.run import prepare_dataset
 
             samples = prepare_dataset(e["dataset"], root, cats)
             cats = list(cats) if cats else D.categories_of(samples)
@@ -267,7 +267,7 @@ def expand_grid(grid: dict, source: str = "grid", base_dir=None, check_data: boo
     if len(set(ids)) != len(ids):
         twice = next(c for c in configs if ids.count(c.config_id) > 1)
         raise FiseclipError(f"{src}: two configurations are the same ({twice.varied}); fields that change no "
-                            f"number ({', '.join(sorted(NO_NUMBER_FIELDS))}) cannot be swept")
+                            f"number ({', '.join(sorted(SCORE_NEUTRAL_FIELDS))}) cannot be swept")
     return Sweep(src, grid, configs, varied)
 
 
@@ -280,7 +280,7 @@ _COMMIT: list = []
 
 def _git_commit() -> str:
     if not _COMMIT:
-        from .provenance import git_commit
+        from fiseclip_lib.plumbing.provenance import git_commit
 
         _COMMIT.append(git_commit())
     return _COMMIT[0]
@@ -288,28 +288,18 @@ def _git_commit() -> str:
 
 def _encoder_for(cfg: FiseConfig):
     """Load an encoder once per process (tasks of one worker share it; it is never modified)."""
-    from .encoder import load_encoder
+    from fiseclip_lib.encoder import load_encoder
 
-    weights = getattr(cfg, "weights_tag", cfg.pretrained)  # the resolved default, as Detector asks for it
-    key = (cfg.model, weights, cfg.input_size, cfg.device, cfg.precision, cfg.cache_dir, cfg.seed,
-           cfg.quick_gelu, cfg.restore_depth)
+    args = cfg.encoder_args()
+    key = tuple(sorted(args.items()))
     if key in _ENCODERS:
         _ENCODERS.move_to_end(key)
         return _ENCODERS[key]
-    enc = load_encoder(cfg.model, weights, cfg.input_size, cfg.device, cfg.precision, cfg.cache_dir,
-                       seed=cfg.seed, quick_gelu=cfg.quick_gelu, restore_depth=cfg.restore_depth)
+    enc = load_encoder(**args)
     _ENCODERS[key] = enc
     while len(_ENCODERS) > _MAX_ENCODERS:
         _ENCODERS.popitem(last=False)
     return enc
-
-
-def available_cores() -> int:
-    """CPU cores this process may use (the affinity mask: a Slurm/PBS job's share, not the whole node)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def task_dir(out, config_id_: str) -> Path:
@@ -334,9 +324,9 @@ def run_task(sc: SweepConfig, category: str, out, cache_dir=None, use_cache: boo
     """
     import torch
 
-    from .cache import FeatureCache
-    from .pipeline import Detector
-    from .run import (_category_key, _load_finished, _relpath, prepare_dataset, score_and_evaluate,
+    from fiseclip_lib.plumbing.cache import FeatureCache
+    from fiseclip_lib.core.detector import Detector
+    from fiseclip_lib.evaluation.run import (_category_key, _load_finished, prepare_dataset, score_and_evaluate,
                       summarize_warnings)
 
     t0 = time.time()
@@ -365,7 +355,7 @@ def run_task(sc: SweepConfig, category: str, out, cache_dir=None, use_cache: boo
     result = {
         "category": category, "key": key, "metrics": metrics, "images": len(samples),
         "notes": summarize_warnings([w.message for w in caught], category),
-        "rows": [[_relpath(s.path, sc.root), s.category, s.label, s.defect, float(score), b] for s, score, b in rows],
+        "rows": [[display_path(s.path, sc.root), s.category, s.label, s.defect, float(score), b] for s, score, b in rows],
         "encoder": ident, "layers": list(det.layers), "git_commit": _git_commit(),
     }
     (folder / "maps" / f"{category}.npz").unlink(missing_ok=True)  # maps of an earlier run would not match
@@ -386,7 +376,7 @@ def _dask_task(sc, category, out, cache_dir, use_cache, resume, threads_per_host
             from distributed.comm import get_address_host
 
             worker = get_worker()
-            cores = available_cores()
+            cores = usable_cpus()
             if cores < (os.cpu_count() or cores):
                 threads = max(1, cores // max(1, int(getattr(worker, "nthreads", 1))))
             else:
@@ -407,7 +397,7 @@ def sweep_table(sweep: Sweep, results: dict) -> pd.DataFrame:
     method, encoder, weights (as asked), pretrained (False = random weights), git_commit (of the code that
     computed the row; the mean row lists each distinct commit).
     """
-    from .run import METRIC_NAMES, _metrics_frame
+    from fiseclip_lib.evaluation.run import METRIC_NAMES, _metrics_frame
 
     frames = []
     varied = [v for v in sweep.varied if v != "root"]
@@ -445,7 +435,7 @@ def load_table(sweep_dir) -> tuple[pd.DataFrame, dict]:
 def report_params(sweep_dir) -> dict:
     """What `fiseclip report --sweep DIR` states in each report's header: the sweep folder, its encoders,
     weights and input sizes (weights `none` as soon as one configuration has random weights: the red banner)."""
-    from .encoder import is_random_weights
+    from fiseclip_lib.encoder import is_random_weights
 
     _, info = load_table(sweep_dir)
     cfgs = [FiseConfig.from_dict(c["config"]) for c in info.get("configs", [])]
@@ -530,15 +520,16 @@ def _has_dashboard() -> bool:
 
 
 def _config_record(sc: SweepConfig, sweep: Sweep, prov: dict) -> dict:
-    return {"config": sc.config, "dataset": sc.dataset, "root": sc.root, "categories": sc.categories,
+    return {"config": FiseConfig.from_dict(sc.config).resolved(sc.dataset), "dataset": sc.dataset, "root": sc.root,
+            "categories": sc.categories,
             "save_maps": False, "sweep": {"config_id": sc.config_id, "varied": sc.varied, "grid": sweep.source},
             **prov}
 
 
 def _finish_config(out: Path, sc: SweepConfig, sweep: Sweep, results: dict, prov: dict) -> None:
     """A finished configuration's folder as `fiseclip run` writes it: metrics.csv, scores.csv, config.json."""
-    from .provenance import RANDOM_WEIGHTS_NOTE
-    from .run import _write_outputs
+    from fiseclip_lib.plumbing.provenance import RANDOM_WEIGHTS_NOTE
+    from fiseclip_lib.evaluation.run import _write_outputs
 
     res = [results[(sc.config_id, c)] for c in sc.categories]
     enc = res[0]["encoder"]
@@ -568,8 +559,9 @@ def run_sweep(grid, out, executor: str = "local", scheduler: str | None = None, 
     Returns:
         the table written to sweep.csv.
     """
-    from .provenance import provenance
-    from .run import _write_csv, ensure_writable
+    from fiseclip_lib.plumbing.provenance import provenance
+    from fiseclip_lib.evaluation.run import _write_csv
+    from fiseclip_lib.plumbing.files import ensure_writable
 
     if executor not in ("local", "dask"):
         raise FiseclipError(f"unknown executor {executor!r}; use local or dask")
@@ -594,7 +586,7 @@ def run_sweep(grid, out, executor: str = "local", scheduler: str | None = None, 
     with output_lock(out, command=f"fiseclip sweep ({sweep.source}, {len(sweep.tasks)} tasks)"):
         client = cluster = None
         if executor == "dask":  # connect before writing anything: an unreachable scheduler leaves no trace
-            workers = workers or (None if scheduler else min(4, available_cores()))
+            workers = workers or (None if scheduler else min(4, usable_cpus()))
             client, cluster = _connect(scheduler, workers, connect_timeout, progress)
         try:
             return _run_locked(sweep, out, executor, client, scheduler, workers, resume, cache_dir, use_cache,
@@ -681,7 +673,7 @@ def _run_dask(sweep, out, client, scheduler, workers, resume, cache_dir, use_cac
     if scheduler:  # an existing cluster: this host's cores // the task slots Dask runs on that host
         for w in client.scheduler_info(n_workers=-1)["workers"].values():
             threads_per_host[w["host"]] += int(w.get("nthreads", 1))
-    default = max(1, available_cores() // workers) if not scheduler else None
+    default = max(1, usable_cpus() // workers) if not scheduler else None
     out_abs = str(Path(out).resolve())  # workers of a local cluster or on a shared file system see this path
     futures = {}
     for sc, cat in sweep.tasks:

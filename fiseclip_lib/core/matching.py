@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _match_kernel
-from .errors import FiseclipError
+from fiseclip_lib.core import _match_kernel
+from fiseclip_lib.errors import FiseclipError
 
 BF16_TOLERANCE = 0.03  # max |score(bf16) - score(fp32)| seen on unit-norm features: ~0.015 (tests assert 0.03)
 QUERY_CHUNK = 4096  # reference columns per GEMM: bounds the [P, chunk] block, small enough to stay in cache for
@@ -630,3 +630,41 @@ def visual_map_against(layers: dict[int, torch.Tensor], grid: tuple[int, int], r
             total = s if total is None else total.add_(s)
             count += 1
     return total / count
+
+
+# ------------------------------------------------------------------------------ the one entry point
+
+def match(layers: dict[int, torch.Tensor], grid: tuple[int, int], degrees=(1, 3, 5), references: dict | None = None,
+          mutual: bool = True, keep: torch.Tensor | None = None, penalty: torch.Tensor | None = None,
+          ref_keep: torch.Tensor | None = None, ref_penalty: torch.Tensor | None = None, topmin_max: float = 0.3,
+          dtype: torch.dtype = torch.float32, engine: str = "auto") -> torch.Tensor:
+    """A_V of query images against their references: each other (mutual), an external set, or both.
+
+    Args:
+        layers: {layer: `[N, P, C]` raw patch tokens} of the queries.
+        grid: (h, w) with h * w = P.
+        degrees: odd LNAMD aggregation degrees r.
+        references: {(layer, r): `[R, P, C]` aggregated external references (`lnamd`)} or None.
+        mutual: the queries are references of each other.
+        keep, penalty: `[N, P]` filter of the queries as references of each other (mutual only).
+        ref_keep, ref_penalty: `[R, P]` filter of the external references.
+        topmin_max: MSM's interval: the share of each query's references whose smallest distances are averaged.
+        dtype: GEMM dtype.
+        engine: "auto" (the fast engines: `visual_map` for a batch alone, `visual_map_against` with external
+            references) or "reference" (`reference_visual_map`, short and slow, reads like the paper).
+    Returns:
+        float32 `[N, P]` on the CPU.
+    """
+    if engine == "reference":
+        from fiseclip_lib.core.matching_reference import reference_visual_map
+
+        return reference_visual_map(layers, grid, degrees, references, mutual, keep, penalty, ref_keep, ref_penalty,
+                                    topmin_max)
+    if engine != "auto":
+        raise FiseclipError(f"unknown match_engine {engine!r}: choose auto or reference")
+    if mutual and not references:
+        return visual_map(layers, grid, degrees, keep=keep, penalty=penalty, topmin_max=topmin_max,
+                          dtype=dtype).cpu()  # .cpu() waits for a GPU
+    return visual_map_against({l: t.cpu() for l, t in layers.items()}, grid, references or {}, degrees, ref_keep,
+                              ref_penalty, mutual=mutual, query_keep=keep, query_penalty=penalty,
+                              topmin_max=topmin_max, dtype=dtype).cpu()

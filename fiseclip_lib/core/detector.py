@@ -1,8 +1,14 @@
-"""The pipeline: encoder -> restore -> text -> filter -> match -> fuse -> post-process, for one batch.
+"""The one scoring path: encoded queries against their references -> maps and image scores.
 
-`Detector(config).score_batch(images, class_name)` scores one batch of unlabeled images of one category;
-the images are each other's references. `score_features` does everything after the encoder, so that
-sweeps over matching, filtering and fusion options can reuse encoded features.
+`Detector(config).score(images, class_name, references=None, mutual=True)` is the method, read in one place
+(`score_features`): the text branch, the text filter of the references, matching, fusion and post-processing,
+with the branches and defaults chosen by the config's method spec (methods.py). Every product feature calls it:
+  batch referencing    each query against the other queries         score(images)             = score_batch
+  reference bank       each query against the bank (and each other) score(images, bank, mutual=...)
+  streaming            one query against a rolling bank             score([image], bank, mutual=False)
+  a whole category     batches of it, then RsCIN over the pool      core/pool.py: score_pool
+Normalisation rule of the fusion: the images scored together form one group when they reference each other
+(mutual), else each query is its own group, so its score depends only on itself and its references.
 """
 from __future__ import annotations
 
@@ -16,17 +22,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .cache import FeatureCache, image_hash
-from .config import FiseConfig
-from .encoder import Encoder, Features, load_encoder
-from .errors import FiseclipError
-from .filtering import reference_keep
-from .fusion import fuse, fuse_text_only
-from .matching import visual_map
-from .postprocess import gaussian_smooth, image_scores, pool_embedding, upsample
-from .text import text_embeddings, text_map, text_score
-
-TEXT_METHODS = ("fiseclip", "fiseclip-nofilter", "text")
+from fiseclip_lib.config import FiseConfig
+from fiseclip_lib.core.filtering import reference_keep
+from fiseclip_lib.core.fusion import fuse, fuse_text_only
+from fiseclip_lib.core.matching import lnamd, match
+from fiseclip_lib.core.postprocess import gaussian_smooth, image_scores, pool_embedding, upsample
+from fiseclip_lib.core.references import BankEntry, ReferenceBank
+from fiseclip_lib.core.text import text_embeddings, text_map, text_score
+from fiseclip_lib.encoder import Encoder, load_encoder
+from fiseclip_lib.errors import FiseclipError
+from fiseclip_lib.features import Features
+from fiseclip_lib.plumbing.cache import FeatureCache, image_hash
 
 
 @dataclass
@@ -77,18 +83,20 @@ class Detector:
         # matching, fusion, post-processing), so that reports can state both per image.
         self.costs = {"encode_s": 0.0, "images_encoded": 0, "score_s": 0.0, "match_s": 0.0, "images_scored": 0}
         cfg = self.config
-        self.encoder = encoder or load_encoder(cfg.model, cfg.weights_tag, cfg.input_size, cfg.device, cfg.precision,
-                                               cfg.cache_dir, seed=cfg.seed, quick_gelu=cfg.quick_gelu,
-                                               restore_depth=cfg.restore_depth)
+        self.encoder = encoder or load_encoder(**cfg.encoder_args())
+        if encoder is not None and cfg.image_size is not None and encoder.image_size != cfg.input_size:
+            raise FiseclipError(f"the encoder given takes {encoder.image_size} px images but the config says image_size "
+                                f"{cfg.input_size}; load the encoder at that size or set image_size={encoder.image_size}")
+        self._text: dict = {}  # text embeddings per class phrase (the encoder's weights do not change)
         if self.encoder.has_text and self.encoder.restore_depth != cfg.restore_depth:
             self.encoder = self.encoder.with_restore_depth(cfg.restore_depth)  # shares the model; identity follows
-        if not self.encoder.has_text and cfg.method != "musc":
+        if not self.encoder.has_text and cfg.spec.text:
             raise FiseclipError(
                 f"method {cfg.method!r} needs a text tower; {self.encoder.model_name} has none: use --method musc "
                 f"or a CLIP model"
             )
         self.layers = self.encoder.check_layers(cfg.layers)
-        sigma = getattr(cfg, "smoothing_sigma", cfg.sigma) or 0.0
+        sigma = cfg.smoothing_sigma
         if math.ceil(4 * sigma) >= self.encoder.image_size:
             raise FiseclipError(f"sigma {sigma} px is too large for image size {self.encoder.image_size}: the "
                                 f"smoothing window (4 sigma each side) must fit; use sigma < "
@@ -96,7 +104,7 @@ class Detector:
 
     @property
     def uses_text(self) -> bool:
-        return self.config.method in TEXT_METHODS
+        return self.config.spec.text
 
     @property
     def restore(self) -> str | None:
@@ -155,71 +163,124 @@ class Detector:
             return f"precision {enc.precision} overflowed; use --set precision=fp32"
         return "the weights and inputs look finite; check these images (e.g. open them) and the weights file"
 
-    def score_batch(self, images: Sequence, class_name: str) -> BatchResult:
-        """Score a batch: each image is referenced by the others. images: PIL images or paths."""
+    def encode_each(self, images: Sequence) -> list[Features]:
+        """One Features per image (views of one encoded batch)."""
+        return split_features(self.encode(images))
+
+    def score(self, images: Sequence, class_name: str, references: ReferenceBank | None = None,
+              mutual: bool = True) -> BatchResult:
+        """Encode images (PIL, arrays or paths) and score them (`score_features`)."""
         feats = self.encode(images)
         t0 = time.perf_counter()
-        result = self.score_features(feats, class_name)
+        result = self.score_features(feats, class_name, references=references, mutual=mutual)
         self.costs["score_s"] += time.perf_counter() - t0
         self.costs["images_scored"] += len(images)
         return result
 
-    def score_against(self, images: Sequence, class_name: str, references=None, mutual: bool = False) -> BatchResult:
-        """Score images against a reference bank (`predict.score_against`): each image against the references
-        only (mutual=False, per-image normalisation, what streaming computes) or also against each other."""
-        from .predict import score_against
+    def score_batch(self, images: Sequence, class_name: str) -> BatchResult:
+        """Score a batch: each image is referenced by the others."""
+        return self.score(images, class_name)
 
-        return score_against(self, images, class_name, references, mutual=mutual)
+    def score_against(self, images: Sequence, class_name: str, references: ReferenceBank | None = None,
+                      mutual: bool = False) -> BatchResult:
+        """Score images against a reference bank: each image against the references only (mutual=False,
+        per-image normalisation, what streaming computes) or also against each other (mutual=True)."""
+        return self.score(images, class_name, references=references, mutual=mutual)
 
-    def stream(self, images, class_name: str, bank_size: int = 16, references=None, threshold=None, **kwargs):
-        """Score images one at a time against a rolling bank of the last `bank_size` accepted images (plus the
-        known-good `references`); a generator of `stream.StreamResult`. See `fiseclip_lib/stream.py`."""
-        from .stream import stream
+    def score_features(self, feats: Features, class_name: str, keep: torch.Tensor | None = None,
+                       references: ReferenceBank | None = None, mutual: bool = True) -> BatchResult:
+        """Everything after the encoder: the method's decision tree, once.
 
-        return stream(self, images, class_name, bank_size=bank_size, references=references, threshold=threshold,
-                      **kwargs)
-
-    def score_features(self, feats: Features, class_name: str, keep: torch.Tensor | None = None) -> BatchResult:
-        """Everything after the encoder. keep: a bool `[N, P]` reference keep-mask that replaces the text filter
-        (e.g. an oracle from ground truth, `filtering.oracle_keep`), for studies."""
-        cfg = self.config
+        Args:
+            feats: Features of the N query images.
+            class_name: the category's name for the prompts.
+            keep: a bool `[N, P]` keep-mask of the queries as each other's references that replaces the text
+                filter (e.g. an oracle from ground truth, `filtering.oracle_keep`), for studies.
+            references: external references (a `ReferenceBank`; None or empty: none).
+            mutual: the queries reference each other (a batch, with or without a bank; fused over the batch) or
+                not (each query against the references alone; fused per image).
+        Returns:
+            A BatchResult; `keep` is the queries' own filter as references (mutual only).
+        """
+        cfg, spec = self.config, self.config.spec
         n = next(iter(feats.layers.values())).shape[0]
-        grid = feats.grid
+        grid = tuple(feats.grid)
+        bank = references if references is not None else ReferenceBank()
+        if len(bank) and tuple(bank.grid) != grid:
+            raise FiseclipError(f"references have a {tuple(bank.grid)} patch grid, the images {grid}: use one encoder "
+                                f"and image size for both")
         notes: list[str] = []
-        a_v = ref_keep = None
+        a_v = q_keep = None
         a_t, s_t = self.text_branch(feats, class_name)
-        match_dtype = torch.bfloat16 if cfg.match_dtype == "bf16" else torch.float32
-        if cfg.method == "text":
+        n_refs = len(bank) + (n - 1 if mutual else 0)
+        groups = [slice(0, n)] if mutual else [slice(i, i + 1) for i in range(n)]  # images fused together
+
+        def per_group(fn, *xs):
+            return torch.cat([fn(*(x[g] for x in xs)) for g in groups])
+
+        if not spec.visual:
             patch = a_t
-        elif n == 1:
-            msg = "batch of one image: no references, " + ("the text map is used alone" if a_t is not None
-                                                            else "the map is zero")
+        elif n_refs == 0:
+            msg = (("batch of one image: no references, " if mutual and n == 1 else "no reference image: ")
+                   + ("the text map is used alone" if a_t is not None else "the map is zero"))
             warnings.warn(msg)
             notes.append(msg)
             # the text branch on the fusion's scale, so that the map compares with other batches' fused maps
-            patch = (fuse_text_only(a_t, cfg.fusion, cfg.alpha, cfg.gate_tau, cfg.fusion_norm) if a_t is not None
-                     else torch.zeros(1, grid[0] * grid[1]))
+            patch = (per_group(lambda t_: fuse_text_only(t_, cfg.fusion, cfg.alpha, cfg.gate_tau, cfg.fusion_norm),
+                               a_t) if a_t is not None else torch.zeros(n, grid[0] * grid[1]))
         else:
-            penalty = None
+            q_pen = None
             if keep is not None:
-                ref_keep = torch.as_tensor(keep, dtype=torch.bool)
-            elif cfg.method == "fiseclip":
-                ref_keep, penalty = reference_keep(a_t, cfg.filter, cfg.filter_theta, cfg.filter_ratio,
-                                                   cfg.filter_min_keep)
+                q_keep = torch.as_tensor(keep, dtype=torch.bool)
+            elif mutual and n > 1 and spec.text_filter:
+                q_keep, q_pen = reference_keep(a_t, cfg.filter, cfg.filter_theta, cfg.filter_ratio,
+                                               cfg.filter_min_keep)
+            refs, r_keep, r_pen = bank.stacked()
             t0 = time.perf_counter()
-            a_v = visual_map(feats.layers, grid, cfg.degrees, keep=ref_keep, penalty=penalty,
-                             topmin_max=cfg.topmin_max, dtype=match_dtype).cpu()  # .cpu() waits for a GPU
+            a_v = match(feats.layers, grid, cfg.degrees, references=refs, mutual=mutual, keep=q_keep, penalty=q_pen,
+                        ref_keep=r_keep, ref_penalty=r_pen, topmin_max=cfg.topmin_max, dtype=self.match_dtype,
+                        engine=cfg.match_engine)
             self.costs["match_s"] += time.perf_counter() - t0
-            patch = a_v if cfg.method == "musc" else fuse(a_v, a_t, cfg.fusion, cfg.alpha, cfg.gate_tau,
-                                                          cfg.fusion_norm)
-        return self.batch_result(feats, patch, a_v=a_v, a_t=a_t, s_t=s_t, keep=ref_keep, notes=notes)
+            patch = a_v if not spec.text else per_group(
+                lambda v, t_: fuse(v, t_, cfg.fusion, cfg.alpha, cfg.gate_tau, cfg.fusion_norm), a_v, a_t)
+        return self.batch_result(feats, patch, a_v=a_v, a_t=a_t, s_t=s_t, keep=q_keep, notes=notes)
+
+    @property
+    def match_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.config.match_dtype == "bf16" else torch.float32
+
+    def reference_entry(self, feats: Features, class_name: str, filtered: bool, path: str | None = None,
+                        score: float | None = None) -> BankEntry:
+        """A bank entry from the Features of one image: LNAMD per (layer, degree), and the method's text filter
+        when `filtered` (a stream's admitted images; known-good references are not filtered)."""
+        cfg = self.config
+        keep = penalty = None
+        if filtered and cfg.spec.text_filter and feats.dense is not None:
+            a_t = text_map(feats.dense, self.text_embedding(class_name), cfg.text_temperature).cpu()
+            keep, penalty = reference_keep(a_t, cfg.filter, cfg.filter_theta, cfg.filter_ratio, cfg.filter_min_keep)
+        z = {(l, r): lnamd(feats.layers[l], feats.grid, r).cpu() for l in feats.layers for r in cfg.degrees}
+        return BankEntry(features=z, keep=keep, penalty=penalty, path=path, score=score, grid=tuple(feats.grid))
+
+    def leave_one_out_scores(self, bank: ReferenceBank, class_name: str) -> list[float]:
+        """Each reference's score against the other references (per-image normalisation, as streaming scores):
+        the scores of known-good images, from which the unsupervised threshold rule can start."""
+        if len(bank) < 2 or any(e.feats is None for e in bank.entries):
+            return []
+        return [float(self.score_features(e.feats, class_name, references=bank.without(i), mutual=False).scores[0])
+                for i, e in enumerate(bank.entries)]
+
+    def text_embedding(self, class_name: str) -> torch.Tensor:
+        """t_n, t_a `[2, D]` for a category (memoised per detector; `text.text_embeddings` caches on disk)."""
+        if class_name not in self._text:
+            self._text[class_name] = text_embeddings(self.encoder, class_name, self.config.class_names)
+        return self._text[class_name]
 
     def text_branch(self, feats: Features, class_name: str):
         """(A_T `[N, P]`, s_T `[N]`) on the CPU for methods that use text, else (None, None)."""
         if not self.uses_text:
             return None, None
         cfg = self.config
-        t = text_embeddings(self.encoder, class_name, cfg.class_names)
+        t = self.text_embedding(class_name)
         return (text_map(feats.dense, t, cfg.text_temperature).cpu(),
                 text_score(feats.global_embedding, t, cfg.text_temperature).cpu())
 

@@ -13,12 +13,14 @@ all its references when the text is wrong about a whole image.
 from __future__ import annotations
 
 import math
+import typing
 
 import torch
 
-from .errors import FiseclipError
+from fiseclip_lib.config import Filter
+from fiseclip_lib.errors import FiseclipError
 
-FILTER_MODES = ("threshold", "top_ratio", "soft", "none")
+FILTER_MODES = typing.get_args(Filter)
 
 
 def reference_keep(text_map: torch.Tensor, mode: str = "threshold", theta: float = 0.5, ratio: float = 0.1,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_path
+from fiseclip_lib.plumbing.files import atomic_path
 
 NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
                  "{} without damage")
@@ -64,7 +64,7 @@ TEXT_CACHE_VERSION = 1
 
 def text_cache_dir() -> Path:
     """Where text embeddings are cached: `<FISECLIP_FEATURE_CACHE or $XDG_CACHE_HOME/fiseclip>/text`."""
-    from .encoder import cache_root
+    from fiseclip_lib.encoder import cache_root
 
     return cache_root() / "text"
 
@@ -127,10 +127,7 @@ def text_embeddings(encoder, class_name: str, overrides: dict | None = None, dis
         `[2, D]` float32 on the CPU: rows t_n (normal) and t_a (abnormal).
     """
     phrase = class_phrase(class_name, overrides)
-    cache = encoder.__dict__.setdefault("_text_cache", {})
     key = text_cache_key(encoder, phrase)
-    if key in cache:
-        return cache[key]
     path = text_cache_dir() / f"{key}.safetensors"
     emb = _read_cached(path, key) if disk_cache else None
     if emb is None:
@@ -141,7 +138,6 @@ def text_embeddings(encoder, class_name: str, overrides: dict | None = None, dis
         emb = torch.stack(rows).float().cpu()
         if disk_cache:
             _write_cached(path, key, emb)
-    cache[key] = emb
     return emb
 
 

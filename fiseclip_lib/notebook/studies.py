@@ -19,10 +19,10 @@ import torch
 from scipy import ndimage
 from scipy.stats import rankdata
 
-from .errors import FiseclipError
-from .fusion import fuse
-from .matching import interval_count, lnamd, reference_distances
-from .postprocess import gaussian_smooth, image_scores, upsample
+from fiseclip_lib.errors import FiseclipError
+from fiseclip_lib.core.fusion import fuse
+from fiseclip_lib.core.matching import interval_count, lnamd, reference_distances
+from fiseclip_lib.core.postprocess import gaussian_smooth, image_scores, upsample
 
 SIMULATED_LABEL = "SIMULATED text map"
 

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import FiseclipError
+from fiseclip_lib.errors import FiseclipError
 
 NACLIP_SIGMA = 5.0  # Gaussian std in patches (NACLIP's choice)
 

@@ -16,11 +16,12 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import DatasetError, FiseclipError
+from fiseclip_lib.core.pool import MIN_LAST_BATCH, make_batches  # noqa: F401 - batches of samples
+from fiseclip_lib.errors import DatasetError, FiseclipError
+from fiseclip_lib.plumbing.images import (IMAGE_EXTS, ConversionWarning, describe_mode, image_size_of, images_in,  # noqa: F401
+                                         load_image, load_mask, mask_array, resize_mask)
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 DATASETS = ("mvtec", "visa", "folder", "demo")
-MIN_LAST_BATCH = 5  # a last partial batch smaller than this is merged into the previous one
 
 
 @dataclass(frozen=True)
@@ -34,94 +35,11 @@ class Sample:
     mask: str | None = None
 
 
-# ------------------------------------------------------------------------------------------- images
-
-class ConversionWarning(UserWarning):
-    """An image was not 8-bit RGB and was converted; `fiseclip run` reports these once per category and mode."""
-
-    def __init__(self, mode: str, path):
-        self.mode, self.path = mode, str(path)
-        super().__init__(f"{describe_mode(mode)} image converted to 8-bit RGB: {path}")
-
-
-def describe_mode(mode: str) -> str:
-    """A reader's name for a PIL image mode."""
-    names = {"L": "grayscale", "LA": "grayscale+alpha", "1": "1-bit", "P": "palette", "PA": "palette+alpha",
-             "RGBA": "RGBA", "CMYK": "CMYK", "YCbCr": "YCbCr", "I;16": "16-bit", "I;16B": "16-bit",
-             "I;16L": "16-bit", "I;16N": "16-bit", "I": "32-bit integer", "F": "32-bit float"}
-    return names.get(mode, mode)
-
-
-def load_image(path) -> Image.Image:
-    """Read an image as 8-bit RGB. Grayscale, RGBA, palette and 16-bit images are converted, each with a
-    `ConversionWarning` (16-bit images are scaled by their own maximum when it exceeds 255)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                arr = np.asarray(im, dtype=np.float64)
-                hi = arr.max() if arr.max() > 255 else 255.0
-                im = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8))
-            rgb = im.convert("RGB")
-    except FileNotFoundError:
-        raise FiseclipError(f"image {path} does not exist") from None
-    except Exception as e:
-        raise FiseclipError(f"image {path} cannot be read ({type(e).__name__}: {e}); replace or remove it") from None
-    if mode != "RGB":
-        warnings.warn(ConversionWarning(mode, path))
-    return rgb
-
-
-def mask_array(im: Image.Image) -> np.ndarray:
-    """A mask image -> bool array, True where a pixel is non-zero, whatever the encoding: 0/255 (MVTec AD),
-    0/1 (raw VisA), 16-bit, palette (the stored index), 1-bit, or colour (any colour channel non-zero)."""
-    if im.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA"):
-        bands = {"RGBA": 3, "LA": 1, "PA": 1}.get(im.mode)
-        arr = np.asarray(im)
-        arr = arr[..., :bands] if bands else arr
-        return arr.reshape(arr.shape[0], arr.shape[1], -1).any(axis=-1)
-    return np.asarray(im) != 0
-
-
-def load_mask(path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a mask as a bool array (non-zero = defect, see `mask_array`); resized with nearest to `size` (w, h)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mask = mask_array(im)
-    except Exception as e:
-        raise FiseclipError(f"mask {path} cannot be read ({type(e).__name__}); replace or remove it") from None
-    return mask if size is None else resize_mask(mask, size)
-
-
-def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a bool mask to `size` (w, h); thresholding commutes with nearest."""
-    if mask.shape[::-1] == tuple(size):
-        return mask
-    return np.asarray(Image.fromarray(mask).resize(tuple(size), resample=Image.NEAREST))
-
-
-def image_size_of(path) -> tuple[int, int]:
-    """(width, height) of an image file, read from its header."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except Exception as e:
-        raise FiseclipError(f"image {path} cannot be read ({type(e).__name__}); replace or remove it") from None
-
-
 # ------------------------------------------------------------------------------------------- loaders
-
-def _images_in(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
-
 
 def _pair_masks(images: list[Path], mask_dir: Path | None, suffixes=("_mask", "")) -> dict[Path, Path | None]:
     """Pair each image with a mask of the same stem (optionally suffixed); extra masks are an error."""
-    masks = {p.stem: p for p in _images_in(mask_dir)} if mask_dir is not None else {}
+    masks = {p.stem: p for p in images_in(mask_dir)} if mask_dir is not None else {}
     pairs, used = {}, set()
     for img in images:
         found = None
@@ -170,11 +88,11 @@ def load_mvtec(root, categories: Sequence[str] | None = None) -> list[Sample]:
     for cat in _select(found, categories, root):
         test = root / cat / "test"
         defects = sorted(d.name for d in test.iterdir() if d.is_dir())
-        if not any(_images_in(test / d) for d in defects):
+        if not any(images_in(test / d) for d in defects):
             warnings.warn(f"category {cat} has no test images under {test}; skipped")
             continue
         for defect in defects:
-            images = _images_in(test / defect)
+            images = images_in(test / defect)
             label = 0 if defect == "good" else 1
             gt = root / cat / "ground_truth" / defect
             pairs = _pair_masks(images, gt if gt.is_dir() else None)
@@ -239,9 +157,9 @@ def load_folder(root, categories: Sequence[str] | None = None) -> list[Sample]:
     samples = []
     for cat in _select(sorted(cat_dirs), categories, root):
         d = cat_dirs[cat]
-        for img in _images_in(d / "normal"):
+        for img in images_in(d / "normal"):
             samples.append(Sample(str(img), cat, 0, "good", None))
-        abnormal = _images_in(d / "abnormal")
+        abnormal = images_in(d / "abnormal")
         pairs = _pair_masks(abnormal, d / "masks" if (d / "masks").is_dir() else None)
         for img in abnormal:
             samples.append(Sample(str(img), cat, 1, "abnormal", str(pairs[img]) if pairs[img] else None))
@@ -276,29 +194,6 @@ def categories_of(samples: Iterable[Sample]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- batches
-
-def make_batches(samples: Sequence[Sample], batch_size: int, seed: int = 0, shuffle: bool = True,
-                 min_last: int = MIN_LAST_BATCH) -> list[list[Sample]]:
-    """Split one category's samples into consecutive batches of `batch_size`.
-
-    shuffle=True (default): a fixed-seed shuffle first (MVTec/VisA file order groups one defect type per
-    batch, which changes what the references look like); shuffle=False keeps file order.
-    The last partial batch is kept, except that one smaller than `min_last` is merged into the previous
-    batch (a batch of 1-4 images has too few references to score reliably).
-    batch_size <= 0 or None means the whole category as one batch.
-    """
-    items = list(samples)
-    if not items:
-        return []
-    if batch_size is None or batch_size <= 0 or batch_size >= len(items):
-        batch_size = len(items)
-    if shuffle:
-        random.Random(seed).shuffle(items)
-    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-    if len(batches) > 1 and len(batches[-1]) < min(min_last, batch_size):
-        batches[-2].extend(batches.pop())
-    return batches
-
 
 def validate_category(samples: Sequence[Sample]) -> dict:
     """Check one category before scoring; return what can be evaluated and warnings to show."""

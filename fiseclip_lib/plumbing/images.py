@@ -1,0 +1,97 @@
+"""Reading images and masks: 8-bit RGB images (conversions reported), boolean masks, image folders.
+
+Shared by the encoders (preprocessing), the datasets, the decisions (overlays) and the plots.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fiseclip_lib.errors import FiseclipError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+class ConversionWarning(UserWarning):
+    """An image was not 8-bit RGB and was converted; `fiseclip run` reports these once per category and mode."""
+
+    def __init__(self, mode: str, path):
+        self.mode, self.path = mode, str(path)
+        super().__init__(f"{describe_mode(mode)} image converted to 8-bit RGB: {path}")
+
+
+def describe_mode(mode: str) -> str:
+    """A reader's name for a PIL image mode."""
+    names = {"L": "grayscale", "LA": "grayscale+alpha", "1": "1-bit", "P": "palette", "PA": "palette+alpha",
+             "RGBA": "RGBA", "CMYK": "CMYK", "YCbCr": "YCbCr", "I;16": "16-bit", "I;16B": "16-bit",
+             "I;16L": "16-bit", "I;16N": "16-bit", "I": "32-bit integer", "F": "32-bit float"}
+    return names.get(mode, mode)
+
+
+def load_image(path) -> Image.Image:
+    """Read an image as 8-bit RGB. Grayscale, RGBA, palette and 16-bit images are converted, each with a
+    `ConversionWarning` (16-bit images are scaled by their own maximum when it exceeds 255)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                arr = np.asarray(im, dtype=np.float64)
+                hi = arr.max() if arr.max() > 255 else 255.0
+                im = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8))
+            rgb = im.convert("RGB")
+    except FileNotFoundError:
+        raise FiseclipError(f"image {path} does not exist") from None
+    except Exception as e:
+        raise FiseclipError(f"image {path} cannot be read ({type(e).__name__}: {e}); replace or remove it") from None
+    if mode != "RGB":
+        warnings.warn(ConversionWarning(mode, path))
+    return rgb
+
+
+def mask_array(im: Image.Image) -> np.ndarray:
+    """A mask image -> bool array, True where a pixel is non-zero, whatever the encoding: 0/255 (MVTec AD),
+    0/1 (raw VisA), 16-bit, palette (the stored index), 1-bit, or colour (any colour channel non-zero)."""
+    if im.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA"):
+        bands = {"RGBA": 3, "LA": 1, "PA": 1}.get(im.mode)
+        arr = np.asarray(im)
+        arr = arr[..., :bands] if bands else arr
+        return arr.reshape(arr.shape[0], arr.shape[1], -1).any(axis=-1)
+    return np.asarray(im) != 0
+
+
+def load_mask(path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a mask as a bool array (non-zero = defect, see `mask_array`); resized with nearest to `size` (w, h)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mask = mask_array(im)
+    except Exception as e:
+        raise FiseclipError(f"mask {path} cannot be read ({type(e).__name__}); replace or remove it") from None
+    return mask if size is None else resize_mask(mask, size)
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a bool mask to `size` (w, h); thresholding commutes with nearest."""
+    if mask.shape[::-1] == tuple(size):
+        return mask
+    return np.asarray(Image.fromarray(mask).resize(tuple(size), resample=Image.NEAREST))
+
+
+def image_size_of(path) -> tuple[int, int]:
+    """(width, height) of an image file, read from its header."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as e:
+        raise FiseclipError(f"image {path} cannot be read ({type(e).__name__}); replace or remove it") from None
+
+
+def images_in(folder: Path) -> list[Path]:
+    """The image files of a folder (not recursive, hidden files skipped), sorted."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
