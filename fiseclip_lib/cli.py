@@ -66,23 +66,17 @@ _RUN_FLAGS = {"method", "model", "pretrained", "image_size", "batch_size", "seed
 
 
 def _add_config_args(p):
-    """The config flags shared by `run` and `predict` (--params, --method ... --set)."""
-    from fiseclip_lib.config import DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZES, METHODS, FiseConfig
+    """The config flags shared by `run` and `predict`: one flag per field in _RUN_FLAGS and --set for every
+    field, with help, choices and defaults from the config's field metadata (config.py)."""
+    from fiseclip_lib.config import FiseConfig, field_help
 
-    d = FiseConfig()
-    p.add_argument("--method", help=f"{' | '.join(METHODS)} (default: {d.method})")
-    p.add_argument("--model", help=f"open_clip model name, fiseclip-tiny or efficientnet-lite0 (default: {d.model})")
-    p.add_argument("--pretrained", help="open_clip tag, hf-hub:org/name, local weights file, or none for random "
-                                        "weights (default: openai for CLIP, imagenet for efficientnet-lite0)")
-    p.add_argument("--image-size", type=int, help=f"input side in px (default: {DEFAULT_IMAGE_SIZE} for CLIP, "
-                                                  f"{DEFAULT_IMAGE_SIZES['efficientnet-lite0']} for efficientnet-lite0)")
-    p.add_argument("--batch-size", type=int, help=f"images per test batch (default: {d.batch_size})")
-    p.add_argument("--seed", type=int, help=f"batch shuffle seed and random-weight seed (default: {d.seed})")
-    p.add_argument("--device", help=f"auto, cpu or cuda[:N] (default: {d.device})")
-    p.add_argument("--cache-dir", help="where pretrained weights are cached (default: the Hugging Face cache)")
+    helps = field_help()
+    types = {"image_size": int, "batch_size": int, "seed": int}
+    for name in sorted(_RUN_FLAGS, key=list(helps).index):
+        p.add_argument("--" + name.replace("_", "-"), type=types.get(name), help=helps[name])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, repeatable; fields and defaults: " +
-                        ", ".join(f"{k}={'auto' if v is None else v}" for k, v in d.to_dict().items()
+                        ", ".join(f"{k}={'auto' if v is None else v}" for k, v in FiseConfig().to_dict().items()
                                   if k not in _RUN_FLAGS) + " (auto: see README, Options)")
 
 

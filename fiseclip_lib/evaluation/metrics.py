@@ -17,9 +17,10 @@ from scipy import ndimage
 NAN_METRICS_IMAGE = {"auroc": float("nan"), "ap": float("nan"), "f1_max": float("nan")}
 
 
-def _binary_curve(labels: np.ndarray, scores: np.ndarray):
-    """True/false positive counts at each distinct threshold, thresholds descending (as sklearn's)."""
-    scores = np.asarray(scores, dtype=np.float32).ravel()
+def _binary_curve(labels: np.ndarray, scores: np.ndarray, dtype=np.float32):
+    """True/false positive counts at each distinct threshold, thresholds descending (as sklearn's); scores are
+    compared in `dtype` (float32 for maps: half the memory of millions of pixels)."""
+    scores = np.asarray(scores, dtype=dtype).ravel()
     labels = np.asarray(labels).ravel().astype(bool)
     if scores.shape != labels.shape:
         raise ValueError(f"labels {labels.shape} and scores {scores.shape} differ in size")
@@ -44,16 +45,36 @@ def _curve_metrics(labels, scores, what: str) -> dict:
         return dict(NAN_METRICS_IMAGE)
     tps, fps = _binary_curve(labels, scores)
     n_neg = labels.size - n_pos
-    tpr = np.r_[0.0, tps / n_pos]
-    fpr = np.r_[0.0, fps / n_neg]
-    auroc = float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
+    area = _roc_area(tps, fps, n_pos, n_neg)
     precision = tps / (tps + fps)
     recall = tps / n_pos
     ap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
     with np.errstate(divide="ignore", invalid="ignore"):
         f1 = 2 * precision * recall / (precision + recall)
     f1 = f1[np.isfinite(f1)]
-    return {"auroc": auroc, "ap": ap, "f1_max": float(f1.max()) if f1.size else 0.0}
+    return {"auroc": area, "ap": ap, "f1_max": float(f1.max()) if f1.size else 0.0}
+
+
+def _roc_area(tps, fps, n_pos: int, n_neg: int) -> float:
+    tpr = np.r_[0.0, tps / n_pos]
+    fpr = np.r_[0.0, fps / n_neg]
+    return float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
+
+
+def auroc(labels, scores) -> float:
+    """Area under the ROC curve (ties count half), NaN without a warning when only one class is present (for
+    studies that compute many of them).
+
+    Example:
+        >>> auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+        0.75
+    """
+    labels = np.asarray(labels).ravel().astype(bool)
+    n_pos = int(labels.sum())
+    if n_pos == 0 or n_pos == labels.size:
+        return float("nan")
+    tps, fps = _binary_curve(labels, scores, np.float64)
+    return _roc_area(tps, fps, n_pos, labels.size - n_pos)
 
 
 def image_metrics(labels, scores) -> dict:

@@ -112,7 +112,7 @@ def score_and_evaluate(detector: Detector, samples: list[D.Sample], category: st
     return rows, maps, evaluate_category([r[0] for r in rows], scores, maps, check["pixel"])
 
 
-def _category_key(cfg: FiseConfig, dataset: str, samples: list[D.Sample], root, encoder: dict | None = None) -> str:
+def category_key(cfg: FiseConfig, dataset: str, samples: list[D.Sample], root, encoder: dict | None = None) -> str:
     """What a finished category's results depend on; --resume reuses a result only if this matches.
 
     It covers the config (less knobs that change no number), the dataset kind, the encoder identity (weights
@@ -128,7 +128,7 @@ def _category_key(cfg: FiseConfig, dataset: str, samples: list[D.Sample], root, 
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _write_csv(path: Path, df: pd.DataFrame) -> None:
+def write_csv(path: Path, df: pd.DataFrame) -> None:
     text = io.StringIO()
     df.to_csv(text, index=False, float_format=FLOAT_FORMAT, na_rep="nan")
     write_text_atomic(path, text.getvalue())
@@ -137,7 +137,7 @@ def _write_csv(path: Path, df: pd.DataFrame) -> None:
 MEAN_ROW = "mean"
 
 
-def _metrics_frame(results: list[dict], encoder_info: dict, method: str) -> pd.DataFrame:
+def metrics_frame(results: list[dict], encoder_info: dict, method: str) -> pd.DataFrame:
     """A row per category plus the unweighted mean row. The mean row is labelled `mean`, or `mean (all
     categories)` when a category is itself called `mean`, so that the label always names one row."""
     df = pd.DataFrame([{"category": r["category"], **r["metrics"]} for r in results], columns=["category"] + METRIC_NAMES)
@@ -153,22 +153,22 @@ def _metrics_frame(results: list[dict], encoder_info: dict, method: str) -> pd.D
     return df
 
 
-def _write_outputs(out: Path, results: list[dict], encoder_info: dict, config_record: dict) -> pd.DataFrame:
+def write_outputs(out: Path, results: list[dict], encoder_info: dict, config_record: dict) -> pd.DataFrame:
     """metrics.csv, scores.csv and the config.json that describes them, from the finished categories.
 
     Order: the old CSVs go first, then config.json, then the new CSVs, so that a metrics.csv on disk is always
     described by the config.json beside it (each file is replaced atomically)."""
-    df = _metrics_frame(results, encoder_info, config_record["config"]["method"])
+    df = metrics_frame(results, encoder_info, config_record["config"]["method"])
     scores = pd.DataFrame([row for r in results for row in r["rows"]], columns=SCORE_COLUMNS)
     for name in ("metrics.csv", "scores.csv"):
         (out / name).unlink(missing_ok=True)
     write_json_atomic(out / "config.json", {**config_record, "categories_done": [r["category"] for r in results]})
-    _write_csv(out / "scores.csv", scores)
-    _write_csv(out / "metrics.csv", df)
+    write_csv(out / "scores.csv", scores)
+    write_csv(out / "metrics.csv", df)
     return df
 
 
-def _load_finished(done: Path, key: str, maps_path: Path | None) -> dict | None:
+def load_finished(done: Path, key: str, maps_path: Path | None) -> dict | None:
     """A finished category's saved result if it can be reused (same key, intact, maps present if asked for)."""
     if not done.is_file():
         return None
@@ -189,6 +189,53 @@ def _load_finished(done: Path, key: str, maps_path: Path | None) -> dict | None:
         except Exception:
             return None  # asked for maps that are missing or damaged: recompute them
     return saved
+
+
+def run_category(detector: Detector, dataset: str, root, category: str, samples: list[D.Sample], folder,
+                 resume: bool = False, save_maps: bool = False, progress: bool = True, extra: dict | None = None,
+                 before_scoring=None) -> tuple[dict, bool]:
+    """One category of a benchmark, the task `run` and `sweep` share: reuse its finished result (with --resume,
+    when its content key still matches) or score and evaluate it, and save the result atomically.
+
+    Args:
+        detector: the Detector.
+        dataset, root: the dataset kind and root (paths in the rows are relative to root).
+        category, samples: the category and its samples.
+        folder: the output folder; the result goes to `folder/categories/<category>.json`, maps (save_maps) to
+            `folder/maps/<category>.npz`.
+        resume: reuse a saved result whose key matches.
+        extra: more fields to save with the result (e.g. the sweep's encoder record).
+        before_scoring: called before a category is scored (test hook of the sweep).
+    Returns:
+        (the result: category, key, metrics, images, notes, rows, and extra; whether it was reused).
+    """
+    folder = Path(folder)
+    key = category_key(detector.config, dataset, samples, root, detector.encoder.identity())
+    done = folder / "categories" / f"{category}.json"
+    maps_path = folder / "maps" / f"{category}.npz"
+    saved = load_finished(done, key, maps_path if save_maps else None) if resume else None
+    if saved is not None:
+        return saved, True
+    if before_scoring is not None:
+        before_scoring()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows, maps, metrics = score_and_evaluate(detector, samples, category, progress=progress, dataset=dataset)
+    result = {
+        "category": category, "key": key, "metrics": metrics, "images": len(samples),
+        "notes": summarize_warnings([w.message for w in caught], category),
+        "rows": [[display_path(s.path, root), s.category, s.label, s.defect, float(score), b] for s, score, b in rows],
+        **(extra or {}),
+    }
+    if save_maps:
+        with atomic_path(maps_path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, maps=maps.astype(np.float16),
+                                    paths=np.array([display_path(r[0].path, root) for r in rows]))
+    else:
+        maps_path.unlink(missing_ok=True)  # maps of an earlier run would not match these results
+    write_json_atomic(done, result)
+    return result, False
 
 
 def run_benchmark(dataset: str, root, config: FiseConfig, out, categories=None, save_maps: bool = False,
@@ -221,49 +268,28 @@ def _run_locked(dataset, root, config, out, categories, save_maps, resume, progr
     costs0, memory0 = dict(detector.costs), memory_mark(detector.encoder.device)
     results, notes = [], []
     # Outputs of an earlier run into this folder are replaced, never mixed with this run's.
-    _write_outputs(out, results, enc, {**record, "status": "running"})
+    write_outputs(out, results, enc, {**record, "status": "running"})
     for cat in cats:
         cs = [s for s in samples if s.category == cat]
         if not cs:
             raise FiseclipError(f"category {cat} has no test images under {root}")
-        key = _category_key(config, dataset, cs, root, enc)
-        done = out / "categories" / f"{cat}.json"
-        maps_path = out / "maps" / f"{cat}.npz"
-        saved = _load_finished(done, key, maps_path if save_maps else None) if resume else None
-        if saved is not None:
-            results.append(saved)
-            notes.extend(saved.get("notes", []))
-            print(f"{cat}: reused finished result ({done})", flush=True)
-            continue
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            rows, maps, metrics = score_and_evaluate(detector, cs, cat, progress=progress, dataset=dataset)
-        cat_notes = summarize_warnings([w.message for w in caught], cat)
-        for n in cat_notes:
-            print("warning: " + n.replace("\r", "\\r").replace("\n", "\\n"), flush=True)
-        result = {
-            "category": cat, "key": key, "metrics": metrics, "images": len(cs), "notes": cat_notes,
-            "rows": [[display_path(s.path, root), s.category, s.label, s.defect, float(score), b]
-                     for s, score, b in rows],
-        }
-        if save_maps:
-            with atomic_path(maps_path) as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez_compressed(f, maps=maps.astype(np.float16),
-                                        paths=np.array([display_path(r[0].path, root) for r in rows]))
+        result, reused = run_category(detector, dataset, root, cat, cs, out, resume=resume, save_maps=save_maps,
+                                      progress=progress)
+        if reused:
+            print(f"{cat}: reused finished result ({out / 'categories' / f'{cat}.json'})", flush=True)
         else:
-            maps_path.unlink(missing_ok=True)  # maps of an earlier run would not match these results
-        write_json_atomic(done, result)
+            for n in result["notes"]:
+                print("warning: " + n.replace("\r", "\\r").replace("\n", "\\n"), flush=True)
         results.append(result)
-        notes.extend(cat_notes)
-        _write_outputs(out, results, enc, {**record, "status": "running", "notes": notes})
+        notes.extend(result.get("notes", []))
+        write_outputs(out, results, enc, {**record, "status": "running", "notes": notes})
     feature_cache = None if detector.cache is None else {
         "root": str(detector.cache.root), "hits": detector.cache.hits, "misses": detector.cache.misses,
         "damaged": detector.cache.damaged}
     cost = run_costs(detector, costs0, memory0)
     if cost["images_scored"]:
         print(f"cost: {cost['summary']}", flush=True)
-    return _write_outputs(out, results, enc, {**record, "status": "finished", "notes": notes,
+    return write_outputs(out, results, enc, {**record, "status": "finished", "notes": notes,
                                               "feature_cache": feature_cache, "cost": cost,
                                               "wall_time_s": round(time.time() - t0, 3)})
 
@@ -278,7 +304,7 @@ def run_costs(detector: Detector, before: dict, memory_mark_mb: float) -> dict:
     c = {k: detector.costs[k] - before.get(k, 0) for k in detector.costs}
     enc_per = c["encode_s"] / c["images_encoded"] if c["images_encoded"] else None
     score_per = c["score_s"] / c["images_scored"] if c["images_scored"] else None
-    match_per = (c.get("match_s", 0.0) / c["images_scored"] if c["images_scored"] and detector.config.method != "text"
+    match_per = (c.get("match_s", 0.0) / c["images_scored"] if c["images_scored"] and detector.config.spec.visual
                  else None)  # the text method does no matching
     from_cache = max(0, c["images_scored"] - c["images_encoded"])
     cache_state = ("no feature cache" if detector.cache is None else "miss" if from_cache == 0

@@ -17,25 +17,14 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import ndimage
-from scipy.stats import rankdata
 
 from fiseclip_lib.errors import FiseclipError
+from fiseclip_lib.evaluation.metrics import auroc
 from fiseclip_lib.core.fusion import fuse
 from fiseclip_lib.core.matching import interval_count, lnamd, reference_distances
 from fiseclip_lib.core.postprocess import gaussian_smooth, image_scores, upsample
 
 SIMULATED_LABEL = "SIMULATED text map"
-
-
-def auroc(labels, scores) -> float:
-    """Area under the ROC curve by the rank-sum (Mann-Whitney) formula, ties counted half. NaN for one class."""
-    y = np.asarray(labels).ravel().astype(bool)
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    r = rankdata(s)
-    return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def patch_labels(masks, grid: tuple[int, int]) -> np.ndarray:
