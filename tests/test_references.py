@@ -1,0 +1,68 @@
+"""core/references.py: reference banks, hand-built entries, and scoring against them through the one path."""
+import numpy as np
+import pytest
+import torch
+
+from fiseclip_lib.config import FiseConfig
+from fiseclip_lib.core.detector import Detector
+from fiseclip_lib.core.matching import lnamd
+from fiseclip_lib.core.references import BankEntry, ReferenceBank
+from fiseclip_lib.errors import FiseclipError
+from fiseclip_lib.evaluation import data as D
+
+TINY = dict(model="fiseclip-tiny", pretrained="none", image_size=112, device="cpu", degrees=(1, 3))
+
+
+def _paths(root, n):
+    return [s.path for s in D.load_mvtec(root) if s.category == "textile"][:n]
+
+
+def test_hand_built_entry_infers_its_square_grid_and_scores_like_a_built_one(small_demo, tiny_encoder):
+    det = Detector(FiseConfig(**TINY, method="musc"), encoder=tiny_encoder)
+    paths = _paths(small_demo, 6)
+    built = ReferenceBank.from_images(det, paths[4:], "textile")
+    by_hand = ReferenceBank()
+    for one in det.encode_each(paths[4:]):
+        z = {(l, r): lnamd(one.layers[l], one.grid, r) for l in one.layers for r in det.config.degrees}
+        by_hand.add(BankEntry(features=z))  # no grid given: (8, 8) from its 64 patches
+    assert by_hand.grid == built.grid == (8, 8)
+    feats = det.encode(paths[:4])
+    a = det.score_features(feats, "textile", references=built, mutual=False)
+    b = det.score_features(feats, "textile", references=by_hand, mutual=False)
+    np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_entry_of_a_non_square_grid_must_say_its_grid():
+    z = {(1, 1): torch.nn.functional.normalize(torch.randn(1, 6, 4), dim=-1)}
+    with pytest.raises(FiseclipError, match="not a square grid"):
+        ReferenceBank([BankEntry(features=z)])
+    assert ReferenceBank([BankEntry(features=z, grid=(2, 3))]).grid == (2, 3)
+
+
+def test_bank_of_another_grid_is_refused(small_demo, tiny_encoder):
+    det = Detector(FiseConfig(**TINY), encoder=tiny_encoder)
+    paths = _paths(small_demo, 3)
+    z = {(l, r): torch.nn.functional.normalize(torch.randn(1, 16, 64), dim=-1) for l in det.layers
+         for r in det.config.degrees}
+    with pytest.raises(FiseclipError, match="patch grid"):
+        det.score(paths, "textile", references=ReferenceBank([BankEntry(features=z)]))
+
+
+def test_one_image_against_a_bank_is_the_same_alone_or_among_others(small_demo, tiny_encoder):
+    """mutual=False: each query is its own normalisation group, so the others scored with it do not matter."""
+    det = Detector(FiseConfig(**TINY), encoder=tiny_encoder)
+    paths = _paths(small_demo, 7)
+    bank = ReferenceBank.from_images(det, paths[4:], "textile")
+    together = det.score_against(paths[:4], "textile", bank)
+    alone = [det.score_against([p], "textile", bank).scores[0] for p in paths[:4]]
+    np.testing.assert_allclose(together.scores, alone, rtol=1e-6, atol=1e-6)
+
+
+def test_leave_one_out_scores_are_each_reference_against_the_others(small_demo, tiny_encoder):
+    det = Detector(FiseConfig(**TINY), encoder=tiny_encoder)
+    paths = _paths(small_demo, 4)
+    bank = ReferenceBank.from_images(det, paths, "textile")
+    loo = det.leave_one_out_scores(bank, "textile")
+    direct = [det.score_against([p], "textile", ReferenceBank.from_images(det, [q for q in paths if q != p],
+                                                                         "textile")).scores[0] for p in paths]
+    np.testing.assert_allclose(loo, direct, rtol=1e-6, atol=1e-6)
