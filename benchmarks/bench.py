@@ -9,8 +9,8 @@ of the per-repeat values are reported, so a load spike on a shared machine hits 
   matching  the matching as the pipeline calls it (visual_map: raw tokens -> masked MSM over layers x degrees,
             the text filter's keep-mask on) vs torch.mm of the per-degree route's GEMMs (one per pair, layer and
             degree): effective throughput = degree-equivalent FLOPs per second; also visual_map's time over that
-            of its own GEMMs (one per pair and layer), its speed-up over the per-degree route and (CPU) of the
-            compiled kernel over the same route's torch passes; bf16 score error
+            of its own GEMMs (one per pair and layer), its speed-up over the other engines (`--match-compare`:
+            per-degree, box-torch, box-compiled, selected by visual_map's engine argument); bf16 score error
   sweep     a 10-configuration sweep with the feature cache vs one uncached run (model load and text
             embeddings paid before both sides, reported separately)
   memory    peak extra memory of matching (one layer, degrees 1/3/5) at N = 16, 32 (64 as a dry run: GEMM
@@ -178,11 +178,18 @@ def matching_gemms(Zd: torch.Tensor, chunk: int = QUERY_CHUNK):
             torch.mm(Zd[i], Zd[g0:min(n, g0 + group)].reshape(-1, c).T)
 
 
-def bench_matching(n, h, c, n_layers, degrees, repeats, kept=0.9):
-    """visual_map vs torch.mm. Throughput is EFFECTIVE: degree-equivalent FLOPs (2 P^2 C per pair, layer and
-    degree: what the per-degree route multiplies) per second, so that one GEMM per pair and layer plus box
-    filters is credited with the work it replaces. Its own GEMMs (one per pair and layer) are timed too."""
+def bench_matching(n, h, c, n_layers, degrees, repeats, kept=0.9, compare=("mm", "own", "per-degree", "box-torch")):
+    """visual_map (engine auto) vs torch.mm and vs the other engines. Throughput is EFFECTIVE: degree-equivalent
+    FLOPs (2 P^2 C per pair, layer and degree: what the per-degree route multiplies) per second, so that one GEMM
+    per pair and layer plus box filters is credited with the work it replaces. Its own GEMMs (one per pair and
+    layer) are timed too. compare: what is timed beside auto, interleaved with it: "mm" (the per-degree route's
+    GEMMs alone), "own" (auto's GEMMs alone) and engine names of matching.ENGINES (box-compiled on the CPU only,
+    where numba works; "reference" is far too slow for these shapes)."""
     p = h * h
+    compare = list(compare)
+    bad = [x for x in compare if x not in ("mm", "own") and x not in matching.ENGINES[1:-1]]
+    if bad:
+        raise SystemExit(f"--match-compare: unknown {bad}; choose from mm, own, {', '.join(matching.ENGINES[1:-1])}")
     for device in devices():
         g = torch.Generator().manual_seed(0)
         layers = {l: (torch.randn(n, p, c, generator=g) + torch.randn(1, 1, c, generator=g)).to(device)
@@ -190,14 +197,17 @@ def bench_matching(n, h, c, n_layers, degrees, repeats, kept=0.9):
         keep = (torch.rand(n, p, generator=g) < kept).to(device)  # the text filter's mask: ~10 % excluded
         combos = n_layers * len(degrees)
         flops = 2.0 * p * p * c * n * (n - 1) / 2 * combos  # degree-equivalent
+        kernel = device == "cpu" and _match_kernel.available()
+        # the route auto takes here (visual_map's own rule)
+        auto = matching._route("auto", list(degrees), c, None, torch.device(device))
+        engines = [e for e in compare if e in matching.ENGINES and (e != "box-compiled" or kernel)]
         maps = {}
         fns = {}
-        kernel = device == "cpu" and matching.USE_COMPILED_KERNEL and _match_kernel.available()
         for dt in (torch.float32, torch.bfloat16):
             Zd = lnamd(layers[0], (h, h), degrees[-1]).to(dt)
 
-            def ours(dt=dt):
-                maps[dt] = visual_map(layers, (h, h), degrees, keep=keep, dtype=dt)
+            def run(engine, dt=dt):
+                maps[engine, dt] = visual_map(layers, (h, h), degrees, keep=keep, dtype=dt, engine=engine)
 
             def per_degree(Zd=Zd):
                 for _ in range(combos):  # the per-degree route: one GEMM set per layer and degree
@@ -207,51 +217,52 @@ def bench_matching(n, h, c, n_layers, degrees, repeats, kept=0.9):
                 for _ in range(n_layers):  # the GEMMs visual_map issues: one set per layer, its block width
                     matching_gemms(Zd, matching.BOX_CHUNK)
 
-            def route(dt=dt):  # visual_map forced onto the per-degree route (the implementation before the box filters)
-                saved = matching.BOX_FILTER_MIN_CHANNELS
-                matching.BOX_FILTER_MIN_CHANNELS = 1 << 62
-                try:
-                    visual_map(layers, (h, h), degrees, keep=keep, dtype=dt)
-                finally:
-                    matching.BOX_FILTER_MIN_CHANNELS = saved
-
-            def passes(dt=dt):  # the box-filtered route with torch passes instead of the compiled kernel
-                saved = matching.USE_COMPILED_KERNEL
-                matching.USE_COMPILED_KERNEL = False
-                try:
-                    visual_map(layers, (h, h), degrees, keep=keep, dtype=dt)
-                finally:
-                    matching.USE_COMPILED_KERNEL = saved
-
-            fns[f"ours {dt}"], fns[f"mm {dt}"], fns[f"own {dt}"], fns[f"route {dt}"] = ours, per_degree, own, route
-            if kernel:
-                fns[f"passes {dt}"] = passes
+            fns[f"auto {dt}"] = lambda dt=dt: run("auto", dt)
+            if "mm" in compare:
+                fns[f"mm {dt}"] = per_degree
+            if "own" in compare:
+                fns[f"own {dt}"] = own
+            for e in engines:
+                fns[f"{e} {dt}"] = lambda e=e, dt=dt: run(e, dt)
         for dt in (torch.float32, torch.bfloat16):  # warm-up on a small slice: the full shape costs minutes
-            visual_map({l: t[:2] for l, t in layers.items()}, (h, h), degrees, keep=keep[:2], dtype=dt)
+            for e in ["auto"] + engines:
+                visual_map({l: t[:2] for l, t in layers.items()}, (h, h), degrees, keep=keep[:2], dtype=dt, engine=e)
             matching_gemms(lnamd(layers[0][:2], (h, h), 1).to(dt))
         t = interleaved(fns, repeats, warm=False)
         for dt in (torch.float32, torch.bfloat16):
             tag = dict(device=device, dtype=str(dt).replace("torch.", ""), N=n, P=p, C=c, layers=n_layers,
-                       degrees="/".join(map(str, degrees)), kept=kept, engine="compiled" if kernel else "torch passes")
-            ours_s, mm_s, own_s, route_s = t[f"ours {dt}"], t[f"mm {dt}"], t[f"own {dt}"], t[f"route {dt}"]
+                       degrees="/".join(map(str, degrees)), kept=kept, engine=f"auto = {auto}")
+            ours_s = t[f"auto {dt}"]
             record_series("matching", "visual_map effective GFLOP/s", [flops / s / 1e9 for s in ours_s], "GFLOP/s",
                           **tag)
-            record_series("matching", "torch.mm GFLOP/s (per-degree GEMMs)", [flops / s / 1e9 for s in mm_s],
-                          "GFLOP/s", **tag)
-            record_series("matching", "visual_map effective / torch.mm throughput",
-                          [m / o for m, o in zip(mm_s, ours_s)], "ratio", **tag)
-            record_series("matching", "visual_map time / its own GEMMs' time", [o / m for m, o in zip(own_s, ours_s)],
-                          "ratio", **tag)
-            record_series("matching", "speed-up over the per-degree route", [r / o for r, o in zip(route_s, ours_s)],
-                          "ratio", **tag)
-            if kernel:
-                record_series("matching", "speed-up of the compiled kernel over the torch passes",
-                              [q / o for q, o in zip(t[f"passes {dt}"], ours_s)], "ratio", **tag)
+            record_series("matching", "visual_map s", ours_s, "s", **tag)
+            if "mm" in compare:
+                mm_s = t[f"mm {dt}"]
+                record_series("matching", "torch.mm GFLOP/s (per-degree GEMMs)", [flops / s / 1e9 for s in mm_s],
+                              "GFLOP/s", **tag)
+                record_series("matching", "visual_map effective / torch.mm throughput",
+                              [m / o for m, o in zip(mm_s, ours_s)], "ratio", **tag)
+            if "own" in compare:
+                record_series("matching", "visual_map time / its own GEMMs' time",
+                              [o / m for m, o in zip(t[f"own {dt}"], ours_s)], "ratio", **tag)
+            for e in engines:  # same run, interleaved: the speed-up of auto over each engine (~1 for its own route)
+                record_series("matching", f"engine {e} s", t[f"{e} {dt}"], "s", **tag)
+                name = ("speed-up over the per-degree route" if e == "per-degree" else
+                        "speed-up over box-torch (torch passes)" if e == "box-torch" else f"speed-up over {e}")
+                record_series("matching", name, [q / o for q, o in zip(t[f"{e} {dt}"], ours_s)], "ratio", **tag)
+            if "box-torch" in engines and "box-compiled" in engines:  # what numba buys, repeat by repeat
+                record_series("matching", "box-torch time / box-compiled time",
+                              [q / o for q, o in zip(t[f"box-torch {dt}"], t[f"box-compiled {dt}"])], "ratio", **tag)
+                record_series("matching", "box-torch - box-compiled s",
+                              [q - o for q, o in zip(t[f"box-torch {dt}"], t[f"box-compiled {dt}"])], "s", **tag)
             if dt == torch.bfloat16:
-                ref = maps[torch.float32]
-                err = float((maps[dt] - ref).abs().max())
+                ref = maps["auto", torch.float32]
+                err = float((maps["auto", dt] - ref).abs().max())
                 record("matching", "bf16 max |A_V - A_V(fp32)|", err, "abs", **tag)
                 record("matching", "bf16 max error / max A_V(fp32)", err / float(ref.max()), "rel", **tag)
+            for e in engines:  # every engine computes the same map (up to rounding)
+                record("matching", f"max |A_V({e}) - A_V(auto)|",
+                       float((maps[e, dt] - maps["auto", dt]).abs().max()), "abs", **tag)
 
 
 def bench_sweep(model, size, n_images, repeats):
@@ -475,6 +486,10 @@ def main(argv=None):
     ap.add_argument("--match-layers", type=int, default=4, help="matching section: layers (paper: 4)")
     ap.add_argument("--match-n", type=int, default=16,
                     help="matching section: images per batch (paper: 16; the ratios are per pair of images)")
+    ap.add_argument("--match-p", type=int, default=37, help="matching section: grid side (paper: 37, P = 1369)")
+    ap.add_argument("--match-compare", default="mm,own,per-degree,box-torch",
+                    help="matching section: timed beside engine auto, interleaved: mm, own and engine names "
+                         "(per-degree, box-torch, box-compiled); e.g. box-torch,box-compiled for what numba buys")
     ap.add_argument("--memory-ns", default="16,32,64dry",
                     help="memory section batch sizes; 'dry' = GEMM outputs allocated, not computed (same peak)")
     ap.add_argument("--out", default="benchmarks/results.csv")
@@ -499,10 +514,11 @@ def main(argv=None):
     if "pipeline" in sections:
         bench_pipeline(models, batch_sizes, args.precisions.split(","), repeats, args.encode_images)
     if "matching" in sections:
-        if quick:
-            bench_matching(8, 16, 512, 2, (1, 3, 5), repeats)  # C >= BOX_FILTER_MIN_CHANNELS: the route the paper uses
+        compare = args.match_compare.split(",")
+        if quick:  # C >= BOX_FILTER_MIN_CHANNELS: the route the paper uses
+            bench_matching(8, 16, 512, 2, (1, 3, 5), repeats, compare=list(dict.fromkeys(compare + ["box-compiled"])))
         else:
-            bench_matching(args.match_n, 37, 1024, args.match_layers, (1, 3, 5), repeats)
+            bench_matching(args.match_n, args.match_p, 1024, args.match_layers, (1, 3, 5), repeats, compare=compare)
     if "sweep" in sections:
         bench_sweep("fiseclip-tiny", 112, 9, repeats) if quick else bench_sweep("ViT-B-16", 224, 48, repeats)
     if "memory" in sections:

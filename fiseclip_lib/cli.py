@@ -55,13 +55,6 @@ def _text_param(params: dict, name: str, source: str):
     return value
 
 
-def _categories_param(value, source: str):
-    """categories: a comma-separated string or a list of names (data.parse_categories)."""
-    from fiseclip_lib.evaluation.data import parse_categories
-
-    return parse_categories(value, source)
-
-
 _RUN_FLAGS = {"method", "model", "pretrained", "image_size", "batch_size", "seed", "device", "cache_dir"}
 
 
@@ -88,12 +81,13 @@ def _add_cache_args(p) -> None:
 
 
 def _add_run(sub):
+    from fiseclip_lib.evaluation.data import DATASETS
+
     p = sub.add_parser("run", help="score a dataset with one method and write metrics.csv, scores.csv, config.json")
     p.add_argument("--params", help="YAML file of options (config fields plus dataset/root/categories/out)")
-    p.add_argument("--dataset", choices=["mvtec", "visa", "folder", "demo"], default=None,
-                   help="dataset layout (default: demo)")
+    p.add_argument("--dataset", choices=DATASETS, default=None, help="dataset layout (default: demo)")
     p.add_argument("--root", help=f"dataset root (default for demo: ./{DEFAULT_DEMO_ROOT}, built if missing)")
-    p.add_argument("--categories", help="comma-separated subset of categories")
+    p.add_argument("--categories", help="comma-separated subset of categories (\"\": all, as when left out)")
     _add_config_args(p)
     p.add_argument("--out", help="output folder (default: runs/<dataset>-<method>)")
     p.add_argument("--save-maps", action="store_true", help="also write maps/<category>.npz (float16)")
@@ -104,6 +98,7 @@ def _add_run(sub):
 
 def cmd_run(args) -> int:
     from fiseclip_lib.plumbing.cache import FeatureCache
+    from fiseclip_lib.evaluation.data import check_dataset, parse_categories
     from fiseclip_lib.evaluation.run import format_table, run_benchmark
 
     params = _load_params(args.params) if args.params else {}
@@ -114,21 +109,21 @@ def cmd_run(args) -> int:
     # command line wins over the params file
     for key in ("dataset", "root", "out"):
         _text_param(params, key, source)
-    file_cats = _categories_param(params.get("categories"), source)
+    file_cats = parse_categories(params.get("categories"), source)
     dataset = args.dataset or params.pop("dataset", None) or "demo"
     root = args.root or params.pop("root", None) or (DEFAULT_DEMO_ROOT if dataset == "demo" else None)
-    cats = _categories_param(args.categories, "--categories") if args.categories else file_cats
+    # an explicit --categories "" means all categories, over the file's list (None: every category)
+    cats = parse_categories(args.categories, "--categories") if args.categories is not None else file_cats
     out = args.out or params.pop("out", None)
     for key in ("dataset", "root", "categories", "out"):
         params.pop(key, None)
-    if dataset not in ("mvtec", "visa", "folder", "demo"):
-        raise FiseclipError(f"{source}: unknown dataset {dataset!r}; use mvtec, visa, folder or demo")
+    check_dataset(dataset, source)
     if root is None:
         raise FiseclipError(f"--root is required for dataset {dataset}")
     config = _config_from_args(args, params, source)
     out = out or f"runs/{dataset}-{config.method}"
     cache = None if args.no_feature_cache else FeatureCache(args.feature_cache)
-    df = run_benchmark(dataset, root, config, out, categories=cats or None, save_maps=args.save_maps,
+    df = run_benchmark(dataset, root, config, out, categories=cats, save_maps=args.save_maps,
                        resume=args.resume, progress=not args.no_progress, cache=cache)
     print(format_table(df))
     if not bool(df["pretrained"].iloc[0]):
@@ -183,6 +178,7 @@ def _config_from_args(args, params: dict, source: str):
 def cmd_predict(args) -> int:
     from fiseclip_lib.plumbing.cache import FeatureCache
     from fiseclip_lib.decisions.predict import predict
+    from fiseclip_lib.evaluation.data import parse_categories
 
     params = _load_params(args.params) if args.params else {}
     source = f"params file {args.params}"
@@ -190,7 +186,7 @@ def cmd_predict(args) -> int:
     params = {k: v for k, v in params.items() if k not in NOTEBOOK_KEYS}
     for key in ("dataset", "root", "out", "images", "class_name", "reference_dir"):
         _text_param(params, key, source)
-    _categories_param(params.get("categories"), source)
+    parse_categories(params.get("categories"), source)  # checked: the file is shared with `run`
     images = args.images or params.get("images")
     class_name = args.class_name or params.get("class_name")
     out = args.out or params.get("out")
@@ -313,13 +309,14 @@ def cmd_fetch_weights(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from fiseclip_lib.evaluation.data import parse_categories
     from fiseclip_lib.notebook.report import run_reports
 
     params = _load_params(args.params) if args.params else {}
     source = f"params file {args.params}"
     for key in ("dataset", "root", "model", "pretrained", "run_dir"):
         _text_param(params, key, source)
-    _categories_param(params.get("categories"), source)
+    parse_categories(params.get("categories"), source)
     only = args.only
     if args.sweep:  # report on a finished sweep: notebook 06 unless --only names others
         from fiseclip_lib.evaluation.sweep import report_params

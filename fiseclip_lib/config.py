@@ -3,8 +3,8 @@
 Every field carries metadata (`option(...)`): its help text, whether it changes scores (`scores`: the run's
 resume key, the threshold file's hash and the sweep's configuration id ignore the ones that do not), whether it
 only matters when images are scored in batches (`batch_only`: streaming ignores it), and where its default
-comes from (`source`: "paper" = stated in the abstract, "reconstruction" = our reading, "harness" = a choice
-of the workbench). The allowed values of choice fields are the `Literal` types below; validation, the CLI's
+comes from (`source`: "paper" = stated in the abstract, "reconstruction" = our reading, "engineering" = a
+choice of the workbench that changes no method; as README's Options table). The allowed values of choice fields are the `Literal` types below; validation, the CLI's
 `--set` help and the sweeps read them from here. `FiseConfig.with_overrides(["key=value", ...])` is what
 `--set` uses; `resolved()` is the config with every "auto" replaced by the value a run uses.
 """
@@ -35,7 +35,7 @@ Fusion = Literal["additive", "multiplicative", "gated"]  # core/fusion.py
 FusionNorm = Literal["robust", "minmax", "none"]
 MatchDtype = Literal["fp32", "bf16"]
 MuscPool = Literal["category", "batch"]
-MatchEngine = Literal["auto", "reference"]  # core/matching.py
+MatchEngine = Literal["auto", "per-degree", "box-torch", "box-compiled", "reference"]  # core/matching.py ENGINES
 
 METHODS = typing.get_args(Method)
 PRECISIONS = typing.get_args(Precision)
@@ -62,38 +62,45 @@ class FiseConfig:
     image_size: typing.Optional[int] = option(None, "input side in px; auto = 518 for CLIP, 256 for efficientnet-lite0")
     layers: typing.Optional[typing.Tuple[int, ...]] = option(None, "1-based blocks matched; auto = the quarters "
                                                                    "(6,12,18,24 for ViT-L)")
-    device: str = option("auto", "auto, cpu or cuda[:N]", scores=False, source="harness")
-    precision: Precision = option("fp32", "encoder precision", source="harness")
+    device: str = option("auto", "auto, cpu or cuda[:N]", scores=False, source="engineering")
+    precision: Precision = option("fp32", "encoder precision", source="engineering")
     cache_dir: typing.Optional[str] = option(None, "where pretrained weights are cached", scores=False,
-                                             source="harness")
+                                             source="engineering")
     quick_gelu: typing.Optional[bool] = option(None, "force QuickGELU on/off; auto = the weights' pretrained config")
     encode_batch: int = option(8, "images through the encoder at once: a memory knob", scores=False,
-                               source="harness")
+                               source="engineering")
     # restoration of the last block (paper: restore local semantics; operator: reconstruction)
-    restore: Restore = option("clearclip", "last-block restoration operator (encoder/restore.py)")
+    restore: Restore = option("clearclip", "last-block restoration operator (encoder/restore.py)",
+                              source="paper (operator: reconstruction)")
     restore_depth: int = option(1, "last blocks rewritten (CLIP Surgery: 6)")
     # text (reconstruction: the prompt ensemble of the zero-shot AD literature)
     text_temperature: float = option(100.0, "logit scale of the patch-text softmax (CLIP's: 100)")
     class_names: typing.Dict[str, str] = option(help="category -> phrase for the prompts", factory=dict)
     # reference filtering (paper: text filters noisy references; rule: reconstruction)
-    filter: Filter = option("threshold", "how A_T filters reference patches (core/filtering.py)")
+    filter: Filter = option("threshold", "how A_T filters reference patches (core/filtering.py)",
+                            source="paper (rule: reconstruction)")
     filter_theta: float = option(0.5, "filter=threshold: patches with A_T above this are dropped")
     filter_ratio: float = option(0.1, "filter=ratio: the share of each reference's patches dropped")
     filter_min_keep: float = option(0.1, "the smallest share of its patches a reference keeps")
     # batch matching (paper: batch-wise, references = other images of the batch; details: MuSc)
-    batch_size: int = option(16, "images per test batch", batch_only=True, source="paper")
+    batch_size: int = option(16, "images per test batch", batch_only=True, source="paper (size: reconstruction)")
     shuffle: bool = option(True, "shuffle a category before cutting batches (fixed seed)", batch_only=True)
-    seed: int = option(0, "batch shuffle seed and random-weight seed", source="harness")
-    degrees: typing.Tuple[int, ...] = option((1, 3, 5), "LNAMD aggregation degrees r (odd)")
-    topmin_max: float = option(0.3, "MSM: share of the references whose smallest distances are averaged")
-    match_dtype: MatchDtype = option("fp32", "GEMM dtype in matching")
-    match_engine: MatchEngine = option("auto", "matching implementation: auto = the fast engines; reference = "
-                                               "the short one that reads like the paper", scores=False,
-                                       source="harness")
+    seed: int = option(0, "batch shuffle seed and random-weight seed", source="engineering")
+    degrees: typing.Tuple[int, ...] = option((1, 3, 5), "LNAMD aggregation degrees r (odd)",
+                                             source="reconstruction (MuSc)")
+    topmin_max: float = option(0.3, "MSM: share of the references whose smallest distances are averaged",
+                               source="reconstruction (MuSc)")
+    match_dtype: MatchDtype = option("fp32", "GEMM dtype in matching", source="engineering")
+    match_engine: MatchEngine = option("auto", "matching implementation (docs/matching.md): auto = box-compiled "
+                                               "(CPU, numba) or box-torch for >= 2 degrees and C >= 512, per-degree "
+                                               "otherwise; per-degree, box-torch, box-compiled = that engine; "
+                                               "reference = the short one that reads like the paper (slow)",
+                                       scores=False, source="engineering")
     musc_pool: MuscPool = option("category", "method musc: score the whole category as one pool (MuSc) or in "
-                                             "batches", batch_only=True)
+                                             "batches", batch_only=True, source="reconstruction (MuSc)")
     # fusion (paper: "mutual filtering"; rule: reconstruction)
-    fusion: Fusion = option("additive", "how A_V and A_T are fused (core/fusion.py)")
+    fusion: Fusion = option("additive", "how A_V and A_T are fused (core/fusion.py)",
+                            source="paper (rule: reconstruction)")
     alpha: float = option(0.5, "weight of the text map in the fusion")
     gate_tau: float = option(0.5, "fusion=gated: temperature of the gate")
     fusion_norm: FusionNorm = option("robust", "branch scale before fusion, over the images scored together")
@@ -102,9 +109,11 @@ class FiseConfig:
                                                  "default (4; 0 for musc, as MuSc)")
     beta: float = option(0.0, "weight of the text score s_T in the image score")
     rscin: typing.Optional[bool] = option(None, "RsCIN re-scoring over the category pool; auto = the method's "
-                                                "default (on for musc, as MuSc)", batch_only=True)
+                                                "default (on for musc, as MuSc)", batch_only=True,
+                                         source="reconstruction (MuSc)")
     rscin_ks: typing.Optional[typing.Tuple[int, ...]] = option(None, "RsCIN's k list; auto = MuSc's per dataset "
-                                                                     "(visa 1,8,9; others 1,2,3)", batch_only=True)
+                                                                     "(visa 1,8,9; others 1,2,3)", batch_only=True,
+                                                               source="reconstruction (MuSc)")
 
     def __post_init__(self):
         self.validate()

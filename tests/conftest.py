@@ -27,11 +27,50 @@ _share_cores_between_workers()
 from helpers import kill_fresh_processes, make_mvtec_tree, start_fresh_server  # noqa: E402
 
 
+FRESH_NAMES = {"Fresh", "start_fresh_server"}  # helpers' names that start a fresh process (or its server)
+
+
+def _names(code) -> set:
+    """The global names a function's code reads, nested functions included."""
+    found = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            found |= _names(const)
+    return found
+
+
+def _starts_fresh(fn, seen: set) -> bool:
+    """Whether `fn`, or a function of the tests it calls (followed through its module's globals), names a helper
+    that starts a fresh process."""
+    fn = getattr(fn, "__wrapped__", fn)
+    code = getattr(fn, "__code__", None)
+    if code is None or code in seen:
+        return False
+    seen.add(code)
+    names = _names(code)
+    if names & FRESH_NAMES:
+        return True
+    module_globals = getattr(fn, "__globals__", {})
+    return any(_starts_fresh(module_globals[n], seen) for n in names
+               if callable(module_globals.get(n)) and getattr(module_globals[n], "__module__", "").startswith("test_"))
+
+
+def _uses_fresh(item) -> bool:
+    """Whether a test or one of its fixtures starts a fresh process (`_starts_fresh`)."""
+    funcs = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)
+    if info is not None:
+        funcs += [d.func for defs in info.name2fixturedefs.values() for d in defs]
+    seen: set = set()
+    return any(_starts_fresh(fn, seen) for fn in funcs if fn is not None)
+
+
 def pytest_collection_finish(session):
-    """Start the server that fresh processes fork from (helpers.Fresh) when a collected test uses one: it
-    imports the library in its own process while the first tests run."""
-    modules = {getattr(item, "module", None) for item in session.items}
-    if not session.config.option.collectonly and any(hasattr(m, "Fresh") for m in modules if m is not None):
+    """Start the server that fresh processes fork from (helpers.Fresh) when a selected test uses one: it imports
+    the library in its own process while the first tests run. Only then: `-m "not slow"`, which deselects the
+    tests that need fresh processes, does not pay for the server's imports (a test that still needs it starts it
+    on first use)."""
+    if not session.config.option.collectonly and any(_uses_fresh(item) for item in session.items):
         start_fresh_server()
 
 
@@ -61,7 +100,7 @@ def tiny_encoder():
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory):
     """A small demo set (real textures, injected defects) for fast end-to-end tests."""
-    from fiseclip_lib.demo import build_demo
+    from fiseclip_lib.evaluation.demo import build_demo
 
     return build_demo(tmp_path_factory.mktemp("demo") / "small", n_good=8, n_defect=5, n_train=1, size=64)
 
@@ -69,7 +108,7 @@ def small_demo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def default_demo(tmp_path_factory):
     """The default demo set (what README command 1 builds), built once per session; tests only read it."""
-    from fiseclip_lib.demo import build_demo
+    from fiseclip_lib.evaluation.demo import build_demo
 
     return build_demo(tmp_path_factory.mktemp("demo") / "default")
 

@@ -80,7 +80,7 @@ def make_folder_tree(root: Path, with_masks=True, size=32) -> Path:
 # collected) and holds no other state. A child then starts in milliseconds instead of paying seconds of
 # imports, and is still a separate process: its own pid, memory, signals and exit code, nothing inherited from
 # the test process.
-FRESH_PRELOAD = ["fiseclip_lib.cli", "fiseclip_lib.run", "fiseclip_lib.report", "open_clip", "papermill"]
+FRESH_PRELOAD = ["fiseclip_lib.cli", "fiseclip_lib.evaluation.run", "fiseclip_lib.notebook.report", "open_clip", "papermill"]
 
 
 def fresh_context():
@@ -220,7 +220,7 @@ def run_then_pause(marker, full_argv, argv, where="category"):
     import os
     import time
 
-    import fiseclip_lib.run as R
+    import fiseclip_lib.evaluation.run as R
 
     assert cli(full_argv) == 0
 
@@ -257,7 +257,7 @@ def write_entry(root, key, times):
     """Child: store the same features under `key` over and over."""
     import torch
 
-    from fiseclip_lib.cache import FeatureCache
+    from fiseclip_lib.plumbing.cache import FeatureCache
     from fiseclip_lib.encoder import Features
 
     g = torch.Generator().manual_seed(0)  # both writers store the same features, as two workers encoding one image
@@ -276,7 +276,7 @@ def embed_and_count(cfg, phrase, out):
     import torch
 
     from fiseclip_lib.encoder import ClipEncoder, load_encoder
-    from fiseclip_lib.text import text_embeddings
+    from fiseclip_lib.core.text import text_embeddings
 
     calls = []
     real = ClipEncoder.encode_text

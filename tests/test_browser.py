@@ -18,9 +18,11 @@ from urllib.parse import unquote, urlparse
 import nbformat
 import pytest
 
-from fiseclip_lib.report import markdown_math_to_mathml, run_reports
+from fiseclip_lib.notebook.report import markdown_math_to_mathml, run_reports
 
 REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow  # a real browser (and, without reports/, a report series first)
 
 CHECK = r"""
 <script>
@@ -67,7 +69,7 @@ def report_dir(tmp_path_factory) -> Path:
         rows = json.loads(index.read_text())["reports"]
         if rows and all((existing / f"{r['name']}.html").is_file() for r in rows):
             return existing
-    from fiseclip_lib.demo import DEFAULT_CATEGORIES
+    from fiseclip_lib.evaluation.demo import DEFAULT_CATEGORIES
 
     out = tmp_path_factory.mktemp("reports")
     # one category at 112 px, no second encoder: the same kinds of content (equations, figures, tables, links)

@@ -1,9 +1,10 @@
 import numpy as np
 import torch
 
-from fiseclip_lib import Detector, FiseConfig
-from fiseclip_lib.cache import FeatureCache
-from fiseclip_lib.run import run_benchmark
+from fiseclip_lib.config import FiseConfig
+from fiseclip_lib.core.detector import Detector
+from fiseclip_lib.plumbing.cache import FeatureCache
+from fiseclip_lib.evaluation.run import run_benchmark
 
 TINY = dict(model="fiseclip-tiny", pretrained="none", image_size=112, device="cpu", batch_size=5)
 

@@ -10,11 +10,11 @@ from PIL import Image
 from sklearn.metrics import precision_recall_curve
 
 from fiseclip_lib import Detector, FiseConfig
-from fiseclip_lib.calibrate import (Threshold, calibrate, conformal_threshold, f1_threshold, load_threshold,
+from fiseclip_lib.decisions.calibrate import (Threshold, calibrate, conformal_threshold, f1_threshold, load_threshold,
                                     robust_threshold)
 from fiseclip_lib.cli import main
 from fiseclip_lib.errors import FiseclipError
-from fiseclip_lib.run import run_benchmark
+from fiseclip_lib.evaluation.run import run_benchmark
 
 TINY = dict(model="fiseclip-tiny", pretrained="none", image_size=112, device="cpu", batch_size=5)
 
@@ -62,6 +62,7 @@ def _normal_images(tmp_path, n, seed=0, size=48):
     return paths
 
 
+@pytest.mark.slow
 def test_threshold_keeps_its_false_alarm_rate_on_held_out_batches(tmp_path, tiny_encoder):
     """Calibrate on 20 batches of normal images, apply to 20 other batches (same line, same config).
 
@@ -112,3 +113,34 @@ def test_calibrate_cli_on_run_scores_and_provenance_checks(small_demo, tmp_path,
     with pytest.warns(UserWarning, match="records no config"):
         bare.check(det, "batch")
     load_threshold(0.7).check(det, "stream")  # a number the user chose: nothing to check, no warning
+
+
+def _naive_lower_median(values):
+    flat = sorted(float(v) for v in values)
+    return flat[(len(flat) - 1) // 2]  # the lower of the two middle values for an even count
+
+
+def test_robust_threshold_uses_the_lower_median_and_mad_of_fusion():
+    """One median/MAD definition (core/robust.py) for thresholds and fusion: on an even count the lower middle
+    value, not numpy's average of the two, against a naive sorted-list reference."""
+    import torch
+
+    from fiseclip_lib.core import fusion, robust
+
+    s = np.array([10.0, 1.0, 3.0, 2.0, 7.0, 4.0])  # sorted 1 2 3 4 7 10: lower median 3 (numpy: 3.5)
+    med = _naive_lower_median(s)
+    mad = _naive_lower_median([abs(v - med) for v in s])  # |s - 3| sorted 0 1 1 2 4 7: lower median 1
+    assert (med, mad) == (3.0, 1.0)
+    z = 2.3263478740408408
+    assert robust_threshold(s, 0.01) == pytest.approx(med + z * 1.4826 * mad, rel=1e-15)
+    assert robust_threshold(s, 0.01) != pytest.approx(np.median(s) + z * 1.4826 * np.median(np.abs(s - np.median(s))))
+    t = calibrate(s, None, method="robust_z")
+    assert (t.stats["median"], t.stats["mad"]) == (med, mad)
+    # the same definition as fusion's robust z (torch's median), and one constant
+    assert robust.median_mad(s) == (med, mad)
+    tm, tmad = robust.median_mad(torch.tensor(s, dtype=torch.float64))
+    assert (float(tm), float(tmad)) == (med, mad)
+    assert robust.MAD_TO_SIGMA == 1.4826 and not hasattr(fusion, "MAD_TO_STD")
+    # non-finite scores are left out of the statistics, as they are out of the threshold
+    t = calibrate(np.append(s, [np.inf, np.nan]), None, method="robust_z")
+    assert (t.stats["median"], t.stats["mad"]) == (med, mad)

@@ -1,3 +1,4 @@
+import pytest
 import json
 import subprocess
 import sys
@@ -55,6 +56,7 @@ def test_resume_reuses_finished_categories(small_demo, tmp_path, capsys):
     assert (out / "metrics.csv").read_bytes() == first
 
 
+@pytest.mark.slow
 def test_module_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "fiseclip_lib", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "demo-data" in r.stdout and "run" in r.stdout
@@ -78,3 +80,42 @@ def test_ctrl_c_says_what_each_command_keeps(monkeypatch, tmp_path, capsys):
                     "sweep": "fiseclip: interrupted; finished tasks are kept (rerun with --resume)",
                     "report": "fiseclip: interrupted; finished reports are kept (rerun the others with --only)",
                     "demo-data": "fiseclip: interrupted"}
+
+
+def test_empty_categories_mean_all_and_dataset_kinds_are_defined_once(tmp_path, monkeypatch, capsys):
+    """`categories: ""` / `[]` mean every category (as in `fiseclip sweep`, one parser: data.parse_categories);
+    an explicit `--categories ""` means all too, over the params file's list. The dataset kinds are
+    data.DATASETS, for the --dataset choices and the params file check alike."""
+    import fiseclip_lib.evaluation.run as R
+    from fiseclip_lib.cli import build_parser
+    from fiseclip_lib.evaluation.data import DATASETS
+
+    asked = []
+
+    def fake_run(dataset, root, config, out, categories=None, **kw):
+        asked.append(categories)
+        return pd.DataFrame({"pretrained": [False]})
+
+    monkeypatch.setattr(R, "run_benchmark", fake_run)
+    monkeypatch.setattr(R, "format_table", lambda df: "")
+    params = tmp_path / "p.yaml"
+    base = f"dataset: demo\nroot: {tmp_path}\nmodel: fiseclip-tiny\npretrained: none\n"
+    for value in ('""', "[]", "' , '", "['', ' ']"):
+        params.write_text(base + f"categories: {value}\n")
+        assert main(["run", "--params", str(params), "--out", str(tmp_path / "o"), "--no-progress"]) == 0, value
+    assert asked == [None] * 4
+    params.write_text(base + "categories: brick\n")
+    for flag, expected in (([], ["brick"]), (["--categories", ""], None), (["--categories", " textile, "], ["textile"])):
+        asked.clear()
+        assert main(["run", "--params", str(params), "--out", str(tmp_path / "o"), "--no-progress", *flag]) == 0
+        assert asked == [expected], flag
+    capsys.readouterr()
+    # one list of dataset kinds
+    run = next(a for a in build_parser()._subparsers._group_actions[0].choices["run"]._actions
+               if a.dest == "dataset")
+    assert tuple(run.choices) == DATASETS
+    params.write_text(base.replace("dataset: demo", "dataset: kolektor"))
+    assert main(["run", "--params", str(params), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"fiseclip: error: params file {params}: unknown dataset 'kolektor'; use mvtec, visa, folder or "
+                   f"demo")

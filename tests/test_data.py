@@ -1,8 +1,9 @@
+"""evaluation/data.py: the dataset loaders on generated trees, batches, images and masks."""
 import numpy as np
 import pytest
 from PIL import Image
 
-from fiseclip_lib import data as D
+from fiseclip_lib.evaluation import data as D
 from fiseclip_lib.errors import DatasetError, FiseclipError
 from helpers import make_folder_tree, make_mvtec_tree, make_visa_raw_tree
 
@@ -113,3 +114,13 @@ def test_mask_resized_with_nearest(tmp_path):
     Image.fromarray(m).save(tmp_path / "m.png")
     out = D.load_mask(tmp_path / "m.png", (16, 16))
     assert out.dtype == bool and out.shape == (16, 16) and out.sum() == 64
+
+
+def test_compose_batch_share_and_errors():
+    samples = [D.Sample(f"g{i}", "c", 0, "good") for i in range(10)] + [D.Sample(f"b{i}", "c", 1, "x") for i in range(4)]
+    b = D.compose_batch(samples, 8, 0.25, seed=1)
+    assert len(b) == 8 and sum(s.label for s in b) == 2
+    assert len({s.path for s in b}) == 8 and {s.path for s in b} <= {s.path for s in samples}
+    assert b == D.compose_batch(samples, 8, 0.25, seed=1)
+    with pytest.raises(FiseclipError, match="needs more images"):
+        D.compose_batch(samples, 8, 0.75)

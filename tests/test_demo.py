@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fiseclip_lib import data as D
-from fiseclip_lib.demo import DEFECTS, build_demo, synthesize_defect
+from fiseclip_lib.evaluation import data as D
+from fiseclip_lib.evaluation.demo import DEFECTS, build_demo, synthesize_defect
 
 
 def digest(root):
@@ -27,6 +27,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     assert digest(a) != digest(c)
 
 
+@pytest.mark.slow  # builds the default demo set (README command 1's)
 def test_default_demo_has_enough_images_and_anomalies(default_demo):
     root = default_demo
     samples = D.load_mvtec(root)

@@ -342,7 +342,7 @@ def _naive_restored(enc, x, depth, op):
 
 
 def test_restore_depth_one_is_the_last_block_and_deeper_matches_a_naive_dual_path(tiny_encoder):
-    from fiseclip_lib.restore import restore_block
+    from fiseclip_lib.encoder.restore import restore_block
 
     x = torch.randn(2, 3, 112, 112)
     # depth 1 = today's output: restore_block on the last block's input
@@ -394,3 +394,62 @@ def test_bpe_tokenizer_is_shared_and_a_hugging_face_one_is_not(monkeypatch):
     assert bpe[0] is bpe[1] and other_cfg is not bpe[0]
     assert hf[0] is not hf[1]
     assert built == ["m-bpe", "m-bpe", "m-hf", "m-hf"]
+
+
+@pytest.mark.parametrize("final_ln_after_pool", [False, True])
+def test_average_pooled_global_embedding_equals_open_clip(tmp_path, monkeypatch, final_ln_after_pool):
+    """For `avg` pooling the global embedding is open_clip's own: ln_post on the tokens, then the mean (or the
+    mean, then ln_post, with final_ln_after_pool), at the native size and at a resized grid."""
+    import open_clip
+    import open_clip.factory as oc_factory
+
+    from fiseclip_lib.encoder.registry import _CONFIG_DIR, register_model_configs
+
+    register_model_configs()  # before the snapshot below, so the tiny config survives the restore
+    # add_model_config is global: restore open_clip's registry afterwards so no test config leaks
+    monkeypatch.setattr(oc_factory, "_MODEL_CONFIG_PATHS", list(oc_factory._MODEL_CONFIG_PATHS))
+    monkeypatch.setattr(oc_factory, "_MODEL_CONFIGS", dict(oc_factory._MODEL_CONFIGS))
+    cfg = json.loads((_CONFIG_DIR / "fiseclip-tiny.json").read_text())
+    cfg["vision_cfg"].update(pool_type="avg", final_ln_after_pool=final_ln_after_pool)
+    name = f"fiseclip-tiny-avg-test-{int(final_ln_after_pool)}"
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    enc = load_encoder(name, "none", image_size=112, device="cpu", seed=3)
+    v = enc.model.visual
+    assert v.pool_type == "avg" and v.final_ln_after_pool is final_ln_after_pool
+    # a non-zero ln_post shift makes "LayerNorm then mean" and "mean then LayerNorm" differ clearly
+    with torch.no_grad():
+        v.ln_post.weight.uniform_(0.5, 1.5)
+        v.ln_post.bias.normal_(0.0, 1.0)
+    x = torch.randn(2, 3, 112, 112)
+    f = enc(x, layers=[4])
+    emb = enc.model.encode_image(x, normalize=True)
+    torch.testing.assert_close(f.global_embedding, emb, rtol=1e-5, atol=1e-5)
+    # the other order is measurably different, so the comparison above can tell them apart
+    tokens = v.transformer(v._embeds(x))
+    other = (v.ln_post(tokens[:, 1:]).mean(1) if final_ln_after_pool else v.ln_post(tokens[:, 1:].mean(1)))
+    other = torch.nn.functional.normalize(other @ v.proj, dim=-1)
+    assert (other - emb).abs().max() > 1e-3
+    # features cached before the fix (other pooling order) are not reused: the identity names the pooling
+    assert enc.identity()["global_pool"].startswith("avg:")
+    assert "global_pool" not in load_encoder("fiseclip-tiny", "none", image_size=112, device="cpu").identity()
+    # a single image gives the same embedding as in the batch
+    torch.testing.assert_close(enc(x[:1], layers=[4]).global_embedding, emb[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_pool_type_none_is_a_clear_error(tmp_path, monkeypatch):
+    import open_clip
+    import open_clip.factory as oc_factory
+
+    from fiseclip_lib.encoder.registry import _CONFIG_DIR, register_model_configs
+
+    register_model_configs()
+    monkeypatch.setattr(oc_factory, "_MODEL_CONFIG_PATHS", list(oc_factory._MODEL_CONFIG_PATHS))
+    monkeypatch.setattr(oc_factory, "_MODEL_CONFIGS", dict(oc_factory._MODEL_CONFIGS))
+    cfg = json.loads((_CONFIG_DIR / "fiseclip-tiny.json").read_text())
+    cfg["vision_cfg"]["pool_type"] = "none"
+    (tmp_path / "fiseclip-tiny-nopool-test.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    with pytest.raises(FiseclipError, match="pool_type 'none' is not supported") as e:
+        load_encoder("fiseclip-tiny-nopool-test", "none", image_size=112, device="cpu")
+    assert "\n" not in str(e.value)

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from fiseclip_lib.errors import FiseclipError
-from fiseclip_lib.fusion import FUSION_MODES, fuse, fuse_text_only, robust_z, squash
-from fiseclip_lib.matching import mutual_scores, visual_map
-from fiseclip_lib import studies
+from fiseclip_lib.core.fusion import FUSION_MODES, fuse, fuse_text_only, robust_z, squash
+from fiseclip_lib.core.matching import mutual_scores, visual_map
+from fiseclip_lib.notebook import studies
+from fiseclip_lib.evaluation.metrics import auroc
 
 P = 64  # patches per image (8 x 8)
 
@@ -155,7 +156,7 @@ def test_auroc_matches_sklearn_with_ties():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
     s = np.round(rng.random(200) + 0.3 * y, 1)  # many ties
-    assert studies.auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
 
 
 def test_batch_visual_map_from_pool_distances_equals_visual_map_on_the_batch():
@@ -186,3 +187,30 @@ def test_fusion_norm_study_runs_and_minmax_stretches_the_all_normal_batch():
     assert s.loc[("additive / minmax", 8), "normal_batch_max"] > 0.6  # stretched towards 1
     spread = studies.composition_spread(per_image).set_index("variant")
     assert spread.loc["text only (simulated A_T)", "relative_spread"].max() == 0.0  # per-image map: no batch effect
+
+
+def test_robust_z_uses_the_lower_median_on_an_even_count():
+    """Fusion and thresholds share one definition (core/robust.py): torch's lower median, against a naive
+    sorted-list reference on an even count (where numpy's np.median would average the two middle values)."""
+    from fiseclip_lib.core.robust import MAD_TO_SIGMA, lower_median, median_mad
+    from fiseclip_lib.decisions.calibrate import robust_threshold
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.rand(4, 6, generator=gen) ** 2  # 24 values
+    flat = sorted(x.flatten().tolist())
+    med = flat[(len(flat) - 1) // 2]
+    dev = sorted(abs(v - med) for v in flat)
+    mad = dev[(len(dev) - 1) // 2]
+    assert med != 0.5 * (flat[11] + flat[12])  # the two definitions differ here
+    torch.testing.assert_close(robust_z(x), (x - med) / (MAD_TO_SIGMA * mad))
+    # the same element from the numpy form (thresholds) and the torch form (fusion)
+    assert lower_median(x.double().numpy()) == float(lower_median(x.double())) == med
+    m_np, mad_np = median_mad(x.double().numpy())
+    m_t, mad_t = median_mad(x.double())
+    assert (m_np, mad_np) == (float(m_t), float(mad_t))
+    assert mad_np == pytest.approx(mad, rel=1e-12)
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.99)
+    assert robust_threshold(x.double().numpy().ravel(), 0.01) == pytest.approx(med + z * MAD_TO_SIGMA * mad,
+                                                                                rel=1e-12)

@@ -209,6 +209,7 @@ def test_probe_uses_the_configured_endpoint_and_proxy_and_is_time_bounded(hub_en
     assert time.time() - t0 < 8 and "fiseclip-no-such-host.invalid" in str(info.value)
 
 
+@pytest.mark.slow
 def test_classroom_params_load_offline_from_a_preseeded_hub_cache(hub_env, monkeypatch):
     """params/classroom.yaml (ViT-B-16, openai, 224) on a laptop that fetched the weights once: the hub cache
     is seeded in the real layout with RANDOM TENSORS of the right shapes (not the OpenAI weights), then the
@@ -218,7 +219,7 @@ def test_classroom_params_load_offline_from_a_preseeded_hub_cache(hub_env, monke
 
     from fiseclip_lib.cli import NOTEBOOK_KEYS, _load_params
     from fiseclip_lib.config import FiseConfig
-    from fiseclip_lib.pipeline import Detector
+    from fiseclip_lib.core.detector import Detector
 
     params = _load_params(Path(__file__).resolve().parents[1] / "params" / "classroom.yaml")
     opts = {k: v for k, v in params.items() if k not in NOTEBOOK_KEYS | {"dataset", "root", "categories", "out"}}
@@ -248,3 +249,53 @@ def test_classroom_params_load_offline_from_a_preseeded_hub_cache(hub_env, monke
     assert enc.grid == (14, 14) and enc.default_layers == (3, 6, 9, 12)
     f = enc(enc.preprocess([np.zeros((30, 40, 3), np.uint8)]), layers=[12], restore="clearclip")
     assert f.dense.shape == (1, 196, 512) and torch.isfinite(f.dense).all()
+
+
+def test_downloads_never_change_huggingface_hub_constants(hub_env, fake_hub, monkeypatch):
+    """huggingface_hub's offline switch is its import-time constant, shared by every thread and library of the
+    process: a download here never flips it, not even for the duration of the call. Imported offline with the
+    environment online now, the download runs in a child process; imported online, in this one."""
+    import subprocess
+
+    from fiseclip_lib.encoder import hub as hub_module
+
+    sd = _tiny_weights(seed=13)
+    files = {("org-c/tiny", "open_clip_model.safetensors"): _safetensors_bytes(sd)}
+    hub = fake_hub(files)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # imported under conftest's HF_HUB_OFFLINE=1
+    seen, stop = set(), threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.add(huggingface_hub.constants.HF_HUB_OFFLINE)
+            time.sleep(0.0005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    children = []
+    real_run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda *a, **kw: children.append(a) or real_run(*a, **kw))
+    try:
+        enc = load_encoder("fiseclip-tiny", HF_HUB_PREFIX + "org-c/tiny", image_size=112, device="cpu")
+    finally:
+        stop.set()
+        watcher.join()
+    assert seen == {True}, "huggingface_hub's offline constant was changed during the download"
+    assert len(children) == 2  # the weights, then the optional open_clip_config.json (not on this hub)
+    assert hub.gets("open_clip_model.safetensors") == 1
+    for k, v in enc.model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    # a download that fails in the child is one line naming the endpoint and huggingface_hub's error
+    with pytest.raises(WeightsUnavailableError, match=r"from http://127\.0\.0\.1:\d+/org-c/missing failed "
+                                                      r"\(\w+: ") as info:
+        load_encoder("fiseclip-tiny", HF_HUB_PREFIX + "org-c/missing", image_size=112, device="cpu")
+    assert "\n" not in str(info.value) and len(children) == 3
+    # huggingface_hub imported online (its constant False): the download runs here, without a child
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    other = fake_hub({("org-d/tiny", "open_clip_model.safetensors"): _safetensors_bytes(sd)})
+    monkeypatch.setenv("HF_ENDPOINT", other.url)
+    assert hub_module.download_hub_file("org-d/tiny", ["open_clip_model.safetensors"], hub_settings()).endswith(
+        "open_clip_model.safetensors")
+    assert len(children) == 3 and other.gets("open_clip_model.safetensors") == 1
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False

@@ -5,8 +5,24 @@ import pytest
 import numpy as np
 import torch
 
+from fiseclip_lib import _match_kernel
+from fiseclip_lib.config import MatchEngine
+from fiseclip_lib.core.matching_reference import reference_visual_map
 from fiseclip_lib.filtering import apply_min_keep, reference_keep
-from fiseclip_lib.matching import interval_count, lnamd, mutual_scores, reference_distances, visual_map
+from fiseclip_lib.matching import (ENGINES, interval_count, lnamd, match, mutual_scores, reference_distances,
+                                   visual_map)
+
+NO_NUMBA = _match_kernel.numba is None  # numba is optional (docs/matching.md)
+needs_numba = pytest.mark.skipif(NO_NUMBA, reason="numba is not installed")
+
+
+def engines(*names):
+    """Engine names as test parameters; box-compiled is skipped where numba is not installed."""
+    return [pytest.param(e, marks=needs_numba) if e == "box-compiled" else e for e in names]
+
+
+FAST = engines(*(e for e in ENGINES if e != "reference"))
+ALL = engines(*ENGINES)
 
 
 def brute_force_scores(Z, keep=None, topmin_max=0.3, penalty=None):
@@ -139,34 +155,35 @@ def test_lnamd_equals_naive(r):
     torch.testing.assert_close(got, naive_lnamd(tokens, (4, 5), r), rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(params=["compiled", "torch"])
-def box_engine(request, monkeypatch):
-    """Run a test with the box-filtered route's compiled kernel, then with its torch passes; checks that the
-    kernel ran (or did not), so that a missing numba cannot silently turn the first case into the second."""
-    from fiseclip_lib import _match_kernel, matching
-
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the compiled kernel's calls, so that a test can check which engine really ran (a missing numba
+    must not silently turn box-compiled into box-torch)."""
+    _match_kernel.available()  # its first call runs the kernel once (compile and check): not counted
     calls = []
     real = _match_kernel.block_maxima
     monkeypatch.setattr(_match_kernel, "block_maxima", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    monkeypatch.setattr(matching, "USE_COMPILED_KERNEL", request.param == "compiled")
-    yield request.param
-    if request.param == "torch":
-        assert not calls
+    return calls
+
+
+def test_engine_names_are_one_list():
+    """config.MatchEngine (what a run may choose) and matching.ENGINES (what matching accepts) are the same."""
+    import typing
+
+    assert typing.get_args(MatchEngine) == ENGINES
 
 
 def test_compiled_kernel_is_available():
-    """numba is a requirement: the fast route must not fall back to the torch passes unnoticed."""
-    from fiseclip_lib import _match_kernel
-
+    """numba is optional (docs/matching.md), but installed by requirements.txt, so that the tests exercise the
+    kernel: where it is installed, the fast route must not fall back to the torch passes unnoticed."""
+    if NO_NUMBA:
+        pytest.skip("numba is not installed")
     assert _match_kernel.available()
 
 
 @pytest.mark.parametrize("mode", ["none", "keep", "keep-empty", "soft"])
-@pytest.mark.parametrize("min_channels", [1, 10 ** 6])  # box-filtered route (except "soft"), per-degree route
-def test_visual_map_equals_brute_force_over_layers_and_degrees(mode, min_channels, box_engine, monkeypatch):
-    from fiseclip_lib import matching
-
-    monkeypatch.setattr(matching, "BOX_FILTER_MIN_CHANNELS", min_channels)
+@pytest.mark.parametrize("engine", ALL)  # C = 6: auto takes the per-degree route; soft: every engine does
+def test_visual_map_equals_brute_force_over_layers_and_degrees(mode, engine, kernel_calls):
     g = torch.Generator().manual_seed(6)
     n, grid, degrees = 4, (3, 4), (1, 3)
     layers = {2: torch.randn(n, 12, 6, generator=g), 5: 2 + torch.randn(n, 12, 6, generator=g)}
@@ -180,15 +197,83 @@ def test_visual_map_equals_brute_force_over_layers_and_degrees(mode, min_channel
         penalty = 2 * torch.rand(n, 12, generator=g)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = visual_map(layers, grid, degrees, keep=keep, penalty=penalty)
+        got = visual_map(layers, grid, degrees, keep=keep, penalty=penalty, engine=engine)
     assert len([w for w in caught if "no kept patch" in str(w.message)]) == (mode == "keep-empty")  # once per batch
+    assert bool(kernel_calls) == (engine == "box-compiled" and mode != "soft")
     ref = torch.stack([brute_force_scores(naive_lnamd(t, grid, r), keep, penalty=penalty)
                        for t in layers.values() for r in degrees]).mean(0)
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        bf = visual_map(layers, grid, degrees, keep=keep, penalty=penalty, dtype=torch.bfloat16)
+        oracle = reference_visual_map(layers, grid, degrees, keep=keep, penalty=penalty)
+        torch.testing.assert_close(got, oracle, rtol=0, atol=1e-5)
+        bf = visual_map(layers, grid, degrees, keep=keep, penalty=penalty, dtype=torch.bfloat16, engine=engine)
     assert (bf.double() - ref).abs().max() < 0.03  # BF16_TOLERANCE
+
+
+def _batch_and_bank(seed, n=4, nr=3, grid=(3, 4), c=6, degrees=(1, 3)):
+    """Raw query tokens over two layers, and an external set aggregated as `references` (lnamd per layer and
+    degree), with random keep-masks (one image keeping nothing) and penalties for both."""
+    g = torch.Generator().manual_seed(seed)
+    p = grid[0] * grid[1]
+    layers = {l: torch.randn(n, p, c, generator=g) + l for l in (1, 4)}
+    bank = {l: torch.randn(nr, p, c, generator=g) + l for l in (1, 4)}
+    references = {(l, r): lnamd(bank[l], grid, r) for l in bank for r in degrees}
+    keep = torch.rand(n, p, generator=g) > 0.4
+    keep[:, 0] = True
+    keep[2] = False
+    ref_keep = torch.rand(nr, p, generator=g) > 0.5
+    ref_keep[:, 3] = True
+    ref_keep[0] = False
+    return (layers, references, keep, torch.rand(n, p, generator=g), ref_keep, torch.rand(nr, p, generator=g))
+
+
+@pytest.mark.parametrize("mode", ["batch", "external", "both", "not-mutual"])
+@pytest.mark.parametrize("filtered", ["none", "keep", "penalty", "keep+penalty"])
+@pytest.mark.parametrize("engine", FAST)
+def test_match_every_mode_equals_the_reference_engine(mode, filtered, engine):
+    """match() in each of its modes (the batch alone, against an external set, both, the external set only) with
+    keep-masks and penalties on the queries and the external references: every fast engine == engine reference
+    (float32 within 1e-5), and bf16 within BF16_TOLERANCE."""
+    grid, degrees = (3, 4), (1, 3)
+    layers, references, keep, pen, ref_keep, ref_pen = _batch_and_bank(len(mode) + len(filtered), grid=grid)
+    use_keep, use_pen = "keep" in filtered, "penalty" in filtered
+    kw = dict(references=None if mode == "batch" else references, mutual=mode != "not-mutual",
+              keep=keep if use_keep else None, penalty=pen if use_pen else None,
+              ref_keep=ref_keep if use_keep else None, ref_penalty=ref_pen if use_pen else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the images that keep nothing
+        want = match(layers, grid, degrees, engine="reference", **kw)
+        got = match(layers, grid, degrees, engine=engine, **kw)
+        bf = match(layers, grid, degrees, engine=engine, dtype=torch.bfloat16, **kw)
+    assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape == (4, 12)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (bf - want).abs().max() < 0.03  # BF16_TOLERANCE
+
+
+@pytest.mark.parametrize("engine", ALL)
+def test_match_without_any_reference_is_zero_with_a_warning(engine):
+    layers = {1: torch.randn(1, 12, 6)}
+    for kw in (dict(), dict(mutual=False)):
+        with pytest.warns(UserWarning, match="no reference"):
+            assert torch.equal(match(layers, (3, 4), (1, 3), engine=engine, **kw), torch.zeros(1, 12))
+
+
+def test_engine_choice_is_checked_and_box_compiled_never_falls_back(monkeypatch, kernel_calls):
+    layers = {1: torch.randn(3, 12, 6)}
+    with pytest.raises(Exception, match="unknown match_engine"):
+        match(layers, (3, 4), engine="fast")
+    with pytest.raises(Exception, match="unknown match_engine"):
+        visual_map(layers, (3, 4), engine="compiled")
+    monkeypatch.setattr(_match_kernel, "available", lambda: False)  # as without numba
+    with pytest.raises(Exception, match="needs numba"):
+        match(layers, (3, 4), engine="box-compiled")
+    wide = {1: torch.randn(3, 12, 512)}  # auto picks a box engine from 512 channels: box-torch here, silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = match(wide, (3, 4))
+    assert not kernel_calls
+    torch.testing.assert_close(got, match(wide, (3, 4), engine="reference"), rtol=0, atol=1e-5)
 
 
 def test_visual_map_checks_inputs_once():
@@ -262,9 +347,11 @@ def test_soft_penalty_pushes_noisy_references_away():
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
 @pytest.mark.parametrize("grid,degrees", [((5, 7), (1, 3, 5)), ((7, 5), (3, 5)), ((2, 3), (1, 5)), ((4, 4), (1, 3))])
-def test_visual_map_box_filtered_route_equals_per_degree_route(n, grid, degrees, box_engine, monkeypatch):
-    """One GEMM per pair, degrees as box filters of it == aggregate, normalise and match each degree separately."""
-    from fiseclip_lib import _match_kernel, matching
+@pytest.mark.parametrize("engine", engines("box-torch", "box-compiled"))
+def test_visual_map_box_filtered_route_equals_per_degree_route(n, grid, degrees, engine, monkeypatch, kernel_calls):
+    """One GEMM per pair, degrees as box filters of it == aggregate, normalise and match each degree separately
+    (engine per-degree) == the reference engine."""
+    from fiseclip_lib import matching
 
     g = torch.Generator().manual_seed(100 * n + grid[0])
     p = grid[0] * grid[1]
@@ -272,20 +359,23 @@ def test_visual_map_box_filtered_route_equals_per_degree_route(n, grid, degrees,
     keep = torch.rand(n, p, generator=g) > 0.3
     keep[:, 0] = True
     keep[0, 1:] = False  # one reference keeps a single patch
-    ref = torch.stack([mutual_scores(lnamd(t, grid, r), keep=keep) for t in layers.values() for r in degrees]).mean(0)
-    plain = torch.stack([mutual_scores(lnamd(t, grid, r)) for t in layers.values() for r in degrees]).mean(0)
-    monkeypatch.setattr(matching, "BOX_FILTER_MIN_CHANNELS", 1)  # the box-filtered route for 8 channels too
-    monkeypatch.setattr(matching, "_sorted_distances", None)  # and nothing else: the per-degree route would fail
+    ref = visual_map(layers, grid, degrees, keep=keep, engine="per-degree")
+    plain = visual_map(layers, grid, degrees, engine="per-degree")
+    torch.testing.assert_close(ref, reference_visual_map(layers, grid, degrees, keep=keep), rtol=0, atol=1e-5)
+    torch.testing.assert_close(plain, reference_visual_map(layers, grid, degrees), rtol=0, atol=1e-5)
+    monkeypatch.setattr(matching, "_sorted_distances", None)  # the box route and nothing else: per-degree would fail
     # one, two (partial last group) and all references per GEMM; the kernel's work units one grid row, two, all
     for chunk, tile_rows in ((1, 1), (2 * p, 2), (3 * p - 1, 8), (4096, 1)):
         monkeypatch.setattr(_match_kernel, "TILE_ROWS", tile_rows)
-        got = visual_map(layers, grid, degrees, keep=keep, chunk=chunk)
+        got = visual_map(layers, grid, degrees, keep=keep, chunk=chunk, engine=engine)
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
-    torch.testing.assert_close(visual_map(layers, grid, degrees), plain, rtol=0, atol=1e-5)
-    bf = visual_map(layers, grid, degrees, keep=keep, dtype=torch.bfloat16)
+    torch.testing.assert_close(visual_map(layers, grid, degrees, engine=engine), plain, rtol=0, atol=1e-5)
+    bf = visual_map(layers, grid, degrees, keep=keep, dtype=torch.bfloat16, engine=engine)
     assert (bf - ref).abs().max() < 0.03  # BF16_TOLERANCE
+    assert bool(kernel_calls) == (engine == "box-compiled")
 
 
+@needs_numba
 @pytest.mark.parametrize("grid", [(1, 6), (6, 1), (2, 2), (3, 5)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_compiled_block_maxima_equals_dense_filtering(grid, threads):
@@ -328,6 +418,7 @@ def test_compiled_block_maxima_equals_dense_filtering(grid, threads):
             np.testing.assert_allclose(orow[di], want_row, rtol=1e-5, atol=1e-4)
 
 
+@needs_numba
 def test_kernel_compiles_where_numba_cannot_cache():
     """numba refuses cache=True for code whose folder it cannot write (here: code without a file); the kernel's
     decorator then compiles without the on-disk cache instead of breaking the import."""
@@ -338,6 +429,7 @@ def test_kernel_compiles_where_numba_cannot_cache():
     assert _match_kernel._jit(ns["f"])(2) == 3
 
 
+@needs_numba
 def test_kernel_threads_work_in_a_forked_child():
     """A child forked after the kernel's thread pool started must not wait on the parent's (absent) threads."""
     import multiprocessing as mp

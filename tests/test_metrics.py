@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from fiseclip_lib.metrics import aupro, image_metrics, pixel_metrics
+from fiseclip_lib.evaluation.metrics import aupro, image_metrics, pixel_metrics
 
 
 def sk_f1_max(y, s):

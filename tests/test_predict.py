@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from fiseclip_lib import Detector, FiseConfig
-from fiseclip_lib import data as D
+from fiseclip_lib.evaluation import data as D
 from fiseclip_lib.cli import main
-from fiseclip_lib.predict import PREDICTION_COLUMNS, ReferenceBank, predict, unique_stems
-from fiseclip_lib.run import run_benchmark
+from fiseclip_lib.decisions.predict import PREDICTION_COLUMNS, ReferenceBank, predict, unique_stems
+from fiseclip_lib.evaluation.run import run_benchmark
 
 TINY = dict(model="fiseclip-tiny", pretrained="none", image_size=112, device="cpu", batch_size=5)
 CLI = ["--model", "fiseclip-tiny", "--pretrained", "none", "--image-size", "28", "--batch-size", "4",
@@ -241,7 +241,7 @@ def test_predict_threshold_from_other_config_stops_and_output_folder_lock(tmp_pa
     assert main(["predict", "--images", str(imgs), "--class-name", "x", "--out", str(tmp_path / "b"), "--threshold",
                  str(tmp_path / "t.json"), "--set", "alpha=0.2", "--force-threshold", *CLI]) == 0
     assert "calibrated on other scores" in capsys.readouterr().err
-    from fiseclip_lib._io import output_lock
+    from fiseclip_lib.plumbing.files import output_lock
 
     held, release = threading.Event(), threading.Event()
 

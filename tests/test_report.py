@@ -7,11 +7,11 @@ import nbformat
 import pytest
 
 from fiseclip_lib.cli import main
-from fiseclip_lib.report import (clean_debris, list_notebooks, markdown_math_to_mathml, result_record, run_reports,
+from fiseclip_lib.notebook.report import (clean_debris, list_notebooks, markdown_math_to_mathml, result_record, run_reports,
                                  weights_badge)
 from helpers import Fresh, cli
 
-RESULT = ('from fiseclip_lib import workbench as wb\n'
+RESULT = ('from fiseclip_lib.notebook import workbench as wb\n'
           'wb.result({text}, numbers_from=[{{"model": "m", "weights": "w", "pretrained": {pre}, "kind": "{kind}"}}], '
           'tables={tables})\n')
 
@@ -33,7 +33,7 @@ def make_books(d):
              + RESULT.format(text='"label is " + label', pre="False", kind="CLIP", tables='{"t": str(p)}'),
              markdown="# test\nThe score $A_V(p) = \\frac{1}{K}\\sum_k d_k$ and $$x^2$$ but `$code$` and \\$5.")
     write_nb(d / "02_widget.ipynb", 'label = "w"\npretrained = "none"',
-             'import os\nfrom fiseclip_lib import workbench as wb\nimport ipywidgets as W\n'
+             'import os\nfrom fiseclip_lib.notebook import workbench as wb\nimport ipywidgets as W\n'
              'seen = []\nw = wb.explore(lambda x=1: seen.append(x), x=W.IntSlider(value=3))\n'
              + RESULT.format(text='"headless=" + os.environ.get("FISECLIP_HEADLESS", "") + " widget=" + str(w) '
                                   '+ " static=" + str(seen)', pre="True", kind="CNN", tables="{}"))
@@ -65,6 +65,7 @@ def reported(tmp_path_factory):
     return {"out": out, "code": code, "printed": printed.getvalue(), "first": first, "again": again, "books": books}
 
 
+@pytest.mark.slow  # the `reported` series: notebook kernels
 def test_failure_keeps_other_reports_and_sets_exit_code(reported):
     out, printed = reported["out"], reported["printed"]
     assert reported["code"] == 1
@@ -85,11 +86,13 @@ def test_failure_keeps_other_reports_and_sets_exit_code(reported):
     assert (out / "00_ok.ipynb").is_file() and (out / "01_fragile.ipynb").is_file()
 
 
+@pytest.mark.slow  # the `reported` series
 def test_config_fields_of_a_params_file_reach_notebooks_as_options(reported):
     nb = nbformat.read(str(reported["out"] / "00_ok.ipynb"), as_version=4)
     assert nb.metadata["fiseclip"]["parameters"]["options"] == {"sigma": 2}
 
 
+@pytest.mark.slow  # the `reported` series
 def test_index_is_a_record_with_links_badges_and_metadata(reported):
     out, first = reported["out"], reported["first"]
     assert [r["name"] for r in reported["again"]] == ["02_widget"]
@@ -107,6 +110,7 @@ def test_index_is_a_record_with_links_badges_and_metadata(reported):
     assert result_record(nb)["tables"]["t"].endswith("t.csv")
 
 
+@pytest.mark.slow  # the `reported` series
 def test_math_becomes_mathml_and_names_stay_text(reported):
     out = reported["out"]
     page = (out / "00_ok.html").read_text()
@@ -199,6 +203,7 @@ def test_every_parameter_line_of_the_shipped_notebooks_is_read_by_papermill():
         assert read == assigned, b.name
 
 
+@pytest.mark.slow  # a fresh process running a kernel, terminated
 def test_a_terminated_report_leaves_no_temporary_file(tmp_path):
     books = tmp_path / "nbs"
     books.mkdir()
@@ -235,11 +240,12 @@ def _kernel_children() -> list[int]:
     return found
 
 
+@pytest.mark.slow  # notebook kernels
 def test_warm_kernels_bind_no_names_and_none_outlives_the_series(tmp_path, monkeypatch):
     """The next notebook's kernel imports its modules ahead of time, but binds no name (a notebook that uses a
     module before importing it still fails), and no kernel is left running: not after the series, not after an
     interrupt while a warm kernel was still importing."""
-    import fiseclip_lib.report as R
+    import fiseclip_lib.notebook.report as R
 
     books = tmp_path / "nbs"
     books.mkdir()
@@ -267,7 +273,7 @@ def test_recorded_versions_are_those_of_the_module_an_import_would_load(tmp_path
     import sys
     from importlib import metadata
 
-    from fiseclip_lib.provenance import _module_version
+    from fiseclip_lib.plumbing.provenance import _module_version
 
     monkeypatch.delitem(sys.modules, "papermill", raising=False)  # restored afterwards
     assert _module_version("papermill", "papermill") == metadata.version("papermill")
@@ -279,6 +285,7 @@ def test_recorded_versions_are_those_of_the_module_an_import_would_load(tmp_path
     assert _module_version("no_such_module_xyz", "no-such-dist") is None
 
 
+@pytest.mark.slow  # a notebook kernel
 def test_a_notebook_papermill_cannot_read_stops_the_series_before_it_starts(tmp_path, capsys):
     books = tmp_path / "nbs"
     books.mkdir()

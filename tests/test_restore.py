@@ -1,7 +1,10 @@
+"""encoder/restore.py: the last-block restoration operators against naive per-head code, and the attention
+statistics of the studies."""
+import numpy as np
 import pytest
 import torch
 
-from fiseclip_lib.restore import OPERATORS, gaussian_window, restore_block
+from fiseclip_lib.encoder.restore import OPERATORS, gaussian_window, mean_attention_distance, restore_block
 
 
 def naive(block, x, grid, op):
@@ -83,3 +86,16 @@ def test_gaussian_window_zero_for_class_token_and_peaks_on_diagonal():
     assert torch.all(g[0] == 0) and torch.all(g[:, 0] == 0)
     assert torch.allclose(torch.diagonal(g)[1:], torch.ones(9))
     assert g[1, 2] > g[1, 3] > 0  # neighbour closer than two steps away
+
+
+def test_mean_attention_distance_of_uniform_identity_and_local_attention():
+    grid = (3, 3)
+    L = 10
+    assert mean_attention_distance(None, grid) == 0.0
+    eye = torch.eye(L)[None, None]
+    assert mean_attention_distance(eye, grid) == pytest.approx(0.0)
+    uniform = torch.full((1, 1, L, L), 1.0 / L)
+    ys, xs = np.meshgrid(range(3), range(3), indexing="ij")
+    pos = np.stack([ys.ravel(), xs.ravel()], 1)
+    naive = np.mean([np.mean([np.linalg.norm(a - b) for b in pos]) for a in pos])
+    assert mean_attention_distance(uniform, grid) == pytest.approx(naive, rel=1e-5)

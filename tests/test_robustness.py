@@ -1,4 +1,6 @@
-"""Bad inputs: each gives a one-line error naming the problem, or completes with the documented warning."""
+"""Bad inputs: each gives a one-line error naming the problem, or completes with the documented warning; a run
+killed anywhere resumes to the same bytes; encode_batch and the feature cache change no byte of a run."""
+import json
 import shutil
 import signal
 import time
@@ -9,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fiseclip_lib import Detector, FiseConfig
 from fiseclip_lib.cli import main
+from fiseclip_lib.config import FiseConfig
+from fiseclip_lib.core.detector import Detector
 from fiseclip_lib.errors import FiseclipError
 from helpers import Fresh, cli, make_mvtec_tree, run_then_pause
 
@@ -157,9 +160,10 @@ def test_nan_features_are_a_clear_error(tiny_encoder, mvtec_tree):
 # Where the run is killed: between categories; inside the atomic write of the second category's result; inside
 # the write of scores.csv after the first category (its 1st write is the empty one at the start; config.json
 # already rewritten, metrics.csv removed).
+@pytest.mark.slow  # a fresh process, killed, then a second one
 @pytest.mark.parametrize("where", ["category", "gravel.json@1", "scores.csv@2"])
 def test_killed_run_resumes_to_identical_metrics(tmp_path, where):
-    from fiseclip_lib.demo import build_demo
+    from fiseclip_lib.evaluation.demo import build_demo
 
     root = build_demo(tmp_path / "demo", categories=("textile", "brick", "gravel"), n_good=6, n_defect=3,
                       n_train=0, size=64)
@@ -179,8 +183,6 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path, where):
     assert done == ["brick.json"], done  # the first category finished, the second not
     debris = [p for p in out.rglob(".*.tmp*")]
     assert bool(debris) == (where != "category"), debris  # a write cut short leaves its temporary file
-    import json
-
     for p in (out / "categories").glob("*.json"):  # every file a later run would trust is complete
         json.loads(p.read_text())
     code, text = Fresh(cli, args + ["--out", str(out), "--resume"]).wait()
@@ -193,7 +195,8 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path, where):
 
 @pytest.mark.parametrize("method", ["fiseclip", "musc"])
 def test_encode_batch_and_cache_change_no_byte(small_demo, tmp_path, method):
-    """encode_batch, a cold or warm feature cache and --no-feature-cache give byte-identical CSVs."""
+    """encode_batch, a cold or warm feature cache and --no-feature-cache give byte-identical CSVs; the run's
+    record says what ran."""
     base = ["run", "--dataset", "demo", "--root", str(small_demo), "--model", "fiseclip-tiny", "--pretrained",
             "none", "--image-size", "112", "--batch-size", "6", "--method", method, "--no-progress"]
     cache = ["--feature-cache", str(tmp_path / "fc")]
@@ -209,8 +212,20 @@ def test_encode_batch_and_cache_change_no_byte(small_demo, tmp_path, method):
         assert main(base + ["--out", str(out)] + extra) == 0
         outputs[name] = {f: (out / f).read_bytes() for f in ("metrics.csv", "scores.csv")}
         if name == "warm-5":
-            conf = __import__("json").loads((out / "config.json").read_text())
+            conf = json.loads((out / "config.json").read_text())
             assert conf["feature_cache"]["misses"] == 0 and conf["feature_cache"]["hits"] > 0
     first = outputs.pop("nocache-8")
     for name, files in outputs.items():
         assert files == first, name
+    # what the run wrote: one row per category and the mean, every image once, in batches of 6 or (musc) the
+    # whole category, random weights labelled as such
+    out = tmp_path / "nocache-8"
+    metrics, scores = pd.read_csv(out / "metrics.csv"), pd.read_csv(out / "scores.csv")
+    assert list(metrics["category"]) == ["brick", "textile", "mean"]
+    assert (metrics["pretrained"] == False).all()  # noqa: E712
+    assert list(scores.columns) == ["path", "category", "label", "defect", "score", "batch"]
+    assert len(scores) == len(set(scores["path"])) == 26
+    assert set(scores["batch"]) == ({0} if method == "musc" else {0, 1})  # 13 images: 6 + 7 (a last 1 merged)
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["weights_note"].startswith("RANDOM WEIGHTS")
+    assert conf["config"]["method"] == method and "git_commit" in conf and "wall_time_s" in conf

@@ -6,12 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fiseclip_lib import Detector, FiseConfig
-from fiseclip_lib import data as D
+from fiseclip_lib.config import FiseConfig
+from fiseclip_lib.core.detector import Detector
+from fiseclip_lib.evaluation import data as D
 from fiseclip_lib.errors import FiseclipError
-from fiseclip_lib.matching import cross_distances, interval_count, lnamd, visual_map, visual_map_against
-from fiseclip_lib.predict import ReferenceBank
-from fiseclip_lib.stream import Streamer, stream
+from fiseclip_lib.core.matching import cross_distances, interval_count, lnamd, visual_map, visual_map_against
+from fiseclip_lib.core.references import ReferenceBank
+from fiseclip_lib.decisions.stream import Streamer, stream
 
 TINY = dict(model="fiseclip-tiny", pretrained="none", image_size=112, device="cpu")
 

@@ -20,7 +20,7 @@ import pytest
 
 from fiseclip_lib.cli import main
 from fiseclip_lib.errors import FiseclipError
-from fiseclip_lib.sweep import expand_grid, load_grid, run_sweep
+from fiseclip_lib.evaluation.sweep import expand_grid, load_grid, run_sweep
 from helpers import Fresh, cli_without_dask, make_mvtec_tree, start_fresh_server, write_entry
 
 MODEL = "model: fiseclip-tiny\npretrained: none\nimage_size: 28\nbatch_size: 4\n"
@@ -107,6 +107,7 @@ def test_several_roots_and_datasets(data, tmp_path):
 
 # ------------------------------------------------------------------------------------------- the table
 
+@pytest.mark.slow
 def test_table_rows_equal_fiseclip_run_per_config(serial, data, tmp_path):
     table = pd.read_csv(serial / "sweep.csv")
     assert list(table.columns) == ["config_id", "dataset", "method", "alpha", "category", *METRICS, "images",
@@ -130,6 +131,7 @@ def test_table_rows_equal_fiseclip_run_per_config(serial, data, tmp_path):
             assert (serial / "configs" / cid / name).read_bytes() == (out / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_resume_reuses_finished_tasks_only(grid_file, serial, tmp_path, capsys):
     out = tmp_path / "s"
     base = ["sweep", str(grid_file), "--out", str(out), "--no-feature-cache"]
@@ -176,6 +178,7 @@ def test_failed_task_is_one_line_and_the_others_are_kept(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------- dask
 
+@pytest.mark.slow
 def test_dask_local_cluster_gives_the_same_bytes(grid_file, serial, tmp_path, capsys):
     out = tmp_path / "dask"
     with forked_workers():
@@ -191,6 +194,7 @@ def test_dask_local_cluster_gives_the_same_bytes(grid_file, serial, tmp_path, ca
             assert (cid / name).read_bytes() == (serial / "configs" / cid.name / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_killed_worker_loses_and_duplicates_nothing(cluster, grid_file, serial, tmp_path, capsys):
     marker = tmp_path / "paused.pid"
     killed = []
@@ -217,6 +221,7 @@ def test_killed_worker_loses_and_duplicates_nothing(cluster, grid_file, serial, 
     assert len(table) == 12 and not table.duplicated(["config_id", "category"]).any()
 
 
+@pytest.mark.slow
 def test_failed_tasks_on_dask_are_the_same_one_line(cluster, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["sweep", str(failing_grid(tmp_path)), "--out", str(out), "--scheduler", cluster.scheduler_address,
@@ -228,6 +233,7 @@ def test_failed_tasks_on_dask_are_the_same_one_line(cluster, tmp_path, capsys):
     assert list(pd.read_csv(out / "sweep.csv").category) == ["bottle"]
 
 
+@pytest.mark.slow
 def test_dask_resume_reuses_tasks_on_the_workers(cluster, grid_file, serial, tmp_path, capsys):
     out = tmp_path / "r"
     args = ["sweep", str(grid_file), "--out", str(out), "--scheduler", cluster.scheduler_address,
@@ -242,10 +248,11 @@ def test_dask_resume_reuses_tasks_on_the_workers(cluster, grid_file, serial, tmp
 # ------------------------------------------------------------------------------------------- feature cache
 
 
+@pytest.mark.slow
 def test_two_processes_writing_one_cache_entry_never_tear_a_read(tmp_path):
     """Two processes write the same 800 KB entry over and over while this one reads it: every read is a miss
     or the whole, verified entry (cache.py writes atomically and checks a checksum on read)."""
-    from fiseclip_lib.cache import FeatureCache
+    from fiseclip_lib.plumbing.cache import FeatureCache
 
     root, key = tmp_path / "fc", "ab" * 32
     procs = [Fresh(write_entry, str(root), key, 60) for _ in range(2)]
@@ -342,12 +349,35 @@ def test_bad_grid_or_cluster_is_one_line(name, data, tmp_path, capsys):
         assert elapsed < 20 and not (out / "sweep.json").exists()  # time-bounded, and nothing written
 
 
-def test_error_table_is_large_enough():
-    assert len(ERRORS) >= 25
-
-
 def test_grid_api_errors_are_fiseclip_errors(tmp_path):
     with pytest.raises(FiseclipError, match="must hold a mapping"):
         load_grid(Path(_grid(tmp_path, "3\n")[0]))
     with pytest.raises(FiseclipError, match="unknown executor"):
         run_sweep({"alpha": 0.5}, tmp_path / "o", executor="slurm")
+
+
+def test_empty_categories_mean_all_as_in_run(data, tmp_path):
+    """`categories: ""` and `[]` mean every category, as in `fiseclip run` (the one parser,
+    data.parse_categories), at the top of a grid and in a `datasets` entry (which then covers all of its root,
+    whatever the top says); dataset kinds come from data.DATASETS."""
+    from fiseclip_lib.evaluation import sweep as S
+    from fiseclip_lib.evaluation.data import DATASETS
+
+    base = {"dataset": "mvtec", "root": str(data), "model": "fiseclip-tiny", "pretrained": "none"}
+    for value in ("", [], " , ", ["", " "]):
+        s = expand_grid({**base, "categories": value})
+        assert [c.categories for c in s.configs] == [["bottle", "screw"]], value
+    assert expand_grid({**base, "categories": " screw, "}).configs[0].categories == ["screw"]
+    other = make_mvtec_tree(tmp_path / "other", categories=("pill", "cable"))
+    s = expand_grid({"datasets": [{"dataset": "mvtec", "root": str(data), "categories": ""},
+                                  {"dataset": "mvtec", "root": str(other)}],
+                     "categories": "pill", "model": "fiseclip-tiny"})
+    assert [c.categories for c in s.configs] == [["bottle", "screw"], ["pill"]]
+    # a grid file with `categories: ""` runs every category (it was an error before)
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"dataset: mvtec\nroot: {data}\ncategories: \"\"\n" + MODEL)
+    assert [c.categories for c in expand_grid(load_grid(grid)).configs] == [["bottle", "screw"]]
+    # one definition of the dataset kinds
+    assert not hasattr(S, "DATASET_KINDS") and DATASETS == ("mvtec", "visa", "folder", "demo")
+    with pytest.raises(FiseclipError, match=r"unknown dataset 'kolektor'; use mvtec, visa, folder or demo"):
+        expand_grid({**base, "dataset": "kolektor"}, check_data=False)

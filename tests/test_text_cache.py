@@ -9,11 +9,12 @@ import torch
 
 from fiseclip_lib.config import FiseConfig
 from fiseclip_lib.encoder import ClipEncoder, load_encoder
-from fiseclip_lib.pipeline import Detector
-from fiseclip_lib.text import build_prompts, text_cache_dir, text_cache_key, text_embeddings
+from fiseclip_lib.core.detector import Detector
+from fiseclip_lib.core.text import build_prompts, text_cache_dir, text_cache_key, text_embeddings
 from helpers import Fresh, embed_and_count
 
 CFG = dict(model="fiseclip-tiny", pretrained="none", image_size=112, device="cpu")
+ENSEMBLE = [len(prompts) for prompts in build_prompts("any phrase")]  # prompts per encode_text call: normal, abnormal
 
 
 @pytest.fixture
@@ -40,25 +41,35 @@ def _naive(encoder, phrase):
     return torch.stack(rows)
 
 
+def test_embeddings_are_computed_once_per_class(tiny_encoder, counted):
+    a = text_embeddings(tiny_encoder, "screw")
+    b = text_embeddings(tiny_encoder, "screw")
+    text_embeddings(tiny_encoder, "cable")
+    assert torch.equal(a, b) and a.shape == (2, 64)
+    assert counted == ENSEMBLE * 2  # screw once, cable once
+    torch.testing.assert_close(a.norm(dim=-1), torch.ones(2))
+
+
 def test_second_detector_reads_the_disk_cache(counted):
     images = [np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8) for i in range(3)]
     first = Detector(FiseConfig(**CFG))
     a = text_embeddings(first.encoder, "metal_nut")
-    assert counted == [7 * 35, 5 * 35]
+    assert counted == ENSEMBLE
     with torch.no_grad():
         torch.testing.assert_close(a, _naive(first.encoder, "metal nut"), rtol=1e-5, atol=1e-6)
     res1 = first.score_batch(images, "metal_nut")
-    assert counted == [7 * 35, 5 * 35]  # the disk cache
+    assert counted == ENSEMBLE  # the disk cache
     path = text_cache_dir() / f"{text_cache_key(first.encoder, 'metal nut')}.safetensors"
     assert path.is_file() and path.parent == Path(os.environ["FISECLIP_FEATURE_CACHE"]) / "text"
     second = Detector(FiseConfig(**CFG))  # a new encoder: no in-memory cache
     b = text_embeddings(second.encoder, "metal_nut")
     res2 = second.score_batch(images, "metal_nut")
-    assert counted == [7 * 35, 5 * 35], "the second Detector did not run the prompt ensemble"
+    assert counted == ENSEMBLE, "the second Detector did not run the prompt ensemble"
     assert torch.equal(a, b)
     np.testing.assert_array_equal(res1.text_map, res2.text_map)
 
 
+@pytest.mark.slow  # a fresh process
 def test_second_process_reads_the_disk_cache(counted, tmp_path):
     enc = load_encoder(**CFG)
     a = text_embeddings(enc, "screw head")

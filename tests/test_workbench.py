@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fiseclip_lib import data as D
-from fiseclip_lib import workbench as wb
+from fiseclip_lib.evaluation import data as D
+from fiseclip_lib.notebook import workbench as wb
 from fiseclip_lib.config import FiseConfig
-from fiseclip_lib.filtering import oracle_keep
-from fiseclip_lib.pipeline import Detector
-from fiseclip_lib.run import eval_masks
+from fiseclip_lib.core.filtering import oracle_keep
+from fiseclip_lib.core.detector import Detector
+from fiseclip_lib.evaluation.run import eval_masks
 
 
 def test_defect_patch_is_the_most_covered_cell_of_a_naive_count():

@@ -17,7 +17,8 @@ Conventions (all float32):
     out_row[r, j, p] = a[r, p] * max over kept columns q of reference j of T_r[p, q] * b[r, q]   (p vs reference j)
 Excluded columns carry a bias of -1e30 (finite, so fastmath may assume no inf); every image keeps >= 1 patch.
 
-numba is optional: `available()` is False without it (or when it fails to compile), and the torch passes run.
+numba is optional (pyproject extra `fast`; docs/matching.md): `available()` is False without it (or when it
+fails to compile); engine auto then runs the torch passes (box-torch) and engine box-compiled is an error.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ NEG = np.float32(-1e30)  # "excluded" as a finite number (fastmath assumes no in
 TILE_ROWS = 8  # reference grid rows per work unit: at w = 37 (padded to 41) its buffers for degrees 1/3/5 take
 # ~0.9 MB, about one core's L2; 4 rows were slower (more halo re-reads), 16 rows within 10 %
 
-try:  # pragma: no cover - exercised where numba is installed (requirements.txt)
+try:  # pragma: no cover - exercised where numba is installed (requirements.txt installs it)
     import numba
     from numba import njit
 except Exception:  # noqa: BLE001 - any import problem means "use the torch passes"

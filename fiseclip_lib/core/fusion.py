@@ -3,9 +3,10 @@
 Both branches are first brought to a scale that does not depend on the other images of the batch (metrics
 pool all batches of a category, so a batch's scores must mean the same in every batch). Option `fusion_norm`
 (reconstruction):
-  robust [default]: z = (x - median) / (1.4826 MAD), median and MAD over all patches of the batch. Defects
-      cover few patches, so both statistics are those of normal patches whatever the batch's contamination:
-      an all-normal batch is not stretched (its largest z stays a few units), a defect patch keeps a large z.
+  robust [default]: z = (x - median) / (1.4826 MAD), median and MAD (lower medians: core/robust.py) over all
+      patches of the batch. Defects cover few patches, so both statistics are those of normal patches whatever
+      the batch's contamination: an all-normal batch is not stretched (its largest z stays a few units), a
+      defect patch keeps a large z.
   minmax: (x - min) / (max - min) over the batch (the former default): an all-normal batch is stretched to
       [0, 1] and looks as anomalous as a defective one.
   none: the branches' own units (A_V a distance in [0, 2], A_T a probability in [0, 1]).
@@ -28,11 +29,11 @@ import typing
 import torch
 
 from fiseclip_lib.config import Fusion, FusionNorm
+from fiseclip_lib.core.robust import MAD_TO_SIGMA, median_mad
 from fiseclip_lib.errors import FiseclipError
 
 FUSION_MODES = typing.get_args(Fusion)
 FUSION_NORMS = typing.get_args(FusionNorm)
-MAD_TO_STD = 1.4826  # MAD of a Gaussian times this is its standard deviation
 SCALE_FLOOR = 1e-6  # a constant branch (e.g. zeros) gives z = 0, not inf
 
 
@@ -43,11 +44,10 @@ def batch_minmax(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 
 def robust_z(x: torch.Tensor) -> torch.Tensor:
-    """(x - median) / (1.4826 MAD) over all elements of x (the batch's patches)."""
+    """(x - median) / (1.4826 MAD) over all elements of x (the batch's patches); lower median (core/robust.py)."""
     x = x.float()
-    med = x.median()
-    mad = (x - med).abs().median()
-    return (x - med) / torch.clamp(MAD_TO_STD * mad, min=SCALE_FLOOR)
+    med, mad = median_mad(x)
+    return (x - med) / torch.clamp(MAD_TO_SIGMA * mad, min=SCALE_FLOOR)
 
 
 def squash(z: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,17 @@ filtering, scaling, masks and both maxima of a block run as ONE compiled pass (`
 is streamed through the cache once for all degrees); elsewhere (CUDA, or without numba) as ~15 torch passes per
 degree. Same values as the per-degree route up to rounding (~1e-6 in fp32); in bf16 only the GEMM is bf16, the
 filtering and maxima are float32.
+
+Engines (one setting, `FiseConfig.match_engine`, passed as `engine` to `match` / `visual_map`; docs/matching.md):
+    auto          the default: box-compiled on the CPU when numba works, box-torch otherwise, for two or more distinct
+                  degrees and C >= BOX_FILTER_MIN_CHANNELS; per-degree below that
+    per-degree    `_sorted_distances`: aggregate and match each degree separately
+    box-torch     `_box_filtered_distances` with torch passes (any device)
+    box-compiled  `_box_filtered_distances` with the numba kernel (CPU; an error where numba is missing)
+    reference     `matching_reference.reference_visual_map`: short, slow, reads like the paper (the tests' oracle)
+A soft penalty (filter `soft`), or a window whose mean is zero, takes the per-degree route whatever the box engine
+(the box filters have no penalty term). With external references every fast engine runs `visual_map_against`
+(`cross_distances`, plus the per-degree route for the queries among themselves): the engines differ in-batch only.
 """
 from __future__ import annotations
 
@@ -37,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from fiseclip_lib.core import _match_kernel
+from fiseclip_lib.core.matching_reference import reference_visual_map
 from fiseclip_lib.errors import FiseclipError
 
 BF16_TOLERANCE = 0.03  # max |score(bf16) - score(fp32)| seen on unit-norm features: ~0.015 (tests assert 0.03)
@@ -44,11 +56,10 @@ QUERY_CHUNK = 4096  # reference columns per GEMM: bounds the [P, chunk] block, s
 # the reductions that follow each GEMM (P = 1369: 2 references, 15 MB fp32; 16384 columns measured slower)
 AGG_ELEMENTS = 1 << 24  # elements per slice in lnamd (64 MB fp32): bounds its temporaries
 UNIT_ATOL = 1e-5  # |z|^2 within this of 1: the unit-vector fast path (2 - 2 a.b) is used
-BOX_FILTER_MIN_CHANNELS = 512  # visual_map multiplies each pair once and box-filters the product for the degrees
+ENGINES = ("auto", "per-degree", "box-torch", "box-compiled", "reference")  # config.MatchEngine lists the same
+BOX_FILTER_MIN_CHANNELS = 512  # engine "auto" multiplies each pair once and box-filters the product for the degrees
 # from this many channels on; below, the filter passes (O(P^2) per pair) cost more than the GEMMs they save (O(P^2 C)):
 # break-even measured on 2 CPU cores at P = 1369 near C = 200 (fp32) and C = 500 (bf16)
-USE_COMPILED_KERNEL = True  # the box-filtered route's passes in one compiled pass per block (numba, CPU); False:
-# torch passes (also used on CUDA and where numba is missing)
 BOX_CHUNK = 8192  # reference columns per block on that route (6 references at P = 1369, 45 MB fp32): with torch
 # passes, each of ~40 ops per block costs a thread wake-up on a busy machine, so fewer, larger blocks beat
 # cache-sized ones; the compiled pass is insensitive to it (1, 2, 3 or 6 references per block: within 10 %)
@@ -62,6 +73,29 @@ def _check_degree(r: int) -> None:
 def _check_grid(p: int, grid: tuple[int, int]) -> None:
     if grid[0] * grid[1] != p:
         raise FiseclipError(f"grid {tuple(grid)} does not match {p} patches")
+
+
+def _check_engine(engine: str) -> None:
+    """Unknown names, and box-compiled where its kernel cannot run, are errors (an explicit choice never falls back)."""
+    if engine not in ENGINES:
+        raise FiseclipError(f"unknown match_engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if engine == "box-compiled" and not _match_kernel.available():
+        raise FiseclipError("match_engine 'box-compiled' needs numba (pip install numba, or the `fast` extra); "
+                            "'auto' uses box-torch without it")
+
+
+def _route(engine: str, degrees: list[int], channels: int, penalty, device) -> str:
+    """The in-batch route of a fast engine: 'per-degree', 'box-torch' or 'box-compiled'."""
+    if penalty is not None:  # the box filters have no penalty term
+        return "per-degree"
+    if engine == "auto":
+        if len(set(degrees)) < 2 or channels < BOX_FILTER_MIN_CHANNELS:
+            return "per-degree"
+        return "box-compiled" if device.type == "cpu" and _match_kernel.available() else "box-torch"
+    if engine == "box-compiled" and device.type != "cpu":
+        raise FiseclipError(f"match_engine 'box-compiled' runs on the CPU, the features are on {device}: "
+                            "choose auto or box-torch")
+    return engine
 
 
 def _layer_norm(tokens: torch.Tensor) -> torch.Tensor:
@@ -287,15 +321,15 @@ def mutual_scores(Z: torch.Tensor, keep: torch.Tensor | None = None, topmin_max:
 
 def visual_map(layers: dict[int, torch.Tensor], grid: tuple[int, int], degrees=(1, 3, 5),
                keep: torch.Tensor | None = None, penalty: torch.Tensor | None = None, topmin_max: float = 0.3,
-               dtype: torch.dtype = torch.float32, chunk: int | None = None) -> torch.Tensor:
+               dtype: torch.dtype = torch.float32, chunk: int | None = None, engine: str = "auto") -> torch.Tensor:
     """A_V: mutual scores averaged over layers and aggregation degrees.
 
-    Inputs are checked and the keep-mask prepared once per batch; each layer is layer-normed once. With two or
-    more distinct degrees, no soft penalty and C >= BOX_FILTER_MIN_CHANNELS, each pair of images is multiplied
-    ONCE per layer and the degrees are box filters of that product (`_box_filtered_distances`; equal to the
-    per-degree route up to rounding); otherwise (one degree, a penalty, few channels, or a window whose mean is
-    zero) each degree's features are aggregated and
-    matched by `_sorted_distances`.
+    Inputs are checked and the keep-mask prepared once per batch; each layer is layer-normed once. On the box
+    routes (engine box-torch / box-compiled; auto with two or more distinct degrees and C >=
+    BOX_FILTER_MIN_CHANNELS) each pair of images is multiplied ONCE per layer and the degrees are box filters of
+    that product (`_box_filtered_distances`; equal to the per-degree route up to rounding); otherwise (engine
+    per-degree, auto with one degree or few channels, a soft penalty, or a window whose mean is zero) each
+    degree's features are aggregated and matched by `_sorted_distances`.
 
     Args:
         layers: {layer: `[N, P, C]` raw patch tokens}.
@@ -303,25 +337,22 @@ def visual_map(layers: dict[int, torch.Tensor], grid: tuple[int, int], degrees=(
         degrees: odd aggregation degrees r.
         keep, penalty, topmin_max, dtype: as in `mutual_scores`.
         chunk: reference columns per GEMM (None: BOX_CHUNK on the box-filtered route, QUERY_CHUNK otherwise).
+        engine: one of ENGINES (see the module docstring).
 
     Returns:
         float32 `[N, P]`.
     """
-    degrees = list(degrees)
-    for r in degrees:
-        _check_degree(r)
-    if not layers:
-        raise FiseclipError("no feature layers to match")
-    for tokens in layers.values():
-        _check_features(tokens)
-        _check_grid(tokens.shape[1], grid)
+    _check_engine(engine)
+    degrees = _check_layers(layers, grid, degrees)
+    if engine == "reference":
+        return reference_visual_map(layers, grid, degrees, keep=keep, penalty=penalty, topmin_max=topmin_max)
     first = next(iter(layers.values()))
     n, p, _ = first.shape
     device = first.device
     if n == 1:
         return mutual_scores(lnamd(first, grid, degrees[0]), keep, topmin_max, penalty, dtype)
     keep = _usable_keep(keep, n, p, device)
-    fused = penalty is None and len(set(degrees)) > 1 and first.shape[2] >= BOX_FILTER_MIN_CHANNELS
+    route = _route(engine, degrees, first.shape[2], penalty, device)
     sorted_route = None  # (order, counts, penalty) of the per-degree route, prepared on first use
 
     def per_degree(x, r):
@@ -340,11 +371,25 @@ def visual_map(layers: dict[int, torch.Tensor], grid: tuple[int, int], degrees=(
     total = torch.zeros(n, p, dtype=torch.float32, device=device)
     for tokens in layers.values():
         x = _layer_norm(tokens)
-        d = _box_filtered_distances(x, grid, sorted(set(degrees)), keep, dtype, chunk or BOX_CHUNK) if fused else None
+        d = None if route == "per-degree" else _box_filtered_distances(
+            x, grid, sorted(set(degrees)), keep, dtype, chunk or BOX_CHUNK, compiled=route == "box-compiled")
         for r in degrees:
             total.add_(per_degree(x, r) if d is None else _interval_mean(d[r], topmin_max))
         del x, d
     return total.div_(len(layers) * len(degrees))
+
+
+def _check_layers(layers: dict, grid: tuple[int, int], degrees) -> list[int]:
+    """Checks of the inputs of every engine, once per batch -> the degrees as a list."""
+    degrees = list(degrees)
+    for r in degrees:
+        _check_degree(r)
+    if not layers:
+        raise FiseclipError("no feature layers to match")
+    for tokens in layers.values():
+        _check_features(tokens)
+        _check_grid(tokens.shape[1], grid)
+    return degrees
 
 
 def _window_norms(x: torch.Tensor, grid: tuple[int, int], r: int) -> torch.Tensor:
@@ -364,7 +409,8 @@ def _window_norms(x: torch.Tensor, grid: tuple[int, int], r: int) -> torch.Tenso
 
 
 def _box_filtered_distances(x: torch.Tensor, grid: tuple[int, int], degrees: list[int],
-                            keep: torch.Tensor | None, dtype: torch.dtype, chunk: int) -> dict | None:
+                            keep: torch.Tensor | None, dtype: torch.dtype, chunk: int,
+                            compiled: bool = False) -> dict | None:
     """d_r[j, i, p] for every degree r from ONE GEMM per pair of images (grid order, keep-mask as in
     `reference_distances`); None when some window mean is (almost) zero (no unit vectors: use the per-degree route).
 
@@ -377,6 +423,8 @@ def _box_filtered_distances(x: torch.Tensor, grid: tuple[int, int], degrees: lis
     are an NHWC image whose channels are the columns). The row inverse norms are positive per-row factors: for
     the maxima along rows they are applied to the [P] result only. Masks come after the filtering: excluded rows
     (columns) are set to -inf in separate buffers, so one direction's -inf never reaches the other.
+    compiled: the filter, scaling, masks and maxima of each block in one numba pass (`_box_filtered_compiled`;
+    CPU tensors, `_match_kernel.available()` checked by the caller) instead of the torch passes.
     """
     n, p, c = x.shape
     h, w = grid
@@ -391,7 +439,7 @@ def _box_filtered_distances(x: torch.Tensor, grid: tuple[int, int], degrees: lis
         inv[r] = (norm.reciprocal(), norm.mul(r * r).reciprocal())
     Ad = x.to(dtype).contiguous()
     group = max(1, chunk // p)
-    if dev.type == "cpu" and USE_COMPILED_KERNEL and _match_kernel.available():
+    if compiled:
         return _box_filtered_compiled(Ad, grid, degrees, inv, keep, group)
     width = min(group, n - 1) * p
     # workspaces, reused by every block (views of the first rows * width elements for a narrower last group)
@@ -590,7 +638,7 @@ def visual_map_against(layers: dict[int, torch.Tensor], grid: tuple[int, int], r
                        degrees=(1, 3, 5), keep: torch.Tensor | None = None, penalty: torch.Tensor | None = None,
                        mutual: bool = True, query_keep: torch.Tensor | None = None,
                        query_penalty: torch.Tensor | None = None, topmin_max: float = 0.3,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                       dtype: torch.dtype = torch.float32, engine: str = "auto") -> torch.Tensor:
     """A_V of query images whose references are other images: an external set, and (mutual) each other.
 
     Args:
@@ -603,10 +651,16 @@ def visual_map_against(layers: dict[int, torch.Tensor], grid: tuple[int, int], r
         mutual: the queries are also references of each other (a batch plus a bank), filtered by
             query_keep / query_penalty `[Nq, P]` (as `reference_distances`).
         topmin_max: as in `mutual_scores`; K counts every reference of a query (Nr, plus Nq - 1 when mutual).
+        engine: one of ENGINES; every fast engine runs the same route here (`cross_distances`, and the per-degree
+            route among the queries), "reference" runs `reference_visual_map`.
 
     Returns:
         float32 `[Nq, P]`; zeros with a warning when a query has no reference at all.
     """
+    _check_engine(engine)
+    if engine == "reference":
+        return reference_visual_map(layers, grid, degrees, references, mutual, query_keep, query_penalty, keep,
+                                    penalty, topmin_max)
     first = next(iter(layers.values()))
     nq, p, _ = first.shape
     nr = 0
@@ -649,22 +703,22 @@ def match(layers: dict[int, torch.Tensor], grid: tuple[int, int], degrees=(1, 3,
         keep, penalty: `[N, P]` filter of the queries as references of each other (mutual only).
         ref_keep, ref_penalty: `[R, P]` filter of the external references.
         topmin_max: MSM's interval: the share of each query's references whose smallest distances are averaged.
-        dtype: GEMM dtype.
-        engine: "auto" (the fast engines: `visual_map` for a batch alone, `visual_map_against` with external
-            references) or "reference" (`reference_visual_map`, short and slow, reads like the paper).
+        dtype: GEMM dtype (the reference engine computes in float64 whatever it is).
+        engine: one of ENGINES (`FiseConfig.match_engine`; the module docstring and docs/matching.md): "auto",
+            "per-degree", "box-torch", "box-compiled" (the fast engines: `visual_map` for a batch alone,
+            `visual_map_against` with external references) or "reference" (`reference_visual_map`, short and
+            slow, reads like the paper).
     Returns:
         float32 `[N, P]` on the CPU.
     """
+    _check_engine(engine)
     if engine == "reference":
-        from fiseclip_lib.core.matching_reference import reference_visual_map
-
+        degrees = _check_layers(layers, grid, degrees)
         return reference_visual_map(layers, grid, degrees, references, mutual, keep, penalty, ref_keep, ref_penalty,
                                     topmin_max)
-    if engine != "auto":
-        raise FiseclipError(f"unknown match_engine {engine!r}: choose auto or reference")
     if mutual and not references:
         return visual_map(layers, grid, degrees, keep=keep, penalty=penalty, topmin_max=topmin_max,
-                          dtype=dtype).cpu()  # .cpu() waits for a GPU
+                          dtype=dtype, engine=engine).cpu()  # .cpu() waits for a GPU
     return visual_map_against({l: t.cpu() for l, t in layers.items()}, grid, references or {}, degrees, ref_keep,
                               ref_penalty, mutual=mutual, query_keep=keep, query_penalty=penalty,
-                              topmin_max=topmin_max, dtype=dtype).cpu()
+                              topmin_max=topmin_max, dtype=dtype, engine=engine).cpu()

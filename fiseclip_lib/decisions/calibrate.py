@@ -10,11 +10,12 @@ Methods (`calibrate(scores, labels, method=...)`):
   f1        labelled scores (label 1 = anomalous): the threshold that maximises F1 of "anomalous" over the
             scores (decision: anomalous when score > threshold); placed midway between the two scores it
             separates, so that it does not sit on a calibration image.
-  robust_z  unlabeled scores: median + z * 1.4826 * MAD, z = Phi^-1(1 - false_alarm_rate). Median and MAD are
-            those of the normal images as long as fewer than half are anomalous (they ignore the tail). If normal
-            scores were Gaussian the false-alarm rate would be the target; image scores are maxima of maps and
-            skewed to the right, so the realised rate is usually somewhat higher: `calibration_flag_rate` (the
-            share of the calibration images above the threshold, defects included) is recorded to compare with.
+  robust_z  unlabeled scores: median + z * 1.4826 * MAD, z = Phi^-1(1 - false_alarm_rate), with lower medians
+            (fusion's definition: core/robust.py). Median and MAD are those of the normal images as long as fewer
+            than half are anomalous (they ignore the tail). If normal scores were Gaussian the false-alarm rate
+            would be the target; image scores are maxima of maps and skewed to the right, so the realised rate
+            is usually somewhat higher: `calibration_flag_rate` (the share of the calibration images above the
+            threshold, defects included) is recorded to compare with.
   quantile  scores of images known to be normal (labels all 0, or the normal rows of a labelled file): the
             conformal quantile, the ceil((n + 1)(1 - a))-th smallest score. For new normal images exchangeable
             with these (same line, same config), the false-alarm rate is at most a on average (and at least
@@ -37,11 +38,11 @@ import pandas as pd
 
 from fiseclip_lib.plumbing.files import write_json_atomic
 from fiseclip_lib.config import FiseConfig, scoring_fields
+from fiseclip_lib.core.robust import MAD_TO_SIGMA, median_mad
 from fiseclip_lib.errors import FiseclipError
 
 METHODS = ("auto", "f1", "robust_z", "quantile")
 DEFAULT_FALSE_ALARM_RATE = 0.01
-MAD_TO_STD = 1.4826
 ENCODER_FIELDS = ("model", "weights_id", "input_size", "precision", "quick_gelu", "restore_depth")
 FORMAT = "fiseclip-threshold/1"
 
@@ -59,16 +60,16 @@ def config_hash(config: dict, mode: str = "batch") -> str:
 
 
 def robust_threshold(scores, false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE) -> float:
-    """median + z * 1.4826 * MAD of the finite scores, z = Phi^-1(1 - false_alarm_rate)."""
+    """median + z * 1.4826 * MAD of the finite scores, z = Phi^-1(1 - false_alarm_rate); lower medians, as in
+    fusion (core/robust.py)."""
     s = np.asarray(scores, dtype=np.float64)
     s = s[np.isfinite(s)]
     if s.size == 0:
         raise FiseclipError("no finite score to calibrate a threshold on")
     _check_rate(false_alarm_rate)
-    med = float(np.median(s))
-    mad = float(np.median(np.abs(s - med)))
+    med, mad = median_mad(s)
     z = NormalDist().inv_cdf(1.0 - false_alarm_rate)
-    return med + z * MAD_TO_STD * mad
+    return med + z * MAD_TO_SIGMA * mad
 
 
 def f1_threshold(scores, labels) -> tuple[float, dict]:
@@ -234,7 +235,9 @@ def calibrate(scores, labels=None, method: str = "auto",
     elif method == "robust_z":
         rate = false_alarm_rate
         value = robust_threshold(s, rate)
-        stats = {"median": float(np.median(s)), "mad": float(np.median(np.abs(s - np.median(s)))),
+        finite = s[np.isfinite(s)]  # the scores robust_threshold used
+        med, mad = median_mad(finite)
+        stats = {"median": med, "mad": mad,
                  "z": NormalDist().inv_cdf(1 - rate), "calibration_flag_rate": float(np.mean(s > value))}
     else:
         rate = false_alarm_rate

@@ -33,7 +33,6 @@ import os
 import time
 import unicodedata
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 

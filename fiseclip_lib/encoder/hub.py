@@ -2,8 +2,10 @@
 
 Honoured: `HF_ENDPOINT` (mirrors), `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`, `HF_HUB_OFFLINE`,
 `HF_HOME`/`HF_HUB_CACHE`. huggingface_hub reads these once, at import; a notebook or a test may change them
-later, so every call here computes them from `os.environ` and hands them to huggingface_hub explicitly
-(`endpoint=`, `cache_dir=`, and its offline switch for the duration of the call).
+later, so every call here computes them from `os.environ` and hands them to huggingface_hub through its own
+arguments (`endpoint=`, `cache_dir=`, `local_files_only=` while offline). Its constants are never changed:
+when it was imported offline and the environment now says online, a download runs in a child process that
+imports huggingface_hub under the current environment.
 
 Lookup order for an open_clip tag: the local hub cache (no network), the legacy URL cache, then (when the hub
 is not declared offline and answers a time-bounded probe) a download through the configured endpoint.
@@ -117,16 +119,18 @@ def hub_offline(timeout: float = PROBE_TIMEOUT_S) -> bool:
 _session_proxy_env: tuple | None = None
 
 
-@contextlib.contextmanager
-def _hub_online():
-    """Let huggingface_hub make requests for the duration of a call whose settings say online.
-
-    Its offline switch is a module constant read at import; it is set from the environment here and restored
-    afterwards. Its HTTP client reads proxies when created, so it is recreated when the proxy variables changed.
-    """
-    global _session_proxy_env
+def _hub_imported_offline() -> bool:
+    """huggingface_hub's own offline switch: HF_HUB_OFFLINE as it was when huggingface_hub was imported."""
     from huggingface_hub import constants
 
+    is_offline = getattr(constants, "is_offline_mode", None)
+    return bool(is_offline() if is_offline is not None else constants.HF_HUB_OFFLINE)
+
+
+def _refresh_session_for_proxies() -> None:
+    """huggingface_hub's HTTP client reads the proxy variables when created: close it (`close_session`, its
+    documented way to pick up a changed network setup) when they changed since the last download here."""
+    global _session_proxy_env
     proxy_env = tuple(sorted((k, v) for k, v in os.environ.items() if k.lower().endswith("_proxy")))
     if _session_proxy_env is not None and proxy_env != _session_proxy_env:
         try:
@@ -136,12 +140,50 @@ def _hub_online():
         except ImportError:  # pragma: no cover - older huggingface_hub
             pass
     _session_proxy_env = proxy_env
-    before = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = False
+
+
+class HubDownloadError(Exception):
+    """A download that failed in the child process (its message is the child's `Type: first line`)."""
+
+
+# Run with the environment in force now, so huggingface_hub reads HF_HUB_OFFLINE (and proxies) at its import.
+_CHILD_DOWNLOAD = """
+import json, sys
+a = json.loads(sys.argv[1])
+from huggingface_hub import hf_hub_download
+last = None
+for name in a["names"]:
     try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = before
+        path = hf_hub_download(a["repo"], name, revision=a["revision"], cache_dir=a["cache_dir"],
+                               endpoint=a["endpoint"], etag_timeout=a["etag_timeout"])
+    except Exception as e:
+        text = str(e).strip().splitlines()
+        last = type(e).__name__ + ": " + (text[0] if text else "")
+        continue
+    print(json.dumps({"path": path}))
+    sys.exit(0)
+print(json.dumps({"error": last or "FileNotFoundError: " + a["repo"]}))
+"""
+
+
+def _download_in_child(repo: str, names: list[str], settings: HubSettings, revision: str) -> str:
+    import json
+    import subprocess
+    import sys
+
+    args = json.dumps({"repo": repo, "names": names, "revision": revision, "cache_dir": settings.cache_dir,
+                       "endpoint": settings.endpoint, "etag_timeout": PROBE_TIMEOUT_S * 3})
+    # stderr (huggingface_hub's progress bars and warnings) goes to ours; the answer is stdout's last line
+    proc = subprocess.run([sys.executable, "-c", _CHILD_DOWNLOAD, args], stdout=subprocess.PIPE, text=True,
+                          env=dict(os.environ))
+    lines = proc.stdout.strip().splitlines()
+    try:
+        answer = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        answer = {}
+    if answer.get("path"):
+        return answer["path"]
+    raise HubDownloadError(answer.get("error") or f"the download process exited with status {proc.returncode}")
 
 
 def _candidate_files(filename: str) -> list[str]:
@@ -168,17 +210,25 @@ def cached_hub_file(repo: str, names: list[str], settings: HubSettings, revision
 
 
 def download_hub_file(repo: str, names: list[str], settings: HubSettings, revision: str = "main") -> str:
-    """Download the first of `names` that the endpoint has, into the hub cache; raise the last error."""
+    """Download the first of `names` that the endpoint has, into the hub cache; raise the last error.
+
+    Call it only when `settings` say online. huggingface_hub's offline switch is read once, at its import, and
+    is never changed here (a process-wide constant: other threads and libraries rely on it). When it was
+    imported offline and the environment says online now (a notebook or a test that changed HF_HUB_OFFLINE),
+    the download runs in a child process that imports huggingface_hub under the environment of now.
+    """
+    if _hub_imported_offline():
+        return _download_in_child(repo, names, settings, revision)
     from huggingface_hub import hf_hub_download
 
+    _refresh_session_for_proxies()
     last: Exception | None = None
-    with _hub_online():
-        for name in names:
-            try:
-                return hf_hub_download(repo, name, revision=revision, cache_dir=settings.cache_dir,
-                                       endpoint=settings.endpoint, etag_timeout=PROBE_TIMEOUT_S * 3)
-            except Exception as e:  # not there, or network trouble: try the next name, report the last
-                last = e
+    for name in names:
+        try:
+            return hf_hub_download(repo, name, revision=revision, cache_dir=settings.cache_dir,
+                                   endpoint=settings.endpoint, etag_timeout=PROBE_TIMEOUT_S * 3)
+        except Exception as e:  # not there, or network trouble: try the next name, report the last
+            last = e
     raise last if last is not None else FileNotFoundError(repo)
 
 
@@ -190,6 +240,8 @@ def _fix(model: str, tag: str, cache_dir: str | None) -> str:
 
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
+    if isinstance(e, HubDownloadError):  # already "Type: first line" of the child's error
+        return text[0] if text else ""
     return f"{type(e).__name__}: {text[0] if text else ''}"
 
 

@@ -49,6 +49,10 @@ class ClipEncoder(Encoder):
             raise FiseclipError(f"{self.model_name}: attention-pooled vision towers are not supported; use a ViT")
         if not getattr(v.transformer, "batch_first", True):
             raise FiseclipError(f"{self.model_name}: sequence-first transformers are not supported")
+        if getattr(v, "pool_type", "tok") not in ("tok", "avg"):
+            # 'none' has no global embedding (open_clip returns every token), so image scores could not work.
+            raise FiseclipError(f"{self.model_name}: vision pool_type {v.pool_type!r} is not supported; "
+                                f"use a model whose vision_cfg pool_type is 'tok' or 'avg'")
 
     def _pos_embed(self, gh: int, gw: int) -> torch.Tensor:
         v = self.model.visual
@@ -58,6 +62,29 @@ class ClipEncoder(Encoder):
             with torch.no_grad():
                 self._pos_cache[(gh, gw)] = resize_pos_embed(v.positional_embedding, tuple(v.grid_size), (gh, gw))
         return self._pos_cache[(gh, gw)]
+
+    def identity(self) -> dict:
+        """The base identity, plus the global pooling for non-`tok` towers: their global embeddings changed
+        when pooling was made to follow open_clip (ln_post before the mean), so features cached before must
+        not be reused. `tok` identities (and their cache keys) are unchanged."""
+        ident = super().identity()
+        v = self.model.visual
+        if v.pool_type != "tok":
+            after = bool(getattr(v, "final_ln_after_pool", False))
+            ident["global_pool"] = f"{v.pool_type}:" + ("pool-then-ln_post" if after else "ln_post-then-pool")
+        return ident
+
+    def _global_pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled, ln_post-normalised last-block tokens `[N, C]`, as open_clip's VisionTransformer._pool
+        computes them: ln_post before pooling unless `final_ln_after_pool` (LayerNorm is per token, so for
+        `tok` the order does not matter and one token is normalised)."""
+        v = self.model.visual
+        if v.pool_type == "tok":
+            return v.ln_post(x[:, 0])
+        if getattr(v, "final_ln_after_pool", False):
+            return v.ln_post(x[:, 1:].mean(1))
+        # Normalising the mean is not the mean of the normalised tokens.
+        return v.ln_post(x[:, 1:]).mean(1)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         v = self.model.visual
@@ -110,7 +137,7 @@ class ClipEncoder(Encoder):
                 x = block(x)
                 if i in layers:
                     tokens[i] = x[:, 1:, :].float().clone()
-            pooled = v.ln_post(x[:, 0]) if v.pool_type == "tok" else v.ln_post(x[:, 1:].mean(1))
+            pooled = self._global_pool(x)
             if v.proj is not None:
                 # One row at a time: a [N, C] @ [C, D] product may round differently for N = 1 and N = 8
                 # (BLAS picks other kernels), and the global embedding must not depend on `encode_batch`.

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
-from PIL import Image
 
 from fiseclip_lib.core.pool import MIN_LAST_BATCH, make_batches  # noqa: F401 - batches of samples
 from fiseclip_lib.errors import DatasetError, FiseclipError
 from fiseclip_lib.plumbing.images import (IMAGE_EXTS, ConversionWarning, describe_mode, image_size_of, images_in,  # noqa: F401
                                          load_image, load_mask, mask_array, resize_mask)
 
+# The dataset layouts, defined once (`fiseclip run --dataset` choices, sweep grids, load_dataset).
 DATASETS = ("mvtec", "visa", "folder", "demo")
 
 
@@ -169,24 +168,35 @@ def load_folder(root, categories: Sequence[str] | None = None) -> list[Sample]:
 def load_dataset(name: str, root, categories: Sequence[str] | None = None) -> list[Sample]:
     """Dispatch by dataset name: mvtec, visa, folder, demo (the demo set has the MVTec layout)."""
     loaders = {"mvtec": load_mvtec, "visa": load_visa, "folder": load_folder, "demo": load_mvtec}
-    if name not in loaders:
-        raise FiseclipError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
+    check_dataset(name)
     samples = loaders[name](root, categories)
     if not samples:
         raise DatasetError(f"no test images found under {root} for dataset {name!r}")
     return samples
 
 
+def check_dataset(name, source: str = "") -> str:
+    """`name` if it is one of DATASETS, else a one-line error naming `source` and the choices."""
+    if name not in DATASETS:
+        raise FiseclipError(f"{source + ': ' if source else ''}unknown dataset {name!r}; use "
+                            f"{', '.join(DATASETS[:-1])} or {DATASETS[-1]}")
+    return name
+
+
 def parse_categories(value, source: str) -> list[str] | None:
-    """A `categories` setting: a comma-separated string or a list of names -> stripped names ([] when it names
-    none), None when absent; anything else is a one-line error naming `source`."""
+    """A `categories` setting (params file, --categories, sweep grid): a comma-separated string or a list of
+    names -> the stripped names; None means every category: absent, "" and [] (and blanks only) alike.
+    Anything else is a one-line error naming `source`."""
     if value is None:
         return None
     if isinstance(value, str):
-        return [c.strip() for c in value.split(",") if c.strip()]
-    if isinstance(value, list) and all(isinstance(c, str) for c in value):
-        return [c.strip() for c in value if c.strip()]
-    raise FiseclipError(f"{source}: categories must be a list of names or a comma-separated string, got {value!r}")
+        names = [c.strip() for c in value.split(",") if c.strip()]
+    elif isinstance(value, list) and all(isinstance(c, str) for c in value):
+        names = [c.strip() for c in value if c.strip()]
+    else:
+        raise FiseclipError(f"{source}: categories must be a list of names or a comma-separated string, "
+                            f"got {value!r}")
+    return names or None
 
 
 def categories_of(samples: Iterable[Sample]) -> list[str]:

@@ -1,11 +1,11 @@
 """`fiseclip sweep`: a grid of configurations x categories, one task each, in-process or on a Dask cluster.
 
 A grid file is a YAML mapping. `dataset`, `root` (text or a list of roots of that layout) and `categories`
-(default: every category) name the data, or `datasets` lists `{dataset, root, categories}` entries; every
-other key is a `FiseConfig` field with one value or a list of values, and the grid is the product of the
-lists. List-valued fields (`layers`, `degrees`, `rscin_ks`) take a list of lists (`degrees: [[1], [1, 3, 5]]`)
-or text (`degrees: "1,3,5"`). Each (configuration, category) is one task, which writes its result atomically
-in the form `fiseclip run` uses:
+(left out, "" or []: every category, as in `fiseclip run`) name the data, or `datasets` lists
+`{dataset, root, categories}` entries; every other key is a `FiseConfig` field with one value or a list of
+values, and the grid is the product of the lists. List-valued fields (`layers`, `degrees`, `rscin_ks`) take a
+list of lists (`degrees: [[1], [1, 3, 5]]`) or text (`degrees: "1,3,5"`). Each (configuration, category) is
+one task, which writes its result atomically in the form `fiseclip run` uses:
 
     DIR/configs/<config-id>/config.json             the configuration (written before its tasks run)
     DIR/configs/<config-id>/categories/<cat>.json   one task's result (rows, metrics, key, provenance)
@@ -14,7 +14,7 @@ in the form `fiseclip run` uses:
     DIR/sweep.json                                  the grid, the varied fields, the tasks, provenance
 
 A killed task, worker or client loses only the unfinished tasks; `--resume` reuses a finished task when its
-content key (config, encoder, every image's bytes; `run._category_key`) still matches. The table depends only
+content key (config, encoder, every image's bytes; `run.category_key`) still matches. The table depends only
 on the results, never on the executor: `local` and `dask` give byte-identical `sweep.csv` files.
 Executors: `local` (default) runs the tasks in this process without importing Dask; `dask` starts a
 LocalCluster (worker processes, one task at a time each, torch threads = cores // workers) or connects to a
@@ -36,16 +36,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from fiseclip_lib.plumbing.files import display_path, output_lock, write_json_atomic
+from fiseclip_lib.plumbing.files import output_lock, write_json_atomic
 from fiseclip_lib.plumbing.resources import usable_cpus
 from fiseclip_lib.config import SCORE_NEUTRAL_FIELDS, FiseConfig, scoring_fields
-from fiseclip_lib.evaluation.data import parse_categories
+from fiseclip_lib.evaluation.data import check_dataset, parse_categories
 from fiseclip_lib.errors import FiseclipError
 
 DATA_KEYS = ("dataset", "root", "categories", "datasets")
-DATASET_KINDS = ("mvtec", "visa", "folder", "demo")
 DEFAULT_DEMO_ROOT = "demo_data"
-# Fields that change no number: left out of a configuration's id, as `run._category_key` leaves them out.
+# Fields that change no number: left out of a configuration's id, as `run.category_key` leaves them out.
 PROVENANCE_COLUMNS = ["images", "method", "encoder", "weights", "pretrained", "git_commit"]
 CONNECT_TIMEOUT_S = 20.0
 
@@ -138,15 +137,6 @@ def _text(value, name: str, src: str):
     return value
 
 
-def _categories(value, src: str):
-    value = parse_categories(value, src)
-    if value is None:
-        return None
-    if not value:
-        raise FiseclipError(f"{src}: categories is empty; name at least one, or leave it out for all")
-    return value
-
-
 def _dataset_entries(grid: dict, src: str) -> list[dict]:
     """[{dataset, root_label, categories}] from `datasets:` or from `dataset`/`root`/`categories`."""
     if "datasets" in grid:
@@ -156,7 +146,7 @@ def _dataset_entries(grid: dict, src: str) -> list[dict]:
         entries = grid["datasets"]
         if not isinstance(entries, list) or not entries:
             raise FiseclipError(f"{src}: datasets must be a non-empty list of {{dataset, root, categories}} mappings")
-        top = _categories(grid.get("categories"), src)
+        top = parse_categories(grid.get("categories"), src)
         out = []
         for i, e in enumerate(entries):
             where = f"{src}: datasets[{i}]"
@@ -170,7 +160,7 @@ def _dataset_entries(grid: dict, src: str) -> list[dict]:
             root = e.get("root", DEFAULT_DEMO_ROOT if kind == "demo" else None)
             if root is None:
                 raise FiseclipError(f"{where}: root is required for dataset {kind}")
-            cats = _categories(e.get("categories"), where) if "categories" in e else top
+            cats = parse_categories(e.get("categories"), where) if "categories" in e else top
             out.append({"dataset": kind, "root_label": _text(root, "root", where), "categories": cats})
     else:
         kind = _text(grid.get("dataset", "demo"), "dataset", src)
@@ -178,11 +168,10 @@ def _dataset_entries(grid: dict, src: str) -> list[dict]:
         if roots is None:
             raise FiseclipError(f"{src}: root is required for dataset {kind}")
         roots = _values(grid, "root", src, False) if "root" in grid else [roots]
-        cats = _categories(grid.get("categories"), src)
+        cats = parse_categories(grid.get("categories"), src)
         out = [{"dataset": kind, "root_label": _text(r, "root", src), "categories": cats} for r in roots]
     for e in out:
-        if e["dataset"] not in DATASET_KINDS:
-            raise FiseclipError(f"{src}: unknown dataset {e['dataset']!r}; use mvtec, visa, folder or demo")
+        check_dataset(e["dataset"], src)
     labels = [(e["dataset"], e["root_label"]) for e in out]
     if len(set(labels)) != len(labels):
         raise FiseclipError(f"{src}: a dataset root is listed twice")
@@ -324,10 +313,9 @@ def run_task(sc: SweepConfig, category: str, out, cache_dir=None, use_cache: boo
     """
     import torch
 
-    from fiseclip_lib.plumbing.cache import FeatureCache
     from fiseclip_lib.core.detector import Detector
-    from fiseclip_lib.evaluation.run import (_category_key, _load_finished, prepare_dataset, score_and_evaluate,
-                      summarize_warnings)
+    from fiseclip_lib.evaluation.run import prepare_dataset, run_category
+    from fiseclip_lib.plumbing.cache import FeatureCache
 
     t0 = time.time()
     if threads:
@@ -336,31 +324,20 @@ def run_task(sc: SweepConfig, category: str, out, cache_dir=None, use_cache: boo
     samples = prepare_dataset(sc.dataset, sc.root, [category])
     det = Detector(cfg, encoder=_encoder_for(cfg), cache=FeatureCache(cache_dir) if use_cache else None)
     ident = det.encoder.identity()
-    key = _category_key(cfg, sc.dataset, samples, sc.root, ident)
-    folder = task_dir(out, sc.config_id)
-    done = folder / "categories" / f"{category}.json"
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    saved = _load_finished(done, key, None) if resume else None
-    if saved is not None:
-        saved.setdefault("encoder", ident)
-        saved.setdefault("layers", list(det.layers))
-        return {"config_id": sc.config_id, "category": category, "result": saved, "reused": True,
-                "seconds": time.time() - t0, "worker": worker}
-    if pause and pause.get("category") == category and not Path(pause["marker"]).exists():
-        Path(pause["marker"]).write_text(str(os.getpid()))
-        time.sleep(float(pause["seconds"]))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rows, _, metrics = score_and_evaluate(det, samples, category, progress=False)
-    result = {
-        "category": category, "key": key, "metrics": metrics, "images": len(samples),
-        "notes": summarize_warnings([w.message for w in caught], category),
-        "rows": [[display_path(s.path, sc.root), s.category, s.label, s.defect, float(score), b] for s, score, b in rows],
-        "encoder": ident, "layers": list(det.layers), "git_commit": _git_commit(),
-    }
-    (folder / "maps" / f"{category}.npz").unlink(missing_ok=True)  # maps of an earlier run would not match
-    write_json_atomic(done, result)
-    return {"config_id": sc.config_id, "category": category, "result": result, "reused": False,
+
+    def paused():
+        if pause and pause.get("category") == category and not Path(pause["marker"]).exists():
+            Path(pause["marker"]).write_text(str(os.getpid()))
+            time.sleep(float(pause["seconds"]))
+
+    result, reused = run_category(det, sc.dataset, sc.root, category, samples, task_dir(out, sc.config_id),
+                                  resume=resume, progress=False, before_scoring=paused,
+                                  extra={"encoder": ident, "layers": list(det.layers), "git_commit": _git_commit()})
+    if reused:
+        result.setdefault("encoder", ident)
+        result.setdefault("layers", list(det.layers))
+    return {"config_id": sc.config_id, "category": category, "result": result, "reused": reused,
             "seconds": time.time() - t0, "worker": worker}
 
 
@@ -397,7 +374,7 @@ def sweep_table(sweep: Sweep, results: dict) -> pd.DataFrame:
     method, encoder, weights (as asked), pretrained (False = random weights), git_commit (of the code that
     computed the row; the mean row lists each distinct commit).
     """
-    from fiseclip_lib.evaluation.run import METRIC_NAMES, _metrics_frame
+    from fiseclip_lib.evaluation.run import METRIC_NAMES, metrics_frame
 
     frames = []
     varied = [v for v in sweep.varied if v != "root"]
@@ -406,7 +383,7 @@ def sweep_table(sweep: Sweep, results: dict) -> pd.DataFrame:
         if not res:
             continue
         enc = res[0]["encoder"]
-        df = _metrics_frame(res, enc, sc.config["method"]).drop(columns=varied, errors="ignore")
+        df = metrics_frame(res, enc, sc.config["method"]).drop(columns=varied, errors="ignore")
         commits = [r.get("git_commit", "unknown") for r in res]
         df["git_commit"] = commits + [" ".join(sorted(set(commits)))]
         if len(res) < len(sc.categories):  # a mean over some categories would rank beside complete ones
@@ -529,7 +506,7 @@ def _config_record(sc: SweepConfig, sweep: Sweep, prov: dict) -> dict:
 def _finish_config(out: Path, sc: SweepConfig, sweep: Sweep, results: dict, prov: dict) -> None:
     """A finished configuration's folder as `fiseclip run` writes it: metrics.csv, scores.csv, config.json."""
     from fiseclip_lib.plumbing.provenance import RANDOM_WEIGHTS_NOTE
-    from fiseclip_lib.evaluation.run import _write_outputs
+    from fiseclip_lib.evaluation.run import write_outputs
 
     res = [results[(sc.config_id, c)] for c in sc.categories]
     enc = res[0]["encoder"]
@@ -537,7 +514,7 @@ def _finish_config(out: Path, sc: SweepConfig, sweep: Sweep, results: dict, prov
     record = {**_config_record(sc, sweep, prov), "encoder": enc, "layers": res[0].get("layers"),
               "weights_note": None if enc["pretrained"] else RANDOM_WEIGHTS_NOTE, "status": "finished",
               "notes": notes}
-    _write_outputs(task_dir(out, sc.config_id), res, enc, record)
+    write_outputs(task_dir(out, sc.config_id), res, enc, record)
 
 
 def run_sweep(grid, out, executor: str = "local", scheduler: str | None = None, workers: int | None = None,
@@ -560,7 +537,7 @@ def run_sweep(grid, out, executor: str = "local", scheduler: str | None = None, 
         the table written to sweep.csv.
     """
     from fiseclip_lib.plumbing.provenance import provenance
-    from fiseclip_lib.evaluation.run import _write_csv
+    from fiseclip_lib.evaluation.run import write_csv
     from fiseclip_lib.plumbing.files import ensure_writable
 
     if executor not in ("local", "dask"):
@@ -590,7 +567,7 @@ def run_sweep(grid, out, executor: str = "local", scheduler: str | None = None, 
             client, cluster = _connect(scheduler, workers, connect_timeout, progress)
         try:
             return _run_locked(sweep, out, executor, client, scheduler, workers, resume, cache_dir, use_cache,
-                               progress, pause, provenance(), _write_csv)
+                               progress, pause, provenance(), write_csv)
         finally:
             if client is not None:
                 client.close()

@@ -12,8 +12,6 @@ import html
 import json
 import os
 import random
-import resource
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field

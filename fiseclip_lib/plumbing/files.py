@@ -14,11 +14,36 @@ from fiseclip_lib.errors import FiseclipError
 DEBRIS = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
 
 
-def current_umask() -> int:
-    """The process umask (read by setting and restoring it; there is no read-only call)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
+def _proc_umask() -> int | None:
+    """The umask from /proc/self/status (Linux 4.7+), read without changing it; None where unavailable."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_at_import() -> int:
+    mask = _proc_umask()
+    if mask is None:
+        # The only portable read sets and restores it: done once here, while importing (normally before any
+        # worker thread runs), never per write, where another thread could create a file under the wrong mask.
+        mask = os.umask(0o022)
+        os.umask(mask)
     return mask
+
+
+_UMASK_AT_IMPORT = _umask_at_import()
+
+
+def current_umask() -> int:
+    """The process umask, never changed here (thread-safe): read from /proc/self/status where the kernel
+    offers it (so a later os.umask is seen), else the value read once when this module was imported."""
+    mask = _proc_umask()
+    return _UMASK_AT_IMPORT if mask is None else mask
 
 
 @contextlib.contextmanager
@@ -88,55 +113,91 @@ LOCK_NAME = ".fiseclip.lock"
 def output_lock(folder: str | os.PathLike, command: str = "fiseclip"):
     """Hold the one-writer lock of an output folder for the duration of the block.
 
-    The lock is an exclusive `flock` on `<folder>/.fiseclip.lock`, which the kernel releases when its holder
-    exits in any way (a lock left by a killed run is therefore taken over, with a note). The file records the
-    holder's pid, command and start time so that a second writer can name it. A second writer stops at once.
+    The lock is a `filelock.FileLock` on `<folder>/.fiseclip.lock` (flock on POSIX, LockFileEx on Windows),
+    which the OS releases when its holder exits in any way (a lock left by a killed run is therefore taken
+    over, with a note). The file records the holder's pid, command and start time so that a second writer can
+    name it. A second writer stops at once.
     """
-    import fcntl
     import socket
     import time
 
-    from fiseclip_lib.errors import FiseclipError
+    from filelock import FileLock, Timeout
 
     folder = Path(folder)
     path = folder / LOCK_NAME
+    if not folder.is_dir():  # filelock would create it; a missing --out folder is the caller's error, as before
+        raise FiseclipError(f"output folder {folder} is not writable (no such folder); choose another --out")
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    held = {}
+
+    def on_acquired(fd: int) -> None:
+        # filelock hands over the locked descriptor: only it may write on Windows, where byte 0 is locked.
+        held["fd"] = fd
+        held["previous"] = _parse_lock(_read_fd(fd))
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        # A leading newline keeps the record off byte 0, so other processes can read it on Windows too.
+        os.write(fd, b"\n" + json.dumps(record).encode())
+
+    # preserve_lock_file: the file (and its holder record) stays where a second writer looks for it;
+    # on_acquired also keeps filelock from turning the file into its own soft-lock marker.
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        lock = FileLock(path, timeout=0, on_acquired=on_acquired, preserve_lock_file=True, thread_local=False)
+    except TypeError:  # filelock < 4 has no on_acquired / preserve_lock_file
+        import filelock
+
+        raise FiseclipError(f"filelock {filelock.__version__} is too old for the output folder lock; "
+                            f"run: pip install 'filelock>=4.2.1'") from None
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = _read_lock(path)
+        who = (f"{holder.get('command', 'fiseclip')} (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+               f"started {holder.get('started', '?')})") if holder else "another fiseclip process"
+        raise FiseclipError(f"output folder {folder} is in use by {who}; wait for it to finish or choose "
+                            f"another --out") from None
     except OSError as e:
         raise FiseclipError(f"output folder {folder} is not writable ({e.strerror}); choose another --out") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_lock(fd)
-            who = (f"{holder.get('command', 'fiseclip')} (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
-                   f"started {holder.get('started', '?')})") if holder else "another fiseclip process"
-            raise FiseclipError(f"output folder {folder} is in use by {who}; wait for it to finish or choose "
-                                f"another --out") from None
-        previous = _read_lock(fd)
+        previous = held.get("previous") or {}
         if previous.get("pid") and previous.get("pid") != os.getpid():
             import warnings
 
             warnings.warn(f"output folder {folder}: took over the lock left by {previous.get('command', 'a run')} "
                           f"(pid {previous['pid']}, started {previous.get('started', '?')}), which did not finish")
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
-        try:
-            yield record
-        finally:
-            os.ftruncate(fd, 0)  # a clean exit leaves an empty (free) lock file
+        yield record
     finally:
-        os.close(fd)
+        try:
+            with contextlib.suppress(OSError, KeyError):
+                os.ftruncate(held["fd"], 0)  # a clean exit leaves an empty (free) lock file
+        finally:
+            lock.release()
 
 
-def _read_lock(fd: int) -> dict:
+def _read_fd(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 4096)
+
+
+def _parse_lock(data: bytes) -> dict:
     try:
-        data = os.pread(fd, 4096, 0)
         info = json.loads(data.decode("utf-8")) if data.strip() else {}
-        return info if isinstance(info, dict) else {}
-    except (OSError, ValueError):
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _read_lock(path: Path) -> dict:
+    """The holder record of a lock file held by someone else ({} if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            try:
+                return _parse_lock(f.read(4096))
+            except OSError:  # Windows: byte 0 is locked by the holder; the record starts after it
+                f.seek(1)
+                return _parse_lock(f.read(4096))
+    except OSError:
         return {}
 
 
