@@ -43,7 +43,6 @@ class ClipEncoder(Encoder):
         super().__init__(model=model, **kw)
         self.tokenizer = tokenizer
         self._pos_cache: dict = {}
-        self._text_cache: dict = {}
         v = model.visual
         if getattr(v, "attn_pool", None) is not None:
             raise FiseclipError(f"{self.model_name}: attention-pooled vision towers are not supported; use a ViT")
