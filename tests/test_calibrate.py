@@ -144,3 +144,20 @@ def test_robust_threshold_uses_the_lower_median_and_mad_of_fusion():
     # non-finite scores are left out of the statistics, as they are out of the threshold
     t = calibrate(np.append(s, [np.inf, np.nan]), None, method="robust_z")
     assert (t.stats["median"], t.stats["mad"]) == (med, mad)
+
+
+def test_threshold_files_of_the_previous_version_still_apply_to_the_same_config():
+    """Before config.json recorded resolved values, threshold files hashed the config as written (automatic values
+    null, no match_engine). The hash below is what version 0.1 (commit 74c01e7) wrote for the demo params file
+    (params/demo.yaml, batch mode); such a file keeps working for that config and is refused for another."""
+    from fiseclip_lib.encoder import load_encoder
+
+    demo = dict(method="fiseclip", model="fiseclip-tiny", pretrained="none", image_size=168, batch_size=16, seed=0,
+                device="auto")
+    old = Threshold(value=1.0, method="f1", encoder={"model": "fiseclip-tiny"}, config_method="fiseclip",
+                    config_hash="46b0b3cd9fe7a6f5", mode="batch", source="threshold.json")
+    enc = load_encoder("fiseclip-tiny", "none", image_size=168, device="cpu")
+    old.check(Detector(FiseConfig(**demo), encoder=enc), "batch")  # accepted
+    old.check(Detector(FiseConfig(**demo, sigma=4.0, encode_batch=2), encoder=enc), "batch")  # the same scores
+    with pytest.raises(FiseclipError, match="calibrated on other scores"):
+        old.check(Detector(FiseConfig(**demo, sigma=2.0), encoder=enc), "batch")

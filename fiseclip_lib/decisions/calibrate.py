@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from fiseclip_lib.plumbing.files import write_json_atomic
-from fiseclip_lib.config import FiseConfig, scoring_fields
+from fiseclip_lib.config import BATCH_ONLY_FIELDS, FiseConfig, scoring_fields
 from fiseclip_lib.core.robust import MAD_TO_SIGMA, median_mad
 from fiseclip_lib.errors import FiseclipError
 
@@ -57,6 +57,24 @@ def config_hash(config: dict, mode: str = "batch") -> str:
     relevant = scoring_fields(config, stream=mode == "stream")
     return hashlib.sha256(json.dumps({"config": relevant, "mode": mode}, sort_keys=True,
                                      default=str).encode()).hexdigest()[:16]
+
+
+def legacy_config_hashes(config: FiseConfig, mode: str = "batch") -> set[str]:
+    """The hashes threshold files written before the config recorded resolved values carry for this config
+    (automatic values as written, null or concrete; no `match_engine` yet), so that those files still apply
+    to the same scores. Empty when the config uses a field that did not exist then."""
+    d = config.to_dict()
+    if d.pop("match_engine") != "auto":
+        return set()
+    auto = config.replace(sigma=None, rscin=None, rscin_ks=None)
+    drop = {"encode_batch", "device", "cache_dir"} | (BATCH_ONLY_FIELDS if mode == "stream" else set())
+    out = set()
+    for variant in (d, {**d, **{k: None for k in ("sigma", "rscin", "rscin_ks")
+                                if config.resolved()[k] == auto.resolved()[k]}}):
+        relevant = {k: v for k, v in variant.items() if k not in drop}
+        out.add(hashlib.sha256(json.dumps({"config": relevant, "mode": mode}, sort_keys=True,
+                                          default=str).encode()).hexdigest()[:16])
+    return out
 
 
 def robust_threshold(scores, false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE) -> float:
@@ -159,7 +177,7 @@ class Threshold:
         if self.config_method and self.config_method != detector.config.method:
             diffs.append(f"method {self.config_method} vs {detector.config.method}")
         h = config_hash(detector.config.to_dict(), mode)
-        if not diffs and h != self.config_hash:
+        if not diffs and self.config_hash not in {h} | legacy_config_hashes(detector.config, mode):
             diffs.append(f"config/scoring mode ({self.mode} config {self.config_hash} vs {mode} config {h})")
         if diffs:
             msg = (f"threshold {self.source or ''} was calibrated on other scores: {'; '.join(diffs)}; recalibrate "
