@@ -288,7 +288,7 @@ class Detector:
                      notes=None) -> BatchResult:
         """Post-processing of patch scores `[N, P]` into a BatchResult: upsampling to the input size, smoothing,
         image scores (shared by batch scoring and scoring against a reference bank, `predict.py`).
-        RsCIN (`cfg.use_rscin`) needs the whole pool: `run.score_category` applies it after the last batch."""
+        RsCIN (`cfg.use_rscin`) needs the whole pool: `pool.score_pool` applies it after the last batch."""
         cfg, grid, n = self.config, feats.grid, patch.shape[0]
         maps = gaussian_smooth(upsample(patch, grid, self.encoder.image_size), cfg.smoothing_sigma)
         scores = image_scores(maps, s_t, cfg.beta)

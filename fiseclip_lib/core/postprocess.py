@@ -8,7 +8,7 @@ RsCIN (MuSc's "re-scoring with constrained image-level neighbourhood", as MuSc's
      the normalised scores;
   4. the results are averaged over the k list.
 So k = 1 returns the min-max normalised score (MuSc returns the normalised scores, not the raw ones). RsCIN
-needs the whole pool, so the harness applies it after all batches of a category (`run.score_category`).
+needs the whole pool, so the harness applies it after all batches of a category (`core.pool.score_pool`).
 """
 from __future__ import annotations
 
