@@ -49,10 +49,10 @@ import torch  # noqa: E402
 
 from fiseclip_lib import Detector, FiseConfig, load_encoder  # noqa: E402
 from fiseclip_lib.encoder import Features  # noqa: E402
-from fiseclip_lib.matching import (QUERY_CHUNK, interval_count, lnamd, mutual_scores,  # noqa: E402
+from fiseclip_lib.core.matching import (QUERY_CHUNK, interval_count, lnamd, mutual_scores,  # noqa: E402
                                    visual_map)
-from fiseclip_lib import _match_kernel, matching  # noqa: E402
-from fiseclip_lib.text import text_embeddings  # noqa: E402
+from fiseclip_lib.core import _match_kernel, matching  # noqa: E402
+from fiseclip_lib.core.text import text_embeddings  # noqa: E402
 
 ROWS: list[dict] = []
 
@@ -266,9 +266,9 @@ def bench_matching(n, h, c, n_layers, degrees, repeats, kept=0.9, compare=("mm",
 
 
 def bench_sweep(model, size, n_images, repeats):
-    from fiseclip_lib.cache import FeatureCache
-    from fiseclip_lib.demo import build_demo
-    from fiseclip_lib.run import run_benchmark
+    from fiseclip_lib.plumbing.cache import FeatureCache
+    from fiseclip_lib.evaluation.demo import build_demo
+    from fiseclip_lib.evaluation.run import run_benchmark
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -392,7 +392,7 @@ def bench_musc(n, p, c, repeats):
 def bench_stream(specs, ks, n_images, repeats):
     """Streaming (issue 13): images per second at bank size K, one image at a time (encoder included), against
     batch scoring of the same images in batches of K + 1, where every image also has K references."""
-    from fiseclip_lib.stream import Streamer
+    from fiseclip_lib.decisions.stream import Streamer
 
     for spec in specs:
         model, size = spec.split("@")
@@ -439,7 +439,7 @@ def bench_dask_sweep(repeats, n_images=24, size=64):
 
     from distributed import LocalCluster
 
-    from fiseclip_lib.demo import build_demo
+    from fiseclip_lib.evaluation.demo import build_demo
     from fiseclip_lib.sweep import run_sweep
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,8 +4,8 @@ Layers, each importing only the ones before it (docs/architecture.md):
   errors, config, features   the vocabulary: errors, the one typed config, the encoder's output
   plumbing/                  atomic files and locks, feature cache, provenance, images, resources
   encoder/                   CLIP ViTs (with the last-block restoration operators) and the CNN
-  core/                      the method: text, filtering, matching, fusion, postprocess, the method specs
-                             (methods.py) and the one scoring path (detector.py: queries against references)
+  core/                      the method: text, filtering, matching, fusion, postprocess, and the one scoring
+                             path (detector.py: queries against references; pool.py; references.py)
   evaluation/                datasets, demo data, metrics, `run` and `sweep`
   decisions/                 calibrate, predict, stream
   notebook/                  workbench, studies, plots and the report series
@@ -56,10 +56,13 @@ class _MovedModules(_abc.MetaPathFinder, _abc.Loader):
         return None
 
     def create_module(self, spec):
-        return _importlib.import_module(f"{__name__}.{MOVED[spec.name[len(__name__) + 1:]]}")
+        module = _importlib.import_module(f"{__name__}.{MOVED[spec.name[len(__name__) + 1:]]}")
+        spec.loader_state = module.__spec__  # the import system replaces it with this alias spec
+        return module
 
     def exec_module(self, module):
-        pass  # the new module is already executed
+        # already executed; give it back its real spec, which reload and autoreload use
+        module.__spec__ = module.__spec__.loader_state
 
 
 if not any(isinstance(f, _MovedModules) for f in _sys.meta_path):

@@ -25,8 +25,15 @@ def layer(name: str) -> str:
     return "__init__" if len(parts) == 1 else parts[1]
 
 
+def canonical(name: str) -> str:
+    """Old module paths (fiseclip_lib.MOVED) name their new modules."""
+    short = name[len("fiseclip_lib."):]
+    return f"fiseclip_lib.{fiseclip_lib.MOVED[short]}" if short in fiseclip_lib.MOVED else name
+
+
 def imports() -> dict[str, set[str]]:
-    """Every library module -> the library modules it imports, anywhere in its body (absolute names)."""
+    """Every library module -> the library modules it imports, anywhere in its body (absolute names; old paths
+    mapped to their modules; `importlib.import_module("...")` with a literal name counts too)."""
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
@@ -40,10 +47,17 @@ def imports() -> dict[str, set[str]]:
                 if not base.startswith("fiseclip_lib"):
                     continue
                 for alias in node.names:  # `from pkg import module` imports the module
-                    found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+                    sub = canonical(f"{base}.{alias.name}")
+                    found.add(sub if sub in modules else canonical(base))
             elif isinstance(node, ast.Import):
-                found.update(a.name for a in node.names if a.name.startswith("fiseclip_lib"))
-        graph[name] = {m for m in found if m in modules and m != name}
+                found.update(canonical(a.name) for a in node.names if a.name.startswith("fiseclip_lib"))
+            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in
+                  ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant)
+                  and str(node.args[0].value).startswith("fiseclip_lib")):
+                found.add(canonical(node.args[0].value))
+        unknown = {m for m in found if m not in modules}
+        assert not unknown, f"{name} imports {sorted(unknown)}, which is no module of the library"
+        graph[name] = {m for m in found if m != name}
     return graph
 
 
@@ -83,3 +97,13 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
     # the graph must include function-level imports: the layer rule covers them too
     graph = imports()
     assert "fiseclip_lib.plumbing.images" in graph["fiseclip_lib.encoder.preprocess"]
+
+
+def test_old_module_paths_are_the_new_modules_and_reload_as_them():
+    import importlib
+
+    import fiseclip_lib.core.fusion as new
+    import fiseclip_lib.fusion as old
+
+    assert old is new and new.__spec__.name == "fiseclip_lib.core.fusion"
+    assert importlib.reload(old) is new and new.__name__ == "fiseclip_lib.core.fusion"

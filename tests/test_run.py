@@ -43,3 +43,11 @@ def test_run_and_sweep_write_the_same_results_through_one_task(small_demo, tmp_p
         a = json.loads((folder / "categories" / f"{cat}.json").read_text())
         b = json.loads((tmp_path / "run" / "categories" / f"{cat}.json").read_text())
         assert {k: a[k] for k in b} == b  # the sweep adds its encoder record, nothing else differs
+
+
+def test_a_threshold_from_a_visa_run_applies_to_predict_unless_rscin_uses_visas_k_list():
+    """config.json of a VisA run records MuSc's VisA k list; without RsCIN that list changes no score."""
+    plain = FiseConfig(**TINY)
+    assert config_hash(plain.resolved("visa")) == config_hash(plain.to_dict())
+    musc = FiseConfig(**TINY, method="musc")
+    assert config_hash(musc.resolved("visa")) != config_hash(musc.to_dict())

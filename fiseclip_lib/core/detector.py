@@ -32,6 +32,7 @@ from fiseclip_lib.core.text import text_embeddings, text_map, text_score
 from fiseclip_lib.encoder import Encoder, load_encoder
 from fiseclip_lib.errors import FiseclipError
 from fiseclip_lib.features import Features
+from fiseclip_lib.methods import METHODS
 from fiseclip_lib.plumbing.cache import FeatureCache, image_hash
 
 
@@ -87,12 +88,12 @@ class Detector:
         if encoder is not None and cfg.image_size is not None and encoder.image_size != cfg.input_size:
             raise FiseclipError(f"the encoder given takes {encoder.image_size} px images but the config says image_size "
                                 f"{cfg.input_size}; load the encoder at that size or set image_size={encoder.image_size}")
-        self._text: dict = {}  # text embeddings per class phrase (the encoder's weights do not change)
         if self.encoder.has_text and self.encoder.restore_depth != cfg.restore_depth:
             self.encoder = self.encoder.with_restore_depth(cfg.restore_depth)  # shares the model; identity follows
         if not self.encoder.has_text and cfg.spec.text:
             raise FiseclipError(
-                f"method {cfg.method!r} needs a text tower; {self.encoder.model_name} has none: use --method musc "
+                f"method {cfg.method!r} needs a text tower; {self.encoder.model_name} has none: use --method "
+                f"{' or '.join(m for m, spec in METHODS.items() if not spec.text)} "
                 f"or a CLIP model"
             )
         self.layers = self.encoder.check_layers(cfg.layers)
@@ -270,10 +271,8 @@ class Detector:
                 for i, e in enumerate(bank.entries)]
 
     def text_embedding(self, class_name: str) -> torch.Tensor:
-        """t_n, t_a `[2, D]` for a category (memoised per detector; `text.text_embeddings` caches on disk)."""
-        if class_name not in self._text:
-            self._text[class_name] = text_embeddings(self.encoder, class_name, self.config.class_names)
-        return self._text[class_name]
+        """t_n, t_a `[2, D]` for a category (`text.text_embeddings`: memoised on the encoder, cached on disk)."""
+        return text_embeddings(self.encoder, class_name, self.config.class_names)
 
     def text_branch(self, feats: Features, class_name: str):
         """(A_T `[N, P]`, s_T `[N]`) on the CPU for methods that use text, else (None, None)."""

@@ -17,10 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+# MuSc's RsCIN k lists (models/musc.py): VisA [1, 8, 9]; MVTec AD and every other dataset [1, 2, 3]
 from fiseclip_lib.config import default_rscin_ks  # noqa: F401 - part of this stage's API
 from fiseclip_lib.errors import FiseclipError
-
-# MuSc's k lists (models/musc.py): VisA [1, 8, 9]; MVTec AD and every other dataset [1, 2, 3].
 
 
 def upsample(maps: torch.Tensor, grid: tuple[int, int], size: int | tuple[int, int]) -> torch.Tensor:

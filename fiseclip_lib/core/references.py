@@ -8,6 +8,7 @@ by `Detector.reference_entry`.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -81,7 +82,7 @@ class ReferenceBank:
         if len(images) == 0:
             return bank
         for i, one in enumerate(detector.encode_each(list(images))):
-            path = str(images[i]) if isinstance(images[i], (str, bytes)) or hasattr(images[i], "__fspath__") else None
+            path = str(images[i]) if isinstance(images[i], (str, os.PathLike)) else None
             entry = detector.reference_entry(one, class_name, filtered, path)
             entry.feats = one
             bank.add(entry)
@@ -95,6 +96,10 @@ class ReferenceBank:
         self.grid = tuple(grid)
         self.entries.append(entry)
         self._stacked = None
+
+    def leave_one_out_scores(self, detector, class_name: str) -> list[float]:
+        """Each reference's score against the others (`Detector.leave_one_out_scores`)."""
+        return detector.leave_one_out_scores(self, class_name)
 
     def without(self, index: int) -> "ReferenceBank":
         """The bank less one entry (leave-one-out)."""

@@ -128,6 +128,9 @@ def text_embeddings(encoder, class_name: str, overrides: dict | None = None, dis
     """
     phrase = class_phrase(class_name, overrides)
     key = text_cache_key(encoder, phrase)
+    memo = getattr(encoder, "text_memo", None)
+    if memo is not None and key in memo:
+        return memo[key]
     path = text_cache_dir() / f"{key}.safetensors"
     emb = _read_cached(path, key) if disk_cache else None
     if emb is None:
@@ -138,6 +141,8 @@ def text_embeddings(encoder, class_name: str, overrides: dict | None = None, dis
         emb = torch.stack(rows).float().cpu()
         if disk_cache:
             _write_cached(path, key, emb)
+    if memo is not None:
+        memo[key] = emb
     return emb
 
 

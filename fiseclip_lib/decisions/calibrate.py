@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import warnings
@@ -37,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from fiseclip_lib.plumbing.files import write_json_atomic
-from fiseclip_lib.config import BATCH_ONLY_FIELDS, FiseConfig, scoring_fields
+from fiseclip_lib.config import FiseConfig, scoring_fields
 from fiseclip_lib.core.robust import MAD_TO_SIGMA, median_mad
 from fiseclip_lib.errors import FiseclipError
 
@@ -55,22 +56,37 @@ def config_hash(config: dict, mode: str = "batch") -> str:
     except FiseclipError:
         pass  # a config of another version: hashed as written (it will not match, and the check says so)
     relevant = scoring_fields(config, stream=mode == "stream")
+    if relevant.get("rscin") is False:
+        relevant.pop("rscin_ks", None)  # no RsCIN: its k list (resolved per dataset) changes no score
     return hashlib.sha256(json.dumps({"config": relevant, "mode": mode}, sort_keys=True,
                                      default=str).encode()).hexdigest()[:16]
 
 
+# The config fields of version 0.1 (commit 74c01e7) and what its threshold hash left out.
+FIELDS_0_1 = ("method", "model", "pretrained", "image_size", "layers", "device", "precision", "cache_dir", "quick_gelu",
+              "encode_batch", "restore", "restore_depth", "text_temperature", "class_names", "filter", "filter_theta",
+              "filter_ratio", "filter_min_keep", "batch_size", "shuffle", "seed", "degrees", "topmin_max",
+              "match_dtype", "musc_pool", "fusion", "alpha", "gate_tau", "fusion_norm", "sigma", "beta", "rscin",
+              "rscin_ks")
+NEUTRAL_0_1 = {"encode_batch", "device", "cache_dir"}
+STREAM_NEUTRAL_0_1 = {"batch_size", "shuffle", "musc_pool", "rscin", "rscin_ks"}
+
+
 def legacy_config_hashes(config: FiseConfig, mode: str = "batch") -> set[str]:
-    """The hashes threshold files written before the config recorded resolved values carry for this config
-    (automatic values as written, null or concrete; no `match_engine` yet), so that those files still apply
-    to the same scores. Empty when the config uses a field that did not exist then."""
+    """The hashes that threshold files of version 0.1 carry for this config (the config as written, automatic
+    values null or concrete), so that those files still apply to the same scores. Empty when a field added
+    since then is set to something that changes scores."""
     d = config.to_dict()
-    if d.pop("match_engine") != "auto":
+    default = FiseConfig().to_dict()
+    if any(d[k] != default[k] for k in scoring_fields(d) if k not in FIELDS_0_1):
         return set()
-    auto = config.replace(sigma=None, rscin=None, rscin_ks=None)
-    drop = {"encode_batch", "device", "cache_dir"} | (BATCH_ONLY_FIELDS if mode == "stream" else set())
+    d = {k: d[k] for k in FIELDS_0_1}
+    resolved, auto = config.resolved(), config.replace(sigma=None, rscin=None, rscin_ks=None).resolved()
+    drop = NEUTRAL_0_1 | (STREAM_NEUTRAL_0_1 if mode == "stream" else set())
     out = set()
-    for variant in (d, {**d, **{k: None for k in ("sigma", "rscin", "rscin_ks")
-                                if config.resolved()[k] == auto.resolved()[k]}}):
+    for nulls in itertools.product(*[(False, True) if resolved[k] == auto[k] else (False,)
+                                     for k in ("sigma", "rscin", "rscin_ks")]):
+        variant = {**d, **{k: None for k, null in zip(("sigma", "rscin", "rscin_ks"), nulls) if null}}
         relevant = {k: v for k, v in variant.items() if k not in drop}
         out.add(hashlib.sha256(json.dumps({"config": relevant, "mode": mode}, sort_keys=True,
                                           default=str).encode()).hexdigest()[:16])

@@ -38,6 +38,8 @@ class Encoder:
     restore_depth: int = 1  # number of last blocks the restored path recomputes
     input_size: int | None = None
     model: torch.nn.Module | None = field(default=None, repr=False)
+    # text embeddings by content key (core/text.py): the weights never change, so an entry never goes stale
+    text_memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def pixel_size(self) -> int:

@@ -120,6 +120,8 @@ def category_key(cfg: FiseConfig, dataset: str, samples: list[D.Sample], root, e
     from fiseclip_lib.plumbing.cache import image_hash
 
     relevant = scoring_fields(cfg.to_dict())
+    if cfg.use_rscin and cfg.rscin_ks is None and cfg.rscin_ks_for(dataset) != cfg.rscin_ks_for(None):
+        relevant["rscin_ks_resolved"] = list(cfg.rscin_ks_for(dataset))  # VisA: MuSc's own k list
     files = [(display_path(s.path, root), s.label, image_hash(s.path), image_hash(s.mask) if s.mask else None)
              for s in samples]
     payload = json.dumps({"config": relevant, "dataset": dataset, "encoder": encoder, "samples": files},

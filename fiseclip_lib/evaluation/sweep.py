@@ -44,7 +44,6 @@ from fiseclip_lib.errors import FiseclipError
 
 DATA_KEYS = ("dataset", "root", "categories", "datasets")
 DEFAULT_DEMO_ROOT = "demo_data"
-# Fields that change no number: left out of a configuration's id, as `run.category_key` leaves them out.
 PROVENANCE_COLUMNS = ["images", "method", "encoder", "weights", "pretrained", "git_commit"]
 CONNECT_TIMEOUT_S = 20.0
 

@@ -269,7 +269,9 @@ class Session:
         enc = encoder or self.encoder
         cfg = self.cfg
         if enc is not self.encoder:
-            cfg = cfg.replace(model=enc.model_name, pretrained=enc.weights, method="musc")
+            # a second encoder (the CNN) scores with its own size and a method without text
+            cfg = cfg.replace(model=enc.model_name, pretrained=enc.weights, image_size=enc.image_size,
+                              method="musc")
         return cfg.replace(**overrides)
 
     def detector(self, encoder=None, **overrides) -> Detector:

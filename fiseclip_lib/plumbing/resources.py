@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import sys
 
 
@@ -16,6 +15,8 @@ def usable_cpus() -> int:
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (MB)."""
+    import resource  # POSIX only: imported where it is used
+
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024 if sys.platform != "darwin" else kb / 1e6
 
