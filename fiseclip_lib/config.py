@@ -221,9 +221,8 @@ class FiseConfig:
                 hint = [a for a in typing.get_args(hint) if a is not type(None)][0]
             origin = typing.get_origin(hint)
             if origin is Literal:
-                if not isinstance(value, str):
-                    raise FiseclipError(f"option {f.name}={value!r} must be one of {', '.join(typing.get_args(hint))}")
-            elif origin in (tuple, typing.Tuple):
+                continue  # validate() checks choices
+            if origin in (tuple, typing.Tuple):
                 inner = typing.get_args(hint)[0]
                 if not isinstance(value, (tuple, list)) or not all(_is_kind(v, inner) for v in value):
                     raise FiseclipError(f"option {f.name}={value!r} must be a list of {inner.__name__}s, e.g. 1,2,3")

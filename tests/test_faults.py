@@ -447,9 +447,9 @@ def test_fault(name, tmp_path, capsys, monkeypatch):
     if spec.get("inject") == "enospc":
         import fiseclip_lib.evaluation.run as run_mod
 
-        def full_disk(path, text):
+        def full_disk(path, *args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        monkeypatch.setattr(run_mod, "write_text_atomic", full_disk)
+        monkeypatch.setattr(run_mod, "write_csv_atomic", full_disk)
     if spec.get("inject") == "oom":
         import torch
 

@@ -41,12 +41,14 @@ A soft penalty (filter `soft`), or a window whose mean is zero, takes the per-de
 from __future__ import annotations
 
 import math
+import typing
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fiseclip_lib.config import MatchEngine
 from fiseclip_lib.core import _match_kernel
 from fiseclip_lib.core.matching_reference import reference_visual_map
 from fiseclip_lib.errors import FiseclipError
@@ -56,7 +58,7 @@ QUERY_CHUNK = 4096  # reference columns per GEMM: bounds the [P, chunk] block, s
 # the reductions that follow each GEMM (P = 1369: 2 references, 15 MB fp32; 16384 columns measured slower)
 AGG_ELEMENTS = 1 << 24  # elements per slice in lnamd (64 MB fp32): bounds its temporaries
 UNIT_ATOL = 1e-5  # |z|^2 within this of 1: the unit-vector fast path (2 - 2 a.b) is used
-ENGINES = ("auto", "per-degree", "box-torch", "box-compiled", "reference")  # config.MatchEngine lists the same
+ENGINES = typing.get_args(MatchEngine)  # the names the config accepts (config.py)
 BOX_FILTER_MIN_CHANNELS = 512  # engine "auto" multiplies each pair once and box-filters the product for the degrees
 # from this many channels on; below, the filter passes (O(P^2) per pair) cost more than the GEMMs they save (O(P^2 C)):
 # break-even measured on 2 CPU cores at P = 1369 near C = 200 (fp32) and C = 500 (bf16)

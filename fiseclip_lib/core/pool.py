@@ -46,7 +46,7 @@ def make_batches(items: Sequence, batch_size: int | None, seed: int = 0, shuffle
 
 
 def score_pool(detector, images: Sequence, class_name: str, references=None, dataset: str | None = None,
-               progress: bool = True, keys: Sequence | None = None):
+               progress: bool = True):
     """Score a pool of images of one category batch by batch.
 
     Args:
@@ -56,12 +56,10 @@ def score_pool(detector, images: Sequence, class_name: str, references=None, dat
         references: a `ReferenceBank` of known-good images added to every batch (None: none).
         dataset: picks RsCIN's default k list (MuSc's per dataset).
         progress: show a progress bar.
-        keys: one sort key per image (default: the image itself); results come back sorted by it.
     Returns:
-        (rows [(index into images, score, batch)], maps `[N, S, S]`), both in key order.
+        (rows [(index into images, score, batch)], maps `[N, S, S]`), both sorted by path.
     """
     cfg = detector.config
-    keys = list(images) if keys is None else list(keys)
     bs = cfg.batch_size_for(len(images))
     if bs > len(images):
         warnings.warn(f"batch size {bs} > {len(images)} images in category {class_name}: scored as one batch")
@@ -85,5 +83,5 @@ def score_pool(detector, images: Sequence, class_name: str, references=None, dat
     if cfg.use_rscin:
         new = rscin(np.array([r[1] for r in rows]), np.concatenate(embs), cfg.rscin_ks_for(dataset)).numpy()
         rows = [(i, float(v), b) for (i, _, b), v in zip(rows, new)]
-    order = sorted(range(len(rows)), key=lambda k: keys[rows[k][0]])
+    order = sorted(range(len(rows)), key=lambda k: str(images[rows[k][0]]))
     return [rows[k] for k in order], np.stack([maps[k] for k in order])

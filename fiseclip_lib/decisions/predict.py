@@ -28,7 +28,6 @@ without RsCIN, `text`, or `fusion_norm=none`), which the tests check.
 from __future__ import annotations
 
 import glob as globlib
-import io
 import os
 import time
 import unicodedata
@@ -41,7 +40,7 @@ import pandas as pd
 import torch
 
 from fiseclip_lib.plumbing.images import IMAGE_EXTS, images_in, load_image
-from fiseclip_lib.plumbing.files import atomic_path, display_path, ensure_writable, output_lock, write_json_atomic, write_text_atomic
+from fiseclip_lib.plumbing.files import atomic_path, display_path, ensure_writable, output_lock, write_csv_atomic, write_json_atomic
 from fiseclip_lib.core.detector import Detector
 from fiseclip_lib.core.pool import score_pool
 from fiseclip_lib.core.references import BankEntry, ReferenceBank  # noqa: F401 - the bank is part of predict's API
@@ -50,7 +49,6 @@ from fiseclip_lib.errors import FiseclipError
 PREDICTION_COLUMNS = ["path", "score", "decision", "batch", "threshold", "threshold_method", "state", "admitted",
                       "references", "overlay"]
 DECISIONS = ("normal", "anomalous", "undecided")
-FLOAT_FORMAT = "%.6f"
 MAX_STEM_BYTES = 150  # overlay names stay well below the usual 255-byte file-name limit
 
 
@@ -320,9 +318,7 @@ def _predict(paths, base, class_name, out, detector, ref_paths, stream, bank_siz
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, maps=np.stack([maps[i] for i in order]).astype(np.float16),
                                     paths=np.array(df["path"].tolist()))
-    text = io.StringIO()
-    df.to_csv(text, index=False, float_format=FLOAT_FORMAT, na_rep="nan")
-    write_text_atomic(out / "predictions.csv", text.getvalue())
+    write_csv_atomic(out / "predictions.csv", df)
     return df
 
 

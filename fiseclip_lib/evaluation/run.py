@@ -11,7 +11,6 @@ The CSVs depend only on inputs, config and seed (no times, no absolute output pa
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 import warnings
@@ -21,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from fiseclip_lib.evaluation import data as D
-from fiseclip_lib.plumbing.files import atomic_path, display_path, ensure_writable, output_lock, remove_debris, write_json_atomic, write_text_atomic
+from fiseclip_lib.plumbing.files import (atomic_path, display_path, ensure_writable, output_lock, remove_debris,
+                                        write_csv_atomic, write_json_atomic)
 from fiseclip_lib.plumbing.cache import FeatureCache
 from fiseclip_lib.config import FiseConfig, scoring_fields
 from fiseclip_lib.errors import FiseclipError
@@ -34,7 +34,6 @@ from fiseclip_lib.plumbing.resources import memory_increase_mb, memory_mark
 METRIC_NAMES = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro"]
 METRIC_COLUMNS = ["category"] + METRIC_NAMES + ["method", "encoder", "weights", "pretrained", "images"]
 SCORE_COLUMNS = ["path", "category", "label", "defect", "score", "batch"]
-FLOAT_FORMAT = "%.6f"
 
 
 def prepare_dataset(dataset: str, root, categories=None) -> list[D.Sample]:
@@ -78,11 +77,10 @@ def eval_masks(samples: list[D.Sample], size: int) -> np.ndarray:
 
 
 def score_category(detector: Detector, samples: list[D.Sample], category: str, progress: bool = True,
-                   dataset: str | None = None, references=None):
+                   dataset: str | None = None):
     """Score one category the method's way (`core.pool.score_pool`: batches, RsCIN over the category);
     returns (rows [(sample, score, batch)] sorted by path, maps `[N, S, S]` in that order)."""
-    rows, maps = score_pool(detector, [s.path for s in samples], category, references=references, dataset=dataset,
-                            progress=progress)
+    rows, maps = score_pool(detector, [s.path for s in samples], category, dataset=dataset, progress=progress)
     return [(samples[i], score, b) for i, score, b in rows], maps
 
 
@@ -129,12 +127,6 @@ def category_key(cfg: FiseConfig, dataset: str, samples: list[D.Sample], root, e
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def write_csv(path: Path, df: pd.DataFrame) -> None:
-    text = io.StringIO()
-    df.to_csv(text, index=False, float_format=FLOAT_FORMAT, na_rep="nan")
-    write_text_atomic(path, text.getvalue())
-
-
 MEAN_ROW = "mean"
 
 
@@ -164,8 +156,8 @@ def write_outputs(out: Path, results: list[dict], encoder_info: dict, config_rec
     for name in ("metrics.csv", "scores.csv"):
         (out / name).unlink(missing_ok=True)
     write_json_atomic(out / "config.json", {**config_record, "categories_done": [r["category"] for r in results]})
-    write_csv(out / "scores.csv", scores)
-    write_csv(out / "metrics.csv", df)
+    write_csv_atomic(out / "scores.csv", scores)
+    write_csv_atomic(out / "metrics.csv", df)
     return df
 
 

@@ -536,7 +536,7 @@ def run_sweep(grid, out, executor: str = "local", scheduler: str | None = None, 
         the table written to sweep.csv.
     """
     from fiseclip_lib.plumbing.provenance import provenance
-    from fiseclip_lib.evaluation.run import write_csv
+    from fiseclip_lib.plumbing.files import write_csv_atomic as write_csv
     from fiseclip_lib.plumbing.files import ensure_writable
 
     if executor not in ("local", "dask"):

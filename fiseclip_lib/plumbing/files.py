@@ -260,3 +260,9 @@ def display_path(path, base=None) -> str:
         return Path(os.path.relpath(path, base)).as_posix()
     except ValueError:  # another drive on Windows
         return Path(path).as_posix()
+
+
+def write_csv_atomic(path: str | os.PathLike, table, float_format: str = "%.6f") -> None:
+    """A DataFrame as CSV without its index, atomically; floats with 6 decimals, NaN as `nan` (the format of
+    every result table: byte-identical on reruns)."""
+    write_text_atomic(path, table.to_csv(index=False, float_format=float_format, na_rep="nan"))
