@@ -158,6 +158,26 @@ def result(text: str, numbers_from: Sequence = (), tables: dict | None = None, n
     _display({"text/markdown": f"**What we saw.** {markdown_escape(text)}", RESULT_MIME: record}, raw=True)
 
 
+def claim(kind: str, **numbers) -> str:
+    """Show a sentence computed from this run's numbers (`claims.py`) and record it for the report's checks.
+
+    Args:
+        kind: one of `claims.CLAIMS` (growth, plateau, near, compare).
+        numbers: the arguments of that function (the run's numbers and the names to use).
+    Returns:
+        The sentence (so a notebook can reuse it in its result line).
+
+    Example:
+        >>> claim("near", values=[0.49, 0.52], target=0.5, tol=0.1, what="RANDOM rows")  # doctest: +SKIP
+    """
+    from fiseclip_lib.notebook.claims import CLAIM_MIME, state
+
+    record = state(kind, **numbers)
+    _display({"text/markdown": f"**From the numbers above:** {markdown_escape(record['text'])}.",
+              CLAIM_MIME: record}, raw=True)
+    return record["text"]
+
+
 def explore(fn: Callable, **controls) -> None:
     """Render `fn` once with the controls' default values (a static figure for headless reports), then offer
     the same function as an interactive widget (JupyterLab). Without ipywidgets only the static view remains.
