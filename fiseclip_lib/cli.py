@@ -148,6 +148,9 @@ def _add_predict(sub):
     p.add_argument("--stream", action="store_true", help="one image at a time against a rolling bank of the last "
                                                          "--bank-size accepted images")
     p.add_argument("--bank-size", type=int, default=16, help="K, accepted images kept as references (default 16)")
+    p.add_argument("--confirm", metavar="FILE", help="with --stream: a text file of image paths (one a line) that "
+                                                    "are the new normal after a change; when the first arrives, the "
+                                                    "rolling bank and score history are reset to them")
     p.add_argument("--threshold", metavar="FILE_OR_NUMBER",
                    help="threshold.json from fiseclip calibrate, or a number (default: the unsupervised rule over "
                         "this run's scores)")
@@ -175,6 +178,27 @@ def _config_from_args(args, params: dict, source: str):
     return FiseConfig.from_dict(params).with_overrides(args.set)
 
 
+def _confirm_paths(path, stream: bool):
+    """The image paths listed in a --confirm file (one a line, blank lines and # comments skipped), or None."""
+    if path is None:
+        return None
+    if not stream:
+        raise FiseclipError("--confirm resets a stream's rolling bank: use it with --stream")
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise FiseclipError(f"--confirm {path} cannot be read ({getattr(e, 'strerror', None) or type(e).__name__}): "
+                            f"give a text file of image paths, one a line") from None
+    paths = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    if not paths:
+        raise FiseclipError(f"--confirm {path} lists no image: give the paths of the new normal images, one a line")
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FiseclipError(f"--confirm {path}: {missing[0]} is not a file ({len(missing)} missing); list existing "
+                            f"image paths, as --images names them")
+    return paths
+
+
 def cmd_predict(args) -> int:
     from fiseclip_lib.plumbing.cache import FeatureCache
     from fiseclip_lib.decisions.predict import predict
@@ -190,7 +214,7 @@ def cmd_predict(args) -> int:
     images = args.images or params.get("images")
     class_name = args.class_name or params.get("class_name")
     out = args.out or params.get("out")
-    refs = args.reference_dir or params.get("reference_dir")
+    refs = args.reference_dir if args.reference_dir is not None else params.get("reference_dir")
     for key in ("dataset", "root", "categories", "out", "images", "class_name", "reference_dir"):
         params.pop(key, None)
     if not images:
@@ -205,10 +229,11 @@ def cmd_predict(args) -> int:
     df = predict(images, class_name, out=out, config=config, cache=cache, reference_dir=refs, stream=args.stream,
                  bank_size=args.bank_size, threshold=args.threshold, false_alarm_rate=args.false_alarm_rate,
                  force_threshold=args.force_threshold, save_maps=args.save_maps, overlays=not args.no_overlays,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, confirm=_confirm_paths(args.confirm, args.stream))
     counts = df["decision"].value_counts().to_dict()
     print(f"{len(df)} images: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("normal", "anomalous", "undecided")
-                                            if counts.get(k, 0) or k != "undecided"))
+                                            if counts.get(k, 0) or k != "undecided") +
+          (f"; rule: {df['threshold_method'].iloc[0]}" if len(df) else ""))
     print(f"results in {out}/ (predictions.csv, overlays/, config.json)")
     return 0
 
@@ -241,8 +266,10 @@ def cmd_calibrate(args) -> int:
     for w in caught:
         warnings.warn(str(w.message))
     extra = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in t.stats.items())
-    print(f"threshold {t.value:.6g} ({t.method}{', category ' + t.category if t.category else ''}; {extra}) "
-          f"written to {out}")
+    flagged = round(t.flag_rate * t.n_used)
+    print(f"threshold {t.value:.6g} ({t.method}{', category ' + t.category if t.category else ''}"
+          f"{', mode ' + t.mode if t.mode else ''}; {extra}); flags {flagged} of the {t.n_used} scores used "
+          f"({t.flag_rate:.1%}); written to {out}")
     return 0
 
 
@@ -256,8 +283,9 @@ def _add_sweep(sub):
                    help="local: tasks in this process (default); dask: a local cluster or --scheduler")
     p.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler, e.g. tcp://host:8786 "
                                                           "(implies --executor dask)")
-    p.add_argument("--workers", type=int, help="worker processes of the local Dask cluster (default: cores, at "
-                                               "most 4); torch threads per worker = cores // workers")
+    p.add_argument("--workers", type=int, help="worker processes of the local Dask cluster (default: cores // "
+                                               "task_threads, at most 4); every task runs with the grid's "
+                                               "task_threads torch threads (default 1) on any executor")
     p.add_argument("--connect-timeout", type=float, default=20.0, help="seconds to reach --scheduler (default 20)")
     p.add_argument("--resume", action="store_true", help="reuse tasks already finished in --out (content-keyed)")
     p.add_argument("--no-progress", action="store_true")
@@ -325,7 +353,7 @@ def cmd_report(args) -> int:
         only = only or "06"
     results = run_reports(args.out, params, only=only, notebooks_dir=args.notebooks, timeout=args.timeout)
     failed = [r["name"] for r in results if r["status"] != "ok"]
-    print(f"reports in {args.out}/index.html: {len(results) - len(failed)} ok" +
+    print(f"reports in {Path(args.out) / 'index.html'}: {len(results) - len(failed)} ok" +
           (f", failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from fiseclip_lib.config import FiseConfig
@@ -84,3 +85,42 @@ def test_damaged_entry_is_a_miss(small_demo, tiny_encoder, tmp_path):
         f.write_bytes(b"garbage")
     b = det.encode(paths)
     np.testing.assert_array_equal(a.dense.numpy(), b.dense.numpy())
+
+
+def _full_disk(kind):
+    """A save_file that fails as a full disk does: OSError ENOSPC, or safetensors' own error type."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    def save_file(tensors, filename, metadata=None):
+        if kind == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        raise SafetensorError(f"Error while serializing: I/O error: No space left on device (os error 28) at "
+                              f"path \"{filename}\"")
+    return save_file
+
+
+@pytest.mark.parametrize("kind", ["oserror", "safetensors"])
+def test_a_full_disk_under_the_cache_warns_once_and_keeps_the_result(small_demo, tiny_encoder, tmp_path,
+                                                                    monkeypatch, kind):
+    import warnings
+
+    import safetensors.torch
+
+    paths = sorted(str(p) for p in (small_demo / "brick" / "test").rglob("*.png"))[:4]
+    fresh = Detector(FiseConfig(**TINY), encoder=tiny_encoder).encode(paths)  # no cache: the reference
+    monkeypatch.setattr(safetensors.torch, "save_file", _full_disk(kind))
+    cache = FeatureCache(tmp_path / "c")
+    det = Detector(FiseConfig(**TINY), encoder=tiny_encoder, cache=cache)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = det.encode(paths)
+        det.encode(paths)  # every write fails again: still one warning
+    msgs = [str(w.message) for w in caught if "cache" in str(w.message)]
+    assert len(msgs) == 1 and "\n" not in msgs[0], msgs
+    assert str(tmp_path / "c") in msgs[0] and "No space left on device" in msgs[0]
+    np.testing.assert_array_equal(fresh.dense.numpy(), got.dense.numpy())
+    for l in fresh.layers:
+        assert torch.equal(fresh.layers[l], got.layers[l])
+    assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]  # nothing half-written

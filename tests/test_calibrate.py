@@ -141,9 +141,10 @@ def test_robust_threshold_uses_the_lower_median_and_mad_of_fusion():
     tm, tmad = robust.median_mad(torch.tensor(s, dtype=torch.float64))
     assert (float(tm), float(tmad)) == (med, mad)
     assert robust.MAD_TO_SIGMA == 1.4826 and not hasattr(fusion, "MAD_TO_STD")
-    # non-finite scores are left out of the statistics, as they are out of the threshold
-    t = calibrate(np.append(s, [np.inf, np.nan]), None, method="robust_z")
-    assert (t.stats["median"], t.stats["mad"]) == (med, mad)
+    # the rule itself leaves non-finite scores out (a stream's history); calibrate refuses them, naming them
+    assert robust_threshold(np.append(s, [np.inf, np.nan]), 0.01) == robust_threshold(s, 0.01)
+    with pytest.raises(FiseclipError, match=r"2 score\(s\) are not finite \(positions 6, 7\)"):
+        calibrate(np.append(s, [np.inf, np.nan]), None, method="robust_z")
 
 
 def test_threshold_files_of_the_previous_version_still_apply_to_the_same_config():
@@ -161,3 +162,217 @@ def test_threshold_files_of_the_previous_version_still_apply_to_the_same_config(
     old.check(Detector(FiseConfig(**demo, sigma=4.0, encode_batch=2), encoder=enc), "batch")  # the same scores
     with pytest.raises(FiseclipError, match="calibrated on other scores"):
         old.check(Detector(FiseConfig(**demo, sigma=2.0), encoder=enc), "batch")
+
+
+# ------------------------------------------------------------------------- threshold files that cannot be misapplied
+
+CLI = ["--model", "fiseclip-tiny", "--pretrained", "none", "--image-size", "28", "--batch-size", "4",
+       "--no-progress", "--no-feature-cache"]
+
+# One other valid value per score-changing field: the set of keys must be the config's own list (metadata), so a
+# new field cannot be left out of the threshold's checks.
+ALT = {"method": "musc", "model": "efficientnet-lite0", "pretrained": "openai", "image_size": 113, "layers": (1, 2),
+       "precision": "bf16", "quick_gelu": True, "restore": "sclip", "restore_depth": 2, "text_temperature": 50.0,
+       "class_names": {"wall": "brick wall"}, "filter": "soft", "filter_theta": 0.4, "filter_ratio": 0.2,
+       "filter_min_keep": 0.2, "batch_size": 6, "shuffle": False, "seed": 1, "degrees": (1,), "topmin_max": 0.4,
+       "match_dtype": "bf16", "musc_pool": "batch", "fusion": "gated", "alpha": 0.4, "gate_tau": 0.4,
+       "fusion_norm": "minmax", "sigma": 2.0, "beta": 0.1, "rscin": False, "rscin_ks": (2, 5)}
+
+
+class _Det:
+    """What Threshold.check reads of a Detector: its config and its encoder's identity."""
+
+    def __init__(self, config, identity):
+        self.config = config
+        self.encoder = type("E", (), {"identity": staticmethod(lambda: dict(identity))})()
+
+
+def _record(cfg, identity, mode="batch", references=0, class_name=None):
+    rec = {"config": cfg.resolved(), "encoder": identity, "scoring": {"mode": mode, "references": references}}
+    return {**rec, "class_name": class_name} if class_name else rec
+
+
+def test_every_score_changing_field_is_recorded_and_a_mismatch_names_it_with_both_values(tiny_encoder):
+    import dataclasses
+
+    from fiseclip_lib.config import BATCH_ONLY_FIELDS, SCORE_NEUTRAL_FIELDS
+
+    scoring = {f.name for f in dataclasses.fields(FiseConfig) if f.metadata["scores"]}
+    assert set(ALT) == scoring and not scoring & SCORE_NEUTRAL_FIELDS
+    ident = tiny_encoder.identity()
+    base = FiseConfig(**{**TINY, "rscin": True})  # RsCIN on: its k list counts too
+    rng = np.random.default_rng(0)
+    t = calibrate(rng.normal(size=40), None, "robust_z", provenance=_record(base, ident))
+    assert set(t.config) == scoring and t.mode == "batch"
+    t.check(_Det(base, ident), "batch")  # itself: silent
+    t.check(_Det(base.replace(device="cpu", encode_batch=1, match_engine="reference", cache_dir="/x"), ident),
+            "batch")  # fields that change no score
+    for name, alt in ALT.items():
+        other = base.replace(**{name: alt})
+        b, o = (json.loads(json.dumps(c.resolved())) for c in (base, other))
+        expected = {k for k in scoring if b[k] != o[k]}  # a naive comparison of the resolved configs
+        assert name in expected  # (a method brings its own automatic values: musc smooths with sigma 0)
+        diffs = t.differences(_Det(other, ident), "batch")
+        assert {d.split(" ")[0] for d in diffs} == expected, (name, diffs)
+        mine = [d for d in diffs if d.startswith(f"{name} ")][0]
+        assert f"{b[name]!r} in the threshold vs {o[name]!r} now" in mine, mine
+        with pytest.raises(FiseclipError, match=f"calibrated on other scores: {name} "):
+            t.check(_Det(other, ident), "batch")
+    # a stream ignores batch formation and pool re-scoring: those fields are neither recorded nor compared
+    s = calibrate(rng.normal(size=40), None, "robust_z", provenance=_record(base, ident, mode="stream"))
+    assert set(s.config) == scoring - BATCH_ONLY_FIELDS and s.mode == "stream"
+    for name in BATCH_ONLY_FIELDS:
+        s.check(_Det(base.replace(**{name: ALT[name]}), ident), "stream")
+    # without RsCIN its k list changes no score
+    off = calibrate(rng.normal(size=40), None, "robust_z", provenance=_record(base.replace(rscin=False), ident))
+    off.check(_Det(base.replace(rscin=False, rscin_ks=(4,)), ident), "batch")
+    # the encoder: every identity field but the weights' name (their content is weights_id)
+    for k, v in (("weights_id", "other"), ("input_size", 99), ("mean", [0.0, 0.0, 0.0]), ("precision", "fp16")):
+        with pytest.raises(FiseclipError, match=f"encoder {k} "):
+            t.check(_Det(base, {**ident, k: v}), "batch")
+    t.check(_Det(base, {**ident, "weights": "/elsewhere/same.safetensors"}), "batch")
+
+
+def test_mode_category_and_scale_are_checked_and_all_differences_are_named(tiny_encoder):
+    ident = tiny_encoder.identity()
+    cfg = FiseConfig(**TINY)
+    t = calibrate(np.arange(30.0), None, "robust_z", provenance=_record(cfg, ident, "batch", 3, "bottle"))
+    assert t.mode == "bank" and t.category == "bottle"  # a batch with references is a bank
+    assert t.scale == {"method": "fiseclip", "fusion_norm": "robust", "rscin": False, "beta": 0.0}
+    det = _Det(cfg, ident)
+    t.check(det, "bank", class_name="bottle")
+    with pytest.raises(FiseclipError, match="category 'bottle' in the threshold vs class name 'cable' now"):
+        t.check(det, "bank", class_name="cable")
+    with pytest.raises(FiseclipError, match="mode bank in the threshold vs batch now"):
+        t.check(det, "batch", class_name="bottle")
+    with pytest.raises(FiseclipError, match="mode bank in the threshold vs stream now"):
+        t.check(det, "stream", class_name="bottle")
+    # several differences at once: each one named, none hidden behind another
+    with pytest.raises(FiseclipError) as e:
+        t.check(_Det(cfg.replace(alpha=0.2, fusion_norm="none"), ident), "batch", class_name="cable")
+    msg = str(e.value)
+    for part in ("category 'bottle'", "mode bank", "alpha 0.5 in the threshold vs 0.2 now",
+                 "fusion_norm 'robust' in the threshold vs 'none' now"):
+        assert part in msg, msg
+    with pytest.warns(UserWarning, match="category 'bottle'"):
+        t.check(det, "bank", force=True, class_name="cable")
+
+
+def _write(path, d):
+    path.write_text(json.dumps(d))
+    return str(path)
+
+
+def test_an_edited_threshold_file_is_refused_and_given_comes_only_from_a_number(tmp_path, tiny_encoder):
+    ident = tiny_encoder.identity()
+    cfg = FiseConfig(**TINY)
+    t = calibrate(np.arange(30.0), None, "robust_z", provenance=_record(cfg, ident), category="wall")
+    t.save(tmp_path / "t.json")
+    d = json.loads((tmp_path / "t.json").read_text())
+    assert d["format"] == "fiseclip-threshold/2" and load_threshold(tmp_path / "t.json").value == t.value
+    det = _Det(cfg.replace(alpha=0.2), ident)
+    for edit in ({"method": "given"}, {"value": 0.1}, {"config": {**d["config"], "alpha": 0.2}},
+                 {"encoder": None, "config_hash": None}, {"category": None}, {"mode": "stream"}):
+        with pytest.raises(FiseclipError) as e:
+            load_threshold(_write(tmp_path / "e.json", {**d, **edit})).check(det, "batch")
+        assert "e.json" in str(e.value) and ("changed after fiseclip calibrate" in str(e.value)
+                                             or "is not one fiseclip calibrate writes" in str(e.value)), edit
+    no_sum = {k: v for k, v in d.items() if k != "checksum"}
+    with pytest.raises(FiseclipError, match="checksum"):
+        load_threshold(_write(tmp_path / "e.json", no_sum))
+    with pytest.raises(FiseclipError, match="'given' is what a plain number"):  # format 1 too
+        load_threshold(_write(tmp_path / "e.json", {"format": "fiseclip-threshold/1", "value": 1.0,
+                                                    "method": "given"}))
+    load_threshold(0.7).check(det, "stream")  # a number typed by the user: the one unchecked threshold
+
+
+def test_threshold_files_of_format_1_still_load_and_are_checked_by_hash(tmp_path, tiny_encoder):
+    """A file the previous version wrote (format 1: encoder fields, a config hash, no config) still applies to the
+    same scores, also with a bank (format 1 called it batch), and is refused for another config."""
+    from fiseclip_lib.decisions.calibrate import ENCODER_FIELDS, config_hash
+
+    ident = tiny_encoder.identity()
+    cfg = FiseConfig(**TINY)
+    old = {"format": "fiseclip-threshold/1", "value": 1.5, "method": "f1", "false_alarm_rate": None, "stats": {},
+           "n_scores": 10, "category": "wall", "encoder": {k: ident[k] for k in ENCODER_FIELDS},
+           "config_method": "fiseclip", "config_hash": config_hash(cfg.resolved(), "batch"), "mode": "batch",
+           "source": "scores.csv"}
+    t = load_threshold(_write(tmp_path / "old.json", old))
+    t.check(_Det(cfg, ident), "batch", class_name="wall")
+    t.check(_Det(cfg, ident), "bank", class_name="wall")
+    with pytest.raises(FiseclipError, match="records only its hash"):
+        t.check(_Det(cfg.replace(alpha=0.2), ident), "batch")
+    with pytest.raises(FiseclipError, match="category 'wall'"):
+        t.check(_Det(cfg, ident), "batch", class_name="cable")
+
+
+def _strict(text):
+    def refuse(name):
+        raise ValueError(name)
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_calibrate_cli_refuses_non_finite_rows_and_reports_its_flag_rate(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    scores = np.round(rng.normal(1.0, 0.2, 40), 4)
+    df = pd.DataFrame({"path": [f"im{i:02d}.png" for i in range(40)], "score": scores})
+    df.to_csv(tmp_path / "s.csv", index=False)
+    (tmp_path / "s.csv").write_text((tmp_path / "s.csv").read_text().replace(f"im07.png,{scores[7]}", "im07.png,nan")
+                                    .replace(f"im30.png,{scores[30]}", "im30.png,inf"))
+    capsys.readouterr()
+    assert main(["calibrate", "--scores", str(tmp_path / "s.csv"), "--out", str(tmp_path / "t.json")]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("fiseclip: error")]
+    assert len(err) == 1 and "row(s) at line 9 (nan, im07.png), line 32 (inf, im30.png)" in err[0], err
+    assert not (tmp_path / "t.json").exists()
+    df.to_csv(tmp_path / "s.csv", index=False)
+    for method, used in (("robust_z", scores), ("quantile", scores)):
+        assert main(["calibrate", "--scores", str(tmp_path / "s.csv"), "--out", str(tmp_path / "t.json"),
+                     "--method", method, "--false-alarm-rate", "0.1"]) == 0
+        d = _strict((tmp_path / "t.json").read_text())  # strict JSON: no NaN or Infinity
+        flagged = int(sum(v > d["value"] for v in used))  # a naive count over the scores used
+        assert d["n_used"] == len(used) and d["flag_rate"] == pytest.approx(flagged / len(used))
+        assert f"flags {flagged} of the {len(used)} scores used ({flagged / len(used):.1%})" in capsys.readouterr().out
+    # f1 over labelled scores; quantile over the normal ones only
+    df["label"] = (scores > 1.1).astype(int)
+    df.to_csv(tmp_path / "s.csv", index=False)
+    for method, used in (("f1", scores), ("quantile", scores[scores <= 1.1])):
+        assert main(["calibrate", "--scores", str(tmp_path / "s.csv"), "--out", str(tmp_path / "t.json"),
+                     "--method", method, "--false-alarm-rate", "0.1"]) == 0
+        d = _strict((tmp_path / "t.json").read_text())
+        assert d["n_used"] == len(used) and d["flag_rate"] == pytest.approx(np.mean(used > d["value"]))
+
+
+def test_predict_with_a_threshold_of_another_class_or_mode_stops_naming_both(tmp_path, capsys):
+    imgs, refs = tmp_path / "imgs", tmp_path / "refs"
+    for i in range(8):
+        folder = imgs if i < 6 else refs
+        folder.mkdir(exist_ok=True)
+        arr = np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"{i:03d}.png")
+    args = ["--images", str(imgs), *CLI]
+    assert main(["predict", *args, "--class-name", "bottle", "--out", str(tmp_path / "a")]) == 0
+    assert main(["calibrate", "--scores", str(tmp_path / "a" / "predictions.csv"), "--out",
+                 str(tmp_path / "t.json")]) == 0
+    d = json.loads((tmp_path / "t.json").read_text())
+    assert d["category"] == "bottle" and d["mode"] == "batch"
+    capsys.readouterr()
+    assert main(["predict", *args, "--class-name", "bottle", "--threshold", str(tmp_path / "t.json"), "--out",
+                 str(tmp_path / "c")]) == 0
+    for extra, text in ((["--class-name", "cable"], "category 'bottle' in the threshold vs class name 'cable' now"),
+                        (["--class-name", "bottle", "--reference-dir", str(refs)], "mode batch in the threshold vs "
+                                                                                   "bank now"),
+                        (["--class-name", "bottle", "--stream"], "mode batch in the threshold vs stream now")):
+        capsys.readouterr()
+        assert main(["predict", *args, *extra, "--threshold", str(tmp_path / "t.json"), "--out",
+                     str(tmp_path / "c")]) == 2, extra
+        err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("fiseclip: error")]
+        assert len(err) == 1 and text in err[0], err
+    # a bank's predictions calibrate a bank threshold
+    assert main(["predict", *args, "--class-name", "bottle", "--reference-dir", str(refs), "--out",
+                 str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["scoring"]["mode"] == "bank"
+    assert main(["calibrate", "--scores", str(tmp_path / "b" / "predictions.csv"), "--out",
+                 str(tmp_path / "tb.json")]) == 0
+    assert json.loads((tmp_path / "tb.json").read_text())["mode"] == "bank"
+    assert main(["predict", *args, "--class-name", "bottle", "--reference-dir", str(refs), "--threshold",
+                 str(tmp_path / "tb.json"), "--out", str(tmp_path / "c")]) == 0

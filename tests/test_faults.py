@@ -536,3 +536,543 @@ def test_dollar_in_titles_is_literal(tmp_path):
                             title="cost in $ and $$")
     fig.savefig(tmp_path / "f.png")  # mathtext would fail to parse "$ and $$" or render math
     assert fig.axes[0].get_title() == "cost in $ and $$"
+
+
+# =========================================================================== predict, stream, calibrate, sweep
+# Each case: id -> (setup(tmp, imgs) -> spec dict, expected exit code, culprit text or a tuple of alternatives).
+# The spec holds "args" (after the command; "predict" defaults to --images imgs --out tmp/out and the tiny CLIP),
+# optionally "command" (predict | calibrate | sweep), "inject" (monkeypatch -> None), "skip" (a reason),
+# "rows" (a success case: how many images the run scored). Before every case the output already holds a
+# complete previous run; afterwards a failed case must leave it byte-identical (nothing half-written, no
+# hidden leftovers), and a successful one must hold exactly its own outputs (no stale overlays).
+
+CLI_TINY = ["--model", "fiseclip-tiny", "--pretrained", "none", "--image-size", "28", "--batch-size", "4",
+            "--no-progress", "--no-feature-cache"]
+N_IMAGES = 6
+DCASES: dict[str, tuple] = {}
+
+
+def dcase(name, expect, text=""):
+    def register(fn):
+        DCASES[name] = (fn, expect, text)
+        return fn
+    return register
+
+
+def png(path, seed=0, size=(32, 32)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def image_folder(folder, n=N_IMAGES, seed=0):
+    for i in range(n):
+        png(folder / f"{i:03d}.png", seed + i)
+    return folder
+
+
+def P(t, imgs, *extra, cli=CLI_TINY):
+    """predict arguments: the case's images into tmp/out with the tiny CLIP, plus `extra`."""
+    return {"args": ["--images", str(imgs), "--class-name", "x", "--out", str(t / "out"), *cli, *extra]}
+
+
+def swap(cli, old, new):
+    return [new if a == old else a for a in cli]
+
+
+def as_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+# --- inputs: --images
+dcase("predict: images missing", 2, "does not exist")(lambda t, i: P(t, t / "nope"))
+dcase("predict: images folder empty", 2, "no image files")(
+    lambda t, i: (t / "empty").mkdir() or P(t, t / "empty"))
+dcase("predict: glob matches nothing", 2, "matches no image")(lambda t, i: P(t, str(i / "*.tif")))
+dcase("predict: images is empty text", 2, "--images")(lambda t, i: P(t, ""))
+dcase("predict: no --images", 2, "--images is required")(
+    lambda t, i: {"args": ["--class-name", "x", "--out", str(t / "out"), *CLI_TINY]})
+dcase("predict: no --class-name", 2, "--class-name is required")(
+    lambda t, i: {"args": ["--images", str(i), "--out", str(t / "out"), *CLI_TINY]})
+dcase("predict: blank --class-name", 2, "--class-name is required")(
+    lambda t, i: {"args": ["--images", str(i), "--class-name", "  ", "--out", str(t / "out"), *CLI_TINY]})
+dcase("predict: image is junk bytes", 2, "003.png")(lambda t, i: (i / "003.png").write_bytes(b"junk") and P(t, i))
+dcase("predict: zero-byte image", 2, "003.png")(lambda t, i: (i / "003.png").write_bytes(b"") or P(t, i))
+
+
+@dcase("predict: truncated PNG", 2, "002.png")
+def _(t, i):
+    data = (i / "002.png").read_bytes()
+    (i / "002.png").write_bytes(data[:len(data) // 2])
+    return P(t, i)
+
+
+dcase("predict: text file named .png", 2, "004.png")(
+    lambda t, i: (i / "004.png").write_text("not an image") and P(t, i))
+
+
+@dcase("predict: hidden images are skipped with a count", 0, "skipped 2 hidden file(s)")
+def _(t, i):
+    png(i / ".a.png", 50)
+    png(i / ".b.png", 51)
+    return {**P(t, i), "rows": N_IMAGES}
+
+
+@dcase("predict: folder with only hidden images", 2, "2 hidden file(s)")
+def _(t, i):
+    for k in range(2):
+        png(t / "hid" / f".{k}.png", k)
+    return P(t, t / "hid")
+
+
+@dcase("predict: brackets in a folder name are literal", 0, "")
+def _(t, i):
+    shutil.move(i, t / "lot[1]")
+    return {**P(t, t / "lot[1]"), "rows": N_IMAGES}
+
+
+@dcase("predict: brackets in the folder of a glob are literal", 0, "")
+def _(t, i):
+    shutil.move(i, t / "lot[1]")
+    return {**P(t, str(t / "lot[1]" / "*.png")), "rows": N_IMAGES}
+
+
+@dcase("predict: a real character class still globs", 0, "")
+def _(t, i):
+    return {**P(t, str(i / "00[0-2].png")), "rows": 3}
+
+
+@dcase("predict: recursive glob never takes the output folder", 0, "")
+def _(t, i):
+    # the previous run's overlays lie under tmp/out, inside the glob's reach
+    return {**P(t, str(t / "**" / "*.png")), "rows": N_IMAGES}
+
+
+@dcase("predict: images inside the output folder", 2, "inside the output folder")
+def _(t, i):
+    return P(t, t / "out" / "overlays")
+
+
+@dcase("predict: a folder named like an image is not an image", 0, "")
+def _(t, i):
+    (i / "dir.png").mkdir()
+    return {**P(t, str(i / "*.png")), "rows": N_IMAGES}
+
+
+@dcase("predict: a broken link named like an image is skipped", 0, "")
+def _(t, i):
+    os.symlink(t / "gone.png", i / "zz.png")
+    return {**P(t, i), "rows": N_IMAGES}
+
+
+@dcase("predict: a rerun with fewer images leaves no stale overlay", 0, "")
+def _(t, i):
+    (i / "005.png").unlink()
+    (i / "004.png").unlink()
+    return {**P(t, i), "rows": N_IMAGES - 2}
+
+
+# --- references
+dcase("predict: reference dir missing", 2, "--reference-dir")(
+    lambda t, i: P(t, i, "--reference-dir", str(t / "refs")))
+dcase("predict: reference dir empty names --reference-dir", 2, "--reference-dir")(
+    lambda t, i: (t / "refs").mkdir() or P(t, i, "--reference-dir", str(t / "refs")))
+dcase("predict: reference dir is empty text", 2, "--reference-dir")(lambda t, i: P(t, i, "--reference-dir", ""))
+dcase("predict: reference glob matches nothing", 2, "--reference-dir")(
+    lambda t, i: P(t, i, "--reference-dir", str(t / "refs" / "*.png")))
+dcase("predict: references are the images", 2, "is also an image to score")(
+    lambda t, i: P(t, i, "--reference-dir", str(i)))
+
+
+@dcase("predict: a reference is a copy of an image", 2, "good.png")
+def _(t, i):
+    image_folder(t / "refs", 2, seed=100)
+    shutil.copy(i / "001.png", t / "refs" / "good.png")
+    return P(t, i, "--reference-dir", str(t / "refs"))
+
+
+@dcase("predict: a reference is a hard link to an image", 2, "good.png")
+def _(t, i):
+    image_folder(t / "refs", 2, seed=100)
+    os.link(i / "001.png", t / "refs" / "good.png")
+    return P(t, i, "--reference-dir", str(t / "refs"))
+
+
+@dcase("predict: a reference is a symlink to an image", 2, "good.png")
+def _(t, i):
+    image_folder(t / "refs", 2, seed=100)
+    os.symlink(i / "001.png", t / "refs" / "good.png")
+    return P(t, i, "--reference-dir", str(t / "refs"))
+
+
+@dcase("predict: an unreadable reference", 2, "bad.png")
+def _(t, i):
+    image_folder(t / "refs", 2, seed=100)
+    (t / "refs" / "bad.png").write_bytes(b"\x89PNG\r\n")
+    return P(t, i, "--reference-dir", str(t / "refs"))
+
+
+# --- thresholds
+dcase("predict: threshold file missing", 2, "t.json")(lambda t, i: P(t, i, "--threshold", str(t / "t.json")))
+dcase("predict: threshold file not JSON", 2, "t.json")(
+    lambda t, i: (t / "t.json").write_text("{") and P(t, i, "--threshold", str(t / "t.json")))
+dcase("predict: threshold file foreign", 2, "t.json")(
+    lambda t, i: (t / "t.json").write_text('{"value": 1}') and P(t, i, "--threshold", str(t / "t.json")))
+dcase("predict: threshold file empty", 2, "t.json")(
+    lambda t, i: (t / "t.json").write_text("") or P(t, i, "--threshold", str(t / "t.json")))
+dcase("predict: threshold value NaN", 2, ("t.json", "finite"))(
+    lambda t, i: (t / "t.json").write_text('{"format": "fiseclip-threshold/1", "value": NaN}')
+    and P(t, i, "--threshold", str(t / "t.json")))
+dcase("predict: threshold is a folder", 2, "thr")(
+    lambda t, i: (t / "thr").mkdir() or P(t, i, "--threshold", str(t / "thr")))
+dcase("predict: threshold number nan", 2, ("nan", "threshold"))(lambda t, i: P(t, i, "--threshold", "nan"))
+dcase("predict: threshold number inf", 2, ("inf", "threshold"))(lambda t, i: P(t, i, "--threshold", "inf"))
+dcase("predict: false-alarm rate 2", 2, "false-alarm rate 2")(lambda t, i: P(t, i, "--false-alarm-rate", "2"))
+dcase("predict: false-alarm rate negative", 2, "-0.1")(lambda t, i: P(t, i, "--false-alarm-rate", "-0.1"))
+dcase("predict: false-alarm rate nan", 2, "nan")(lambda t, i: P(t, i, "--false-alarm-rate", "nan"))
+dcase("predict: a fixed threshold number works", 0, "")(lambda t, i: {**P(t, i, "--threshold", "0.5"),
+                                                                       "rows": N_IMAGES})
+
+# --- config values
+dcase("predict: --set value out of range", 2, "alpha")(lambda t, i: P(t, i, "--set", "alpha=9"))
+dcase("predict: --set unknown key", 2, "bogus_key")(lambda t, i: P(t, i, "--set", "bogus_key=1"))
+dcase("predict: --set without =", 2, "alpha")(lambda t, i: P(t, i, "--set", "alpha"))
+dcase("predict: negative batch size", 2, "batch size -1")(
+    lambda t, i: P(t, i, cli=swap(CLI_TINY, "4", "-1")))
+dcase("predict: batch size 0", 2, "batch size 0")(lambda t, i: P(t, i, cli=swap(CLI_TINY, "4", "0")))
+dcase("predict: image size 0", 2, "image size 0")(lambda t, i: P(t, i, cli=swap(CLI_TINY, "28", "0")))
+dcase("predict: batch size not a number", 2, "--batch-size")(lambda t, i: P(t, i, cli=swap(CLI_TINY, "4", "four")))
+dcase("predict: unknown model", 2, "nosuchmodel")(
+    lambda t, i: P(t, i, cli=swap(CLI_TINY, "fiseclip-tiny", "nosuchmodel")))
+dcase("predict: weights file missing", 2, "w.safetensors")(
+    lambda t, i: P(t, i, cli=swap(CLI_TINY, "none", str(t / "w.safetensors"))))
+dcase("predict: params file missing", 2, "p.yaml")(lambda t, i: P(t, i, "--params", str(t / "p.yaml")))
+dcase("predict: params file not YAML", 2, "p.yaml")(
+    lambda t, i: (t / "p.yaml").write_text("a: [") and P(t, i, "--params", str(t / "p.yaml")))
+dcase("predict: params file a list", 2, "p.yaml")(
+    lambda t, i: (t / "p.yaml").write_text("- a\n") and P(t, i, "--params", str(t / "p.yaml")))
+dcase("predict: params images not text", 2, "images")(
+    lambda t, i: (t / "p.yaml").write_text("images: 3\n") and {"args": [
+        "--params", str(t / "p.yaml"), "--class-name", "x", "--out", str(t / "out"), *CLI_TINY]})
+
+
+# --- the output folder
+@dcase("predict: out is a file", 2, "f")
+def _(t, i):
+    (t / "f").write_text("x")
+    return {"args": ["--images", str(i), "--class-name", "x", "--out", str(t / "f"), *CLI_TINY],
+            "after": lambda: (t / "f").read_text() == "x"}
+
+
+dcase("predict: out under a file", 2, "is not writable")(
+    lambda t, i: (t / "f").write_text("x") and {"args": ["--images", str(i), "--class-name", "x", "--out",
+                                                         str(t / "f" / "sub"), *CLI_TINY]})
+
+
+@dcase("predict: read-only output folder", 2, "out")
+def _(t, i):
+    if as_root():
+        return {"skip": "root writes into read-only folders"}
+    (t / "out").chmod(0o555)
+    return {**P(t, i), "cleanup": lambda: (t / "out").chmod(0o755)}
+
+
+@dcase("predict: lock path is a folder", 2, ".fiseclip.lock")
+def _(t, i):
+    (t / "out" / ".fiseclip.lock").unlink()
+    (t / "out" / ".fiseclip.lock").mkdir()
+    return {**P(t, i), "cleanup": lambda: (t / "out" / ".fiseclip.lock").rmdir(), "hidden_ok": True}
+
+
+@dcase("predict: output folder in use", 2, "is in use by")
+def _(t, i):
+    from fiseclip_lib.plumbing.files import output_lock
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with output_lock(t / "out", command="fiseclip predict (test holder)"):
+            held.set()
+            release.wait(60)
+    th = threading.Thread(target=hold, daemon=True)
+    th.start()
+    held.wait(10)
+    return {**P(t, i), "cleanup": lambda: (release.set(), th.join())}
+
+
+@dcase("predict: leftovers of a killed run are cleaned", 0, "")
+def _(t, i):
+    (t / "out" / ".fiseclip-staging-predict" / "overlays").mkdir(parents=True)
+    (t / "out" / ".fiseclip-staging-predict" / "predictions.csv").write_text("half")
+    return {**P(t, i), "rows": N_IMAGES}
+
+
+@dcase("predict: the user's own files in --out are kept", 0, "")
+def _(t, i):
+    (t / "out" / "notes.txt").write_text("mine")
+    return {**P(t, i), "rows": N_IMAGES, "extra_files": {"notes.txt"}}
+
+
+def _fail_nth(n, exc):
+    """A render_overlay that works n - 1 times, then raises `exc` (a run that fails part-way)."""
+    import fiseclip_lib.decisions.predict as pred
+
+    real, calls = pred.render_overlay, []
+
+    def render(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise exc
+        return real(*a, **k)
+    return lambda mp: mp.setattr(pred, "render_overlay", render)
+
+
+dcase("predict: full disk part-way through the overlays", 2, "No space left on device")(
+    lambda t, i: {**P(t, i), "inject": _fail_nth(3, OSError(errno.ENOSPC, "No space left on device", "x.png"))})
+dcase("predict: interrupted part-way", 130, "interrupted")(
+    lambda t, i: {**P(t, i), "inject": _fail_nth(3, KeyboardInterrupt())})
+
+
+@dcase("predict: full disk writing predictions.csv", 2, "No space left on device")
+def _(t, i):
+    import fiseclip_lib.decisions.predict as pred
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return {**P(t, i, "--save-maps"), "inject": lambda mp: mp.setattr(pred, "write_csv_atomic", full)}
+
+
+@dcase("predict: full disk under the feature cache (SafetensorError)", 0, "No space left on device")
+def _(t, i):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28) at path "
+                              f"\"{filename}\"")
+    cli = [a for a in CLI_TINY if a != "--no-feature-cache"] + ["--feature-cache", str(t / "fc")]
+    return {**P(t, i, cli=cli), "inject": lambda mp: mp.setattr(safetensors.torch, "save_file", full),
+            "rows": N_IMAGES}
+
+
+@dcase("predict: full disk under the feature cache (OSError)", 0, "No space left on device")
+def _(t, i):
+    import fiseclip_lib.plumbing.cache as cache_mod
+
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    cli = [a for a in CLI_TINY if a != "--no-feature-cache"] + ["--feature-cache", str(t / "fc")]
+    return {**P(t, i, cli=cli), "inject": lambda mp: mp.setattr(cache_mod, "atomic_path", full), "rows": N_IMAGES}
+
+
+@dcase("predict: HF_ENDPOINT accepts and never answers", 2, "sent no answer")
+def _(t, i):
+    import socket
+
+    import fiseclip_lib.encoder.hub as hub_mod
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+
+    def inject(mp):
+        mp.setenv("HF_HOME", str(t / "hf"))
+        mp.setenv("HF_HUB_OFFLINE", "0")
+        mp.setenv("HF_ENDPOINT", url)
+        for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy",
+                     "https_proxy", "all_proxy"):
+            mp.delenv(name, raising=False)
+        mp.setattr(hub_mod, "ANSWER_TIMEOUT_S", 1.0)
+    return {**P(t, i, cli=swap(CLI_TINY, "none", "hf-hub:org-x/silent")), "inject": inject,
+            "cleanup": silent.close}
+
+
+# --- streams
+dcase("stream: bank size 0", 2, "--bank-size 0")(lambda t, i: P(t, i, "--stream", "--bank-size", "0"))
+dcase("stream: bank size negative", 2, "--bank-size -3")(lambda t, i: P(t, i, "--stream", "--bank-size", "-3"))
+dcase("stream: bank size not a number", 2, "--bank-size")(lambda t, i: P(t, i, "--stream", "--bank-size", "x"))
+dcase("stream: an unreadable image", 2, "003.png")(
+    lambda t, i: (i / "003.png").write_bytes(b"junk") and P(t, i, "--stream", "--bank-size", "2"))
+dcase("stream: threshold value NaN", 2, ("t.json", "finite"))(
+    lambda t, i: (t / "t.json").write_text('{"format": "fiseclip-threshold/1", "value": NaN}')
+    and P(t, i, "--stream", "--threshold", str(t / "t.json")))
+dcase("stream: references are the images", 2, "is also an image to score")(
+    lambda t, i: P(t, i, "--stream", "--reference-dir", str(i)))
+dcase("stream: empty reference dir", 2, "--reference-dir")(
+    lambda t, i: (t / "refs").mkdir() or P(t, i, "--stream", "--reference-dir", str(t / "refs")))
+dcase("stream: a complete stream run", 0, "")(lambda t, i: {**P(t, i, "--stream", "--bank-size", "2"),
+                                                            "rows": N_IMAGES})
+dcase("stream: --bank-size 1 without references says so", 0, ("bank size 1", "bank-size 1"))(
+    lambda t, i: {**P(t, i, "--stream", "--bank-size", "1"), "rows": N_IMAGES})
+dcase("stream: interrupted part-way", 130, "interrupted")(
+    lambda t, i: {**P(t, i, "--stream", "--bank-size", "2"), "inject": _fail_nth(2, KeyboardInterrupt())})
+
+
+# --- calibrate (previous threshold file: tmp/t.json, which a failure must leave as it was)
+def C(t, *args, csv=None, raw=None):
+    s = t / "s.csv"
+    if raw is not None:
+        s.write_bytes(raw)
+    elif csv is not None:
+        s.write_text(csv)
+    return {"command": "calibrate", "args": ["--scores", str(s), "--out", str(t / "t.json"), *args]}
+
+
+dcase("calibrate: scores missing", 2, "s.csv")(lambda t, i: C(t))
+dcase("calibrate: scores is a folder", 2, "s.csv")(lambda t, i: (t / "s.csv").mkdir() or C(t))
+dcase("calibrate: scores file empty", 2, "s.csv")(lambda t, i: C(t, csv=""))
+dcase("calibrate: header only", 2, "s.csv")(lambda t, i: C(t, csv="score\n"))
+dcase("calibrate: no score column", 2, "no score column")(lambda t, i: C(t, csv="a,b\n1,2\n"))
+dcase("calibrate: not UTF-8", 2, "s.csv")(lambda t, i: C(t, raw=b"score\n\xff\xfe\n"))
+dcase("calibrate: text in the score column", 2, "s.csv")(lambda t, i: C(t, csv="score\n1\nabc\n"))
+dcase("calibrate: NaN score names the row", 2, ("row", "nan", "NaN"))(lambda t, i: C(t, csv="score\n1\nnan\n2\n"))
+dcase("calibrate: infinite score names the row", 2, ("row", "inf"))(lambda t, i: C(t, csv="score\n1\ninf\n2\n"))
+dcase("calibrate: labels not 0/1", 2, "labels must be 0")(lambda t, i: C(t, csv="score,label\n1,0\n2,7\n"))
+dcase("calibrate: f1 without anomalies", 2, "needs both")(
+    lambda t, i: C(t, "--method", "f1", csv="score,label\n1,0\n2,0\n"))
+dcase("calibrate: unknown category", 2, "no category 'b'")(
+    lambda t, i: C(t, "--category", "b", csv="score,category\n1,a\n"))
+dcase("calibrate: unknown method", 2, "--method")(lambda t, i: C(t, "--method", "bogus", csv="score\n1\n2\n"))
+dcase("calibrate: false-alarm rate 2", 2, "2")(lambda t, i: C(t, "--false-alarm-rate", "2", csv="score\n1\n2\n"))
+dcase("calibrate: false-alarm rate nan", 2, "nan")(
+    lambda t, i: C(t, "--false-alarm-rate", "nan", csv="score\n1\n2\n"))
+
+
+@dcase("calibrate: out is a folder", 2, "is a folder")
+def _(t, i):
+    (t / "o").mkdir()
+    return {**C(t, csv="score\n1\n2\n"), "args": ["--scores", str(t / "s.csv"), "--out", str(t / "o")]}
+
+
+@dcase("calibrate: out under a file", 2, "is a file")
+def _(t, i):
+    (t / "f").write_text("x")
+    return {**C(t, csv="score\n1\n2\n"), "args": ["--scores", str(t / "s.csv"), "--out", str(t / "f" / "t.json")]}
+
+
+# --- sweep (previous sweep folder: tmp/out with a sweep.csv that a failure must leave as it was)
+def S(t, grid: str | None, *args, name="g.yaml"):
+    g = t / name
+    if grid is not None:
+        g.write_text(grid)
+    return {"command": "sweep", "args": [str(g), "--out", str(t / "out"), "--no-progress", "--no-feature-cache",
+                                         *args]}
+
+
+GOOD_GRID = "dataset: mvtec\nroot: {root}\nmodel: fiseclip-tiny\npretrained: none\nimage_size: 28\n"
+dcase("sweep: grid file missing", 2, "g.yaml")(lambda t, i: S(t, None))
+dcase("sweep: grid not YAML", 2, "g.yaml")(lambda t, i: S(t, "a: ["))
+dcase("sweep: grid empty", 2, "g.yaml")(lambda t, i: S(t, ""))
+dcase("sweep: grid a list", 2, "g.yaml")(lambda t, i: S(t, "- 1\n"))
+dcase("sweep: unknown field", 2, "bogus")(lambda t, i: S(t, GOOD_GRID.format(root=t) + "bogus: 1\n"))
+dcase("sweep: empty list of values", 2, "alpha")(lambda t, i: S(t, GOOD_GRID.format(root=t) + "alpha: []\n"))
+dcase("sweep: value out of range", 2, "alpha")(lambda t, i: S(t, GOOD_GRID.format(root=t) + "alpha: [0.5, 9]\n"))
+dcase("sweep: root missing", 2, "nope")(lambda t, i: S(t, GOOD_GRID.format(root=t / "nope")))
+dcase("sweep: --workers 0", 2, "--workers")(lambda t, i: S(t, GOOD_GRID.format(root=t), "--executor", "dask",
+                                                           "--workers", "0"))
+dcase("sweep: --connect-timeout 0", 2, "--connect-timeout")(
+    lambda t, i: S(t, GOOD_GRID.format(root=t), "--scheduler", "tcp://127.0.0.1:9", "--connect-timeout", "0"))
+
+
+@dcase("sweep: out is a file", 2, "f")
+def _(t, i):
+    (t / "f").write_text("x")
+    spec = S(t, GOOD_GRID.format(root=make_mvtec_tree(t / "data", n_good=3)))
+    spec["args"][2] = str(t / "f")
+    return spec
+
+
+# ------------------------------------------------------------------------------------------- its runner
+
+def _snapshot(folder) -> dict:
+    """Every file under `folder` (the lock's contents aside) -> its bytes."""
+    if not folder.exists():
+        return {}
+    if folder.is_file():
+        return {".": folder.read_bytes()}
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".fiseclip.lock"}
+
+
+@pytest.fixture(scope="module")
+def previous_predict(tmp_path_factory):
+    """A complete previous `predict` run (8 images, so a rerun differs from it) to copy into each case."""
+    t = tmp_path_factory.mktemp("previous")
+    imgs = image_folder(t / "imgs", 8, seed=40)
+    assert main(["predict", "--images", str(imgs), "--class-name", "x", "--out", str(t / "out"), *CLI_TINY,
+                 "--save-maps"]) == 0
+    return t / "out"
+
+
+@pytest.mark.parametrize("name", list(DCASES))
+def test_decision_fault(name, tmp_path, capsys, monkeypatch, previous_predict):
+    setup, expect, text = DCASES[name]
+    imgs = image_folder(tmp_path / "imgs")
+    out = tmp_path / "out"
+    shutil.copytree(previous_predict, out)
+    (tmp_path / "t.json").write_text("PREVIOUS threshold\n")
+    spec = setup(tmp_path, imgs)
+    if spec.get("skip"):
+        pytest.skip(spec["skip"])
+    command = spec.get("command", "predict")
+    state = tmp_path / "t.json" if command == "calibrate" else out
+    if command == "sweep":
+        shutil.rmtree(out)
+        out.mkdir()
+        (out / "sweep.csv").write_text("PREVIOUS sweep\n")
+    before = _snapshot(state)
+    if "inject" in spec:
+        spec["inject"](monkeypatch)
+    capsys.readouterr()
+    try:
+        code = main([command, *spec["args"]])
+    except SystemExit as e:  # argparse
+        code = e.code
+    finally:
+        if "cleanup" in spec:
+            spec["cleanup"]()
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.out + cap.err
+    assert code == expect, cap.out + cap.err
+    texts = text if isinstance(text, tuple) else (text,)
+    if expect != 0:
+        lines = [l for l in cap.err.splitlines() if l.strip() and not l.startswith("warning:")]
+        assert len(lines) == 1 and lines[0].startswith(("fiseclip: error:", "fiseclip: interrupted")), cap.err
+        assert any(s in lines[0] for s in texts), lines[0]
+        # the previous run is intact, byte for byte, and nothing half-written is left beside it
+        assert _snapshot(state) == before
+        if state.is_dir() and not spec.get("hidden_ok"):
+            hidden = [p.name for p in state.rglob(".*") if p.name != ".fiseclip.lock"]
+            assert not hidden, hidden
+        if "after" in spec:
+            assert spec["after"]()
+        return
+    assert any(s in cap.out + cap.err for s in texts), cap.out + cap.err
+    for line in cap.err.splitlines():  # warnings one line each
+        assert line.startswith("warning:") or not line.strip() or "it/s" in line, line
+    # exactly this run's outputs: one overlay per row, nothing stale (the previous run had 8 images and maps)
+    df = pd.read_csv(out / "predictions.csv")
+    assert len(df) == spec["rows"]
+    visible = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    assert visible == {"predictions.csv", "config.json", *df.overlay, *spec.get("extra_files", ())}
+    assert not [p.name for p in out.rglob(".*") if p.name != ".fiseclip.lock"]
+    assert json.loads((out / "config.json").read_text())["images"] == spec["rows"]
+
+
+def test_the_decision_fault_table_is_large_enough():
+    assert len(DCASES) >= 60
+    kinds = {n.split(":")[0] for n in DCASES}
+    assert kinds == {"predict", "stream", "calibrate", "sweep"}
+
+
+def test_images_in_the_output_folder_itself_are_read_without_its_outputs(tmp_path, capsys):
+    """--out equal to the images folder: its images are scored, its overlays/ never, twice in a row."""
+    imgs = image_folder(tmp_path / "lot")
+    for _ in range(2):
+        assert main(["predict", "--images", str(imgs), "--class-name", "x", "--out", str(imgs), *CLI_TINY]) == 0
+        df = pd.read_csv(imgs / "predictions.csv")
+        assert sorted(df.path) == [f"{i:03d}.png" for i in range(N_IMAGES)]
+        assert len(list((imgs / "overlays").glob("*.png"))) == N_IMAGES

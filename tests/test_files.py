@@ -187,3 +187,92 @@ def test_output_lock_uses_filelock(tmp_path, monkeypatch):
         pass
     assert made == [tmp_path / LOCK_NAME]
     assert "fcntl" not in Path(files.__file__).read_text()
+
+
+# ------------------------------------------------------------------------------------------ staged_output
+
+def _tree(folder: Path) -> dict:
+    """Every visible file under `folder` -> its text (hidden names: the lock, staging, manifest, are left out)."""
+    return {p.relative_to(folder).as_posix(): p.read_text() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+
+
+def _run(out, outputs: dict, fail: bool = False, **kw):
+    with files.staged_output(out, "t", **kw) as stage:
+        for rel, text in outputs.items():
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            (stage / rel).write_text(text)
+        if fail:
+            raise RuntimeError("boom")
+
+
+def test_staged_output_holds_exactly_the_last_complete_run(tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "out").mkdir()
+    (out / "notes.txt").write_text("mine")  # not an output of the command: kept
+    first = {"a.csv": "1", "overlays/x.png": "x1", "overlays/y.png": "y1", "maps.npz": "m1"}
+    _run(out, first)
+    assert _tree(out) == {**first, "notes.txt": "mine"}
+    second = {"a.csv": "2", "overlays/x.png": "x2"}  # fewer files: y.png and maps.npz are stale
+    _run(out, second)
+    assert _tree(out) == {**second, "notes.txt": "mine"}
+    with pytest.raises(RuntimeError):
+        _run(out, {"a.csv": "3", "overlays/z.png": "z3"}, fail=True)
+    assert _tree(out) == {**second, "notes.txt": "mine"}  # a failed run leaves the previous one intact
+    assert [p.name for p in out.iterdir() if p.name.startswith(".fiseclip-staging")] == []
+
+
+def test_staged_output_owns_replaces_outputs_of_runs_before_staging(tmp_path):
+    out = tmp_path / "out"
+    (out / "overlays").mkdir(parents=True)
+    (out / "overlays" / "old.png").write_text("old")
+    (out / "maps.npz").write_text("old")
+    (out / "keep.txt").write_text("k")
+    _run(out, {"a.csv": "1", "overlays/new.png": "n"}, owns=("overlays", "maps.npz", "*.csv"))
+    assert _tree(out) == {"a.csv": "1", "overlays/new.png": "n", "keep.txt": "k"}
+
+
+def test_staged_output_seed_copies_and_never_alters_the_previous_run(tmp_path):
+    out = tmp_path / "out"
+    _run(out, {"a.csv": "1", "sub/b.txt": "b"})
+    with pytest.raises(RuntimeError):
+        with files.staged_output(out, "t", seed=True) as stage:
+            assert _tree(stage) == {"a.csv": "1", "sub/b.txt": "b"}
+            with open(stage / "a.csv", "a") as f:  # appending to the copy
+                f.write("more")
+            raise RuntimeError("boom")
+    assert _tree(out) == {"a.csv": "1", "sub/b.txt": "b"}
+
+
+def test_a_killed_run_and_a_killed_swap_are_cleaned_by_the_next_run(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _run(out, {"a.csv": "1", "b.csv": "1"})
+    # killed before its swap: a staging folder with half the outputs
+    (out / ".fiseclip-staging-t").mkdir()
+    (out / ".fiseclip-staging-t" / "a.csv").write_text("half")
+    # killed during a swap: the second rename never happens
+    real = os.replace
+    calls = {"n": 0}
+
+    def dying_replace(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 3:  # journal, then a.csv -> trash, then (dies) staging a.csv -> out
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        _run(out, {"a.csv": "2", "c.csv": "2"})
+    monkeypatch.setattr(files.os, "replace", real)
+    assert (out / ".fiseclip-swap-t.json").exists()
+    with files.staged_output(out, "t") as stage:  # the next run completes the killed swap first ...
+        assert _tree(out) == {"a.csv": "2", "c.csv": "2"}
+        (stage / "d.csv").write_text("3")
+    assert _tree(out) == {"d.csv": "3"}  # ... then replaces it
+    assert sorted(p.name for p in out.iterdir()) == [".fiseclip-outputs-t.json", "d.csv"]
+
+
+def test_staged_output_rejects_a_key_that_is_a_path(tmp_path):
+    with pytest.raises(ValueError):
+        with files.staged_output(tmp_path, "../x"):
+            pass

@@ -299,3 +299,37 @@ def test_downloads_never_change_huggingface_hub_constants(hub_env, fake_hub, mon
         "open_clip_model.safetensors")
     assert len(children) == 3 and other.gets("open_clip_model.safetensors") == 1
     assert huggingface_hub.constants.HF_HUB_OFFLINE is False
+
+
+def test_an_endpoint_that_accepts_and_never_answers_is_one_line_within_the_bound(hub_env, monkeypatch):
+    import socket
+
+    import fiseclip_lib.encoder.hub as hub_mod
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes the handshake; nobody ever reads or writes
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setattr(hub_mod, "ANSWER_TIMEOUT_S", 1.5)
+        assert hub_mod.hub_reachable(timeout=2)  # the TCP probe alone is fooled
+        t0 = time.time()
+        assert not hub_mod.hub_answers()
+        assert 1.0 < time.time() - t0 < 4
+        t0 = time.time()
+        with pytest.raises(WeightsUnavailableError, match="sent no answer within 1.5 s") as info:
+            load_encoder("fiseclip-tiny", HF_HUB_PREFIX + "org-x/silent", image_size=112, device="cpu")
+        assert time.time() - t0 < 8  # was > 150 s of retries
+        assert "\n" not in str(info.value) and str(silent.getsockname()[1]) in str(info.value)
+    finally:
+        silent.close()
+
+
+def test_an_endpoint_that_answers_with_an_error_status_counts_as_answering(hub_env, fake_hub, monkeypatch):
+    import fiseclip_lib.encoder.hub as hub_mod
+
+    hub = fake_hub({})  # answers 404 for everything
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    assert hub_mod.hub_answers(timeout=3)
+    hub.stop()
+    assert hub_mod.hub_answers(timeout=3)  # refused is not silence: the download names that error

@@ -13,7 +13,9 @@ from PIL import Image
 from fiseclip_lib import Detector, FiseConfig
 from fiseclip_lib.evaluation import data as D
 from fiseclip_lib.cli import main
-from fiseclip_lib.decisions.predict import PREDICTION_COLUMNS, ReferenceBank, predict, unique_stems
+from fiseclip_lib.decisions.predict import (OVERLAY_COLOURS, PREDICTION_COLUMNS, ReferenceBank, bank_query_scores,
+                                           default_threshold, overlay_geometry, predict, render_overlay,
+                                           unique_stems)
 from fiseclip_lib.evaluation.run import run_benchmark
 
 TINY = dict(model="fiseclip-tiny", pretrained="none", image_size=112, device="cpu", batch_size=5)
@@ -74,7 +76,7 @@ def test_reference_bank_is_never_scored_or_filtered_and_counts_as_references(sma
     plain = predict(str(imgs), "textile", detector=det, progress=False)
     assert not np.allclose(plain.score, df.score)
     conf = json.loads((tmp_path / "p" / "config.json").read_text())
-    assert conf["scoring"] == {"mode": "batch", "references": 3, "bank_size": None}
+    assert conf["scoring"] == {"mode": "bank", "references": 3, "bank_size": None}  # batches plus a bank
 
 
 def _img(path, size, seed=0):
@@ -105,10 +107,118 @@ def test_overlays_one_per_image_at_original_size_with_unique_stems(tmp_path, tin
             match = [r for r in df.itertuples() if os.fsencode(r.path) == os.fsencode(str(p))]
             assert len(match) == 1, p
             with Image.open(out / match[0].overlay) as ov, Image.open(p) as im:
-                assert ov.size == im.size, p
+                # the image keeps its size, pixel for pixel; banner, frame and colour bar lie outside it
+                g = overlay_geometry(*im.size)
+                assert ov.size == g["size"], p
+                assert ov.size[0] - g["strip"] - 2 * g["border"] == im.size[0], p
+                assert ov.size[1] - g["banner"] - g["border"] == im.size[1], p
     assert unique_stems(["a/x.png", "b/x.png", "b/X.jpg"]) == ["x", "x-2", "X-3"]
     assert unique_stems([".hidden.png", "a\nb.png"]) == ["_hidden", "a_b"]
     assert ((df.score > 0.5) == (df.decision == "anomalous")).all() and set(df.threshold) == {0.5}
+
+
+def _blob_case(tmp_path, w=90, h=70):
+    """An image, a map the size of the image with one hot blob (so no resizing), and its peak."""
+    img = _img(tmp_path / "im.png", (w, h), 3)
+    yy, xx = np.mgrid[:h, :w]
+    amap = np.exp(-((xx - 60) ** 2 + (yy - 30) ** 2) / 60.0).astype(np.float32)
+    return img, amap, float(amap.max())
+
+
+def _rgb(hex_colour):
+    return tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+
+
+def test_overlay_is_actionable_and_leaves_the_original_untouched_outside_the_hot_region(tmp_path):
+    img, amap, peak = _blob_case(tmp_path)
+    original = np.asarray(Image.open(img).convert("RGB"))
+    h, w = original.shape[:2]
+    g = overlay_geometry(w, h)
+    for decision, thr in (("anomalous", 0.5), ("normal", 1.5), ("undecided", None)):
+        out = tmp_path / f"{decision}.png"
+        render_overlay(img, amap, peak, thr, decision, out)
+        png = np.asarray(Image.open(out).convert("RGB"))
+        assert png.shape[:2] == (g["size"][1], g["size"][0])
+        area = png[g["y0"]:g["y0"] + h, g["x0"]:g["x0"] + w]
+        level = thr if thr is not None else (float(np.median(amap)) + peak) / 2
+        hot = amap > level
+        # outside the hot region the image is exactly the original (not washed out); inside it is not
+        assert np.array_equal(area[~hot], original[~hot]), decision
+        assert hot.any() == (decision != "normal")
+        if hot.any():
+            assert (np.abs(area[hot].astype(int) - original[hot]).sum(-1) > 0).mean() > 0.9
+        # the decision's colour on the frame (left, below the image) and the banner, readable at a glance
+        want = _rgb(OVERLAY_COLOURS[decision])
+        for y, x in ((g["y0"] + h // 2, 0), (png.shape[0] - 1, g["x0"] + w // 2), (1, g["x0"] + w - 2)):
+            assert tuple(png[y, x]) == want, (decision, y, x)
+        # the colour bar lies right of the frame, outside the image: coloured pixels in the strip
+        strip = png[g["y0"]:g["y0"] + h, g["x0"] + w + g["border"]:]
+        assert (strip.std(-1) > 30).sum() > 50, decision
+
+
+def test_overlay_leaves_the_plotting_state_of_a_notebook_alone(tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    img, amap, peak = _blob_case(tmp_path)
+    before_backend = matplotlib.get_backend()
+    before_rc = {k: v for k, v in matplotlib.rcParams.items() if k != "backend"}
+    before_figs = plt.get_fignums()
+    render_overlay(img, amap, peak, 0.5, "anomalous", tmp_path / "o.png")
+    render_overlay(img, amap, peak, None, "undecided", tmp_path / "u.png")
+    assert matplotlib.get_backend() == before_backend
+    after_rc = {k: v for k, v in matplotlib.rcParams.items() if k != "backend"}
+    assert {k for k in before_rc if str(before_rc[k]) != str(after_rc[k])} == set()
+    assert plt.get_fignums() == before_figs  # nothing left in pyplot's figure manager
+
+
+def test_default_threshold_is_robust_z_of_the_bank_scores_else_of_the_run():
+    rng = np.random.default_rng(0)
+    run = np.concatenate([rng.normal(1, 0.1, 20), rng.normal(3, 0.5, 25)])  # more than half defective
+    bank = rng.normal(1, 0.1, 16)
+    z = 2.3263478740408408  # Phi^-1(0.99)
+
+    def naive(x):
+        med = np.sort(x)[(len(x) - 1) // 2]  # lower median, as fusion's
+        return med + z * 1.4826 * np.sort(np.abs(x - med))[(len(x) - 1) // 2]
+
+    value, rec = default_threshold(run, 0.01, bank)
+    assert value == pytest.approx(naive(bank)) and rec["n_scores"] == 16 and "bank" in rec["method"]
+    assert rec["false_alarm_rate"] == 0.01 and "0.01" in rec["method"]
+    caught = (run[20:] > value).mean()
+    run_value, run_rec = default_threshold(run, 0.01, bank[:4])  # too few bank scores: this run's rule
+    assert run_value == pytest.approx(naive(run)) and run_rec["n_scores"] == 45 and "this run" in run_rec["method"]
+    assert caught > 0.9 > (run[20:] > run_value).mean()  # the contaminated run's own rule misses most defects
+
+
+def test_bank_scores_as_queries_are_on_the_run_scale(small_demo, tiny_encoder, tmp_path):
+    """A bank image is scored like a run image: a run image scored the same way (query against the other images
+    of its batch, filtered, plus the bank) gets its in-batch score (musc without RsCIN)."""
+    det = Detector(FiseConfig(**TINY, method="musc", rscin=False, musc_pool="batch"), encoder=tiny_encoder)
+    test = sorted(s.path for s in D.load_mvtec(small_demo) if s.category == "textile")
+    refs = sorted(str(p) for p in (small_demo / "textile" / "train" / "good").glob("*.png"))
+    refs = refs + test[-3:]  # a few more known-good references: test images never scored here
+    test = test[:-3]
+    df = predict(test, "textile", out=tmp_path / "p", detector=det, reference_dir=refs, progress=False,
+                 overlays=False)
+    bank = ReferenceBank.from_images(det, refs, "textile")
+    normal = bank_query_scores(det, test, bank, "textile")
+    n_batches = df.batch.nunique()
+    assert normal.shape == (len(refs) * n_batches,) and np.isfinite(normal).all()
+    conf = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert conf["threshold"]["n_scores"] == normal.size and "bank" in conf["threshold"]["rule"]
+    assert df.threshold.iloc[0] == pytest.approx(default_threshold(df.score, 0.01, normal)[0])
+    assert (df.threshold_method == conf["threshold"]["method"]).all()
+    row = df.iloc[0]
+    mates = [p for p, b in zip(df.path, df.batch) if b == row.batch and p != row.path]
+    others = ReferenceBank.from_images(det, mates, "textile", filtered=True)  # paths as given: absolute
+    one = det.encode([row.path])
+    again = det.score_features(one, "textile", references=ReferenceBank(others.entries + bank.entries),
+                               mutual=False).scores[0]
+    assert again == pytest.approx(row.score, abs=1e-5)
+    # with RsCIN the bank cannot anchor the threshold: the run's own rule, and a note saying so
+    rs = Detector(FiseConfig(**TINY, method="musc", rscin=True), encoder=tiny_encoder)
+    assert bank_query_scores(rs, test, bank, "textile").size == 0
 
 
 def test_predict_applies_a_calibrated_threshold_file(small_demo, tmp_path, tiny_encoder):

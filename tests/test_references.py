@@ -66,3 +66,29 @@ def test_leave_one_out_scores_are_each_reference_against_the_others(small_demo, 
     direct = [det.score_against([p], "textile", ReferenceBank.from_images(det, [q for q in paths if q != p],
                                                                          "textile")).scores[0] for p in paths]
     np.testing.assert_allclose(loo, direct, rtol=1e-6, atol=1e-6)
+
+
+def test_bank_entries_record_the_content_hash_of_their_image(small_demo, tiny_encoder, tmp_path):
+    """`BankEntry.digest` is the feature cache's content hash: equal for a copy or a link, different for another
+    image, and also filled for in-memory images (streaming compares it with the images it scores)."""
+    import hashlib
+    import os
+    import shutil
+
+    from PIL import Image
+
+    from fiseclip_lib.plumbing.cache import image_hash
+
+    det = Detector(FiseConfig(**TINY), encoder=tiny_encoder)
+    paths = _paths(small_demo, 2)
+    shutil.copy(paths[0], tmp_path / "copy.png")
+    os.symlink(paths[0], tmp_path / "link.png")
+    with Image.open(paths[1]) as im:
+        pil = im.convert("RGB")
+    bank = ReferenceBank.from_images(det, [*paths, str(tmp_path / "copy.png"), str(tmp_path / "link.png"), pil],
+                                     "textile")
+    with open(paths[0], "rb") as f:
+        naive = hashlib.sha256(f.read()).hexdigest()  # the file's bytes, hashed independently
+    assert [e.digest for e in bank.entries] == [naive, image_hash(paths[1]), naive, naive, image_hash(pil)]
+    assert len({bank.entries[1].digest, bank.entries[4].digest}) == 2  # pixels and file bytes are hashed apart
+    assert BankEntry(features={}).digest is None  # hand-built entries: unknown, never matched

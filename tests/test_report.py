@@ -37,6 +37,14 @@ def make_books(d):
              'seen = []\nw = wb.explore(lambda x=1: seen.append(x), x=W.IntSlider(value=3))\n'
              + RESULT.format(text='"headless=" + os.environ.get("FISECLIP_HEADLESS", "") + " widget=" + str(w) '
                                   '+ " static=" + str(seen)', pre="True", kind="CNN", tables="{}"))
+    # a claim written against its numbers ("grows about linearly" on flat data) and a figure that never shows
+    write_nb(d / "03_lying.ipynb", 'pretrained = "none"',
+             'from fiseclip_lib.notebook import claims\nfrom IPython.display import display\n'
+             'rec = claims.state("growth", x=[1, 2, 4], y=[1.0, 1.0, 1.0], what="cost")\n'
+             'rec["text"] = claims.growth([1, 2, 4], [1.0, 2.0, 4.0], what="cost")\n'
+             'display({"text/markdown": rec["text"], claims.CLAIM_MIME: rec}, raw=True)\n'
+             'import matplotlib\nmatplotlib.use("Agg")\nimport matplotlib.pyplot as plt\n'
+             'fig, ax = plt.subplots()\nax.plot([1, 2])\nplt.show()\n')
     write_nb(d / "01_fragile.ipynb", "divisor = 1\npretrained = \"openai\"",
              'x = 1 / divisor\n' + RESULT.format(text='"fine <b> $name$"', pre="True", kind="CNN", tables="{}"))
     return d
@@ -73,12 +81,22 @@ def test_failure_keeps_other_reports_and_sets_exit_code(reported):
     assert "without encryption" not in printed  # the kernel's log stays out of the terminal
     assert not list(out.glob(".*.tmp.*"))  # debris of a killed run removed at start
     status = {r["name"]: r["status"] for r in reported["first"].values()}
-    assert status == {"00_ok": "ok", "01_fragile": "failed", "02_widget": "ok"}
+    assert status == {"00_ok": "ok", "01_fragile": "failed", "02_widget": "ok", "03_lying": "failed"}
     widget = reported["first"]["02_widget"]
     assert widget["result"] == "headless=1 widget=None static=[3]"  # static view, no widget without a frontend
     ok_html = (out / "00_ok.html").read_text()
     assert "label is from-params" in ok_html  # parameters reach the notebook
     assert 'id="fiseclip-provenance"' in ok_html and "RANDOM WEIGHTS" in ok_html and "git commit" in ok_html
+    assert ok_html.count("RANDOM WEIGHTS") == 1  # one banner per page, in the header
+    widget_html = (out / "02_widget.html").read_text()
+    # numbers from a pretrained CNN although the `pretrained` parameter is "none": no banner; the widget's state
+    # is dropped, so no widget manager is fetched from a CDN
+    assert "RANDOM WEIGHTS" not in widget_html and "unpkg" not in widget_html and "<script src" not in widget_html
+    assert "widgets" not in nbformat.read(str(out / "02_widget.ipynb"), as_version=4).metadata
+    lying = reported["first"]["03_lying"]
+    assert lying["error"].startswith("report check: ") and "(+1 more)" in lying["error"]
+    assert any("stays flat" in c for c in lying["checks"]) and any("0 image" in c for c in lying["checks"])
+    assert "report check" in (out / "03_lying.html").read_text()
     failed_html = (out / "01_fragile.html").read_text()
     assert "ZeroDivisionError" in failed_html and 'id="fiseclip-provenance"' in failed_html
     page = (out / "index.html").read_text()
@@ -97,7 +115,7 @@ def test_index_is_a_record_with_links_badges_and_metadata(reported):
     out, first = reported["out"], reported["first"]
     assert [r["name"] for r in reported["again"]] == ["02_widget"]
     rows = {r["name"]: r for r in json.loads((out / "index.json").read_text())["reports"]}
-    assert sorted(rows) == ["00_ok", "01_fragile", "02_widget"]  # --only keeps the other rows
+    assert sorted(rows) == ["00_ok", "01_fragile", "02_widget", "03_lying"]  # --only keeps the other rows
     assert rows["00_ok"] == first["00_ok"] and rows["02_widget"]["run_date"] != first["02_widget"]["run_date"]
     ok = rows["00_ok"]
     assert ok["badge"]["level"] == "random" and rows["02_widget"]["badge"]["level"] == "pretrained"
@@ -140,6 +158,18 @@ def test_badge_levels():
     b = weights_badge([clip, cnn], False)
     assert b["level"] == "mixed" and "random CLIP (tiny)" in b["text"] and "pretrained CNN (eff)" in b["text"]
     assert weights_badge([], True)["level"] == "pretrained"
+    assert "names no sources" in weights_badge([], False)["text"]  # a guess from the parameter says so
+
+
+def test_the_page_banner_follows_the_numbers():
+    from fiseclip_lib.notebook.report import page_banner
+
+    clip = {"model": "tiny", "pretrained": False, "kind": "CLIP"}
+    cnn = {"model": "eff", "pretrained": True, "kind": "CNN"}
+    assert page_banner(weights_badge([cnn], False)) == ""  # notebook 02: CNN numbers, random CLIP loaded
+    assert "RANDOM WEIGHTS" in page_banner(weights_badge([clip], True))
+    mixed = page_banner(weights_badge([clip, cnn], True))
+    assert mixed.count("RANDOM WEIGHTS") == 1 and "random CLIP (tiny)" in mixed and "pretrained CNN" not in mixed
 
 
 def test_stale_temporaries_of_our_naming_are_removed(tmp_path):
@@ -166,8 +196,8 @@ def test_only_selects_and_rejects_unknown(tmp_path):
 def test_shipped_notebooks_are_lessons_without_copies():
     from pathlib import Path
 
-    books = sorted(Path(__file__).resolve().parent.parent.joinpath("notebooks").glob("0[0-4]_*.ipynb"))
-    assert [b.stem[:2] for b in books] == ["00", "01", "02", "03", "04"]  # the lesson series
+    books = sorted(Path(__file__).resolve().parent.parent.joinpath("notebooks").glob("0[0-5]_*.ipynb"))
+    assert [b.stem[:2] for b in books] == ["00", "01", "02", "03", "04", "05"]  # the lesson series
     for b in books:
         nb = nbformat.read(str(b), as_version=4)
         tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
@@ -297,3 +327,42 @@ def test_a_notebook_papermill_cannot_read_stops_the_series_before_it_starts(tmp_
     assert len(err) == 1 and "01_broken.ipynb cannot be read" in err[0] and "--only" in err[0], err
     assert not list(out.glob("*.html"))  # nothing ran
     assert main(["report", "--notebooks", str(books), "--out", str(out), "--only", "00"]) == 0
+
+
+def test_tracked_notebooks_are_tidy_so_jupyterlab_leaves_no_diff():
+    """Every tracked notebook has the metadata JupyterLab writes for the venv kernel, no outputs and no
+    execution counts (`python -m fiseclip_lib.notebook.tidy notebooks/*.ipynb` puts them in that form)."""
+    from pathlib import Path
+
+    from fiseclip_lib.notebook.tidy import untidy
+
+    books = sorted(Path(__file__).resolve().parent.parent.joinpath("notebooks").glob("*.ipynb"))
+    assert books
+    found = {b.name: untidy(nbformat.read(str(b), as_version=4)) for b in books}
+    untidy_books = {k: v[0] for k, v in found.items() if v}
+    assert not untidy_books, f"run: python -m fiseclip_lib.notebook.tidy notebooks/*.ipynb ({untidy_books})"
+
+
+def test_tidy_pins_metadata_strips_outputs_and_keeps_tags(tmp_path, capsys):
+    from fiseclip_lib.notebook.tidy import LAB_KERNELSPEC, main, untidy
+
+    path = tmp_path / "07_x.ipynb"
+    write_nb(path, "a = 1", "print(a)")
+    nb = nbformat.read(str(path), as_version=4)
+    nb.cells[2].outputs = [nbformat.v4.new_output("stream", text="1\n")]
+    nb.cells[2].execution_count = 3
+    nb.cells[2].metadata["scrolled"] = True  # what JupyterLab's UI adds
+    nb.metadata["language_info"] = {"name": "python", "version": "3.11.7"}
+    nbformat.write(nb, str(path))
+    assert main(["--check", str(path)]) == 1 and "not tidy" in capsys.readouterr().out
+    assert main([str(path)]) == 0
+    tidy = nbformat.read(str(path), as_version=4)
+    assert untidy(tidy) == [] and tidy.metadata["kernelspec"] == LAB_KERNELSPEC
+    assert tidy.cells[1].metadata["tags"] == ["parameters"] and tidy.cells[2].outputs == []
+    assert [c.source for c in tidy.cells] == [c.source for c in nb.cells]  # the lesson itself is untouched
+    before = path.stat().st_mtime_ns
+    assert main([str(path)]) == 0 and path.stat().st_mtime_ns == before  # tidy: not rewritten
+    bad = tmp_path / "bad.ipynb"
+    bad.write_text("{not json")
+    with pytest.raises(Exception, match="bad.ipynb: not a readable notebook"):
+        main([str(bad)])

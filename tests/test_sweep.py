@@ -1,6 +1,7 @@
 """`fiseclip sweep`: grid expansion, one tidy table equal to `fiseclip run`'s numbers, resumable tasks, the same
-bytes from the local and the Dask executor, a killed worker that loses and duplicates nothing, a feature cache
-shared by concurrent writers, and one-line errors for bad grids and unreachable schedulers.
+bytes from the local and the Dask executor (1, 2 and 3 workers: fixed torch threads per task), a killed worker
+that loses and duplicates nothing, a failed attempt that leaves the folder's previous sweep intact, a feature
+cache shared by concurrent writers, and one-line errors for bad grids and unreachable or silent schedulers.
 
 The random tiny CLIP at 28 px on two categories of six images keeps every task well under a second; the Dask
 tests share one LocalCluster (processes, 2 workers) per module.
@@ -111,7 +112,8 @@ def test_several_roots_and_datasets(data, tmp_path):
 def test_table_rows_equal_fiseclip_run_per_config(serial, data, tmp_path):
     table = pd.read_csv(serial / "sweep.csv")
     assert list(table.columns) == ["config_id", "dataset", "method", "alpha", "category", *METRICS, "images",
-                                   "encoder", "weights", "pretrained", "git_commit"]
+                                   "encoder", "weights", "pretrained", "git_commit", "torch_threads"]
+    assert (table.torch_threads == 1).all()
     assert list(table.category) == ["bottle", "screw", "mean"] * 4
     assert (table.encoder == "fiseclip-tiny").all() and (~table.pretrained).all()
     assert table.git_commit.str.len().gt(6).all()
@@ -168,12 +170,53 @@ def test_failed_task_is_one_line_and_the_others_are_kept(tmp_path, capsys):
     assert main(["sweep", str(failing_grid(tmp_path)), "--out", str(out), "--no-feature-cache", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "3 of 4 sweep tasks failed" in err[0] and "000.png cannot be read" in err[0]
-    assert "--resume" in err[0]
-    table = pd.read_csv(out / "sweep.csv")  # the finished task, and no mean over an incomplete configuration
+    assert "--resume" in err[0] and f"kept in {out / 'partial'} ({out} is unchanged)" in err[0]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".fiseclip.lock") == ["partial"]
+    table = pd.read_csv(out / "partial" / "sweep.csv")  # the finished task, no mean over an incomplete config
     assert list(table.category) == ["bottle"] and (table.sigma == 1).all()
-    info = json.loads((out / "sweep.json").read_text())
+    info = json.loads((out / "partial" / "sweep.json").read_text())
     assert info["status"] == "failed" and len(info["failed"]) == 3
     assert any("sigma 20.0 px is too large" in f[2] for f in info["failed"])
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".fiseclip.lock"}
+
+
+def test_failed_attempt_leaves_the_previous_sweep_intact_and_resumes(tmp_path, capsys):
+    """Output folders that never lie (issue 20): a failed attempt changes no byte of the finished sweep in the
+    folder and keeps its own finished tasks in partial/; the fixed rerun with --resume reuses them, and the
+    folder then holds that grid's sweep only (nothing of the earlier grid), equal to a fresh run's."""
+    data = make_mvtec_tree(tmp_path / "mvtec")
+    grid_a, grid_b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    grid_a.write_text(f"dataset: mvtec\nroot: {data}\n{MODEL}alpha: [0.3, 0.7]\n")
+    grid_b.write_text(f"dataset: mvtec\nroot: {data}\n{MODEL}alpha: 0.5\n")
+    out = tmp_path / "o"
+    base = ["--out", str(out), "--no-feature-cache", "--no-progress"]
+    assert main(["sweep", str(grid_a), *base]) == 0
+    before = _files(out)
+    assert len([k for k in before if k.startswith("configs/") and k.endswith("/metrics.csv")]) == 2
+    bad = data / "screw" / "test" / "crack" / "000.png"
+    good = bad.read_bytes()
+    bad.write_bytes(b"not an image")
+    assert main(["sweep", str(grid_b), *base]) == 2
+    assert "(" + str(out) + " is unchanged)" in capsys.readouterr().err
+    after = _files(out)
+    assert {k: v for k, v in after.items() if not k.startswith("partial/")} == before
+    assert json.loads(after["partial/sweep.json"])["status"] == "failed"
+    bad.write_bytes(good)
+    cats = next((out / "partial" / "configs").glob("*/categories"))
+    (cats / ".screw.x1y2z3w4.tmp.json").write_text('{"cat')  # debris of an attempt killed mid-write
+    assert main(["sweep", str(grid_b), *base[:-1], "--resume"]) == 0
+    assert capsys.readouterr().out.count("reused finished result") == 1  # bottle, from partial/
+    fresh = tmp_path / "fresh"
+    assert main(["sweep", str(grid_b), "--out", str(fresh), "--no-feature-cache", "--no-progress"]) == 0
+    got, ref = _files(out), _files(fresh)
+    assert not any(k.startswith("partial/") for k in got)
+    assert sorted(got) == sorted(ref) and got["sweep.csv"] == ref["sweep.csv"]
+    assert all(got[k] == ref[k] for k in got if k.endswith(("metrics.csv", "scores.csv")))
+    assert json.loads(got["sweep.json"])["status"] == "finished"
 
 
 # ------------------------------------------------------------------------------------------- dask
@@ -230,7 +273,8 @@ def test_failed_tasks_on_dask_are_the_same_one_line(cluster, tmp_path, capsys):
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "3 of 4 sweep tasks failed" in err[0] and "000.png cannot be read" in err[0], err
     assert captured.out.count(": FAILED: ") == 3 and "Traceback" not in captured.out + captured.err
-    assert list(pd.read_csv(out / "sweep.csv").category) == ["bottle"]
+    assert list(pd.read_csv(out / "partial" / "sweep.csv").category) == ["bottle"]
+    assert not (out / "sweep.csv").exists()  # no sweep finished in this folder yet
 
 
 @pytest.mark.slow
@@ -243,6 +287,74 @@ def test_dask_resume_reuses_tasks_on_the_workers(cluster, grid_file, serial, tmp
     assert main(args + ["--resume"]) == 0
     assert capsys.readouterr().out.count("reused finished result") == 8
     assert (out / "sweep.csv").read_bytes() == (serial / "sweep.csv").read_bytes()
+
+
+# ------------------------------------------------------------------------------------------- determinism
+
+# A conv net whose features change with torch's thread count (1 vs 2 threads: scores differ in the 6th decimal;
+# the tiny CLIP above gives the same bytes at any count, so it could not catch an executor-dependent table).
+THREAD_SENSITIVE = "dataset: mvtec\nroot: {root}\ncategories: [bottle]\nmodel: efficientnet-lite0\n" \
+                   "pretrained: none\nimage_size: 32\nmethod: musc\nbatch_size: 8\n"
+
+
+@contextlib.contextmanager
+def process_threads(n):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_task_threads_are_fixed_recorded_and_restored(data, tmp_path):
+    """Every task runs with `threads` torch threads whatever the process uses, records it, and gives the
+    process its own count back; the count does change this model's scores (so fixing it is what makes the
+    table independent of the executor)."""
+    import torch
+
+    grid = load_grid(Path(_grid(tmp_path, THREAD_SENSITIVE.format(root=data))[0]))
+    outs = {}
+    for process, task in ((3, 1), (1, 1), (1, 2)):
+        out = outs[process, task] = tmp_path / f"p{process}t{task}"
+        with process_threads(process):  # 2 through the grid file's key; 1 by default, or by the argument, which
+            # wins over the grid's key
+            g, arg = {(3, 1): ({**grid, "task_threads": 2}, 1), (1, 1): (grid, None)}.get(
+                (process, task), ({**grid, "task_threads": task}, None))
+            run_sweep(g, out, use_cache=False, progress=False, threads=arg)
+            assert torch.get_num_threads() == process
+        table = pd.read_csv(out / "sweep.csv")
+        assert list(table.torch_threads) == [task, task]
+        assert json.loads((out / "sweep.json").read_text())["task_threads"] == task
+        cat = next((out / "configs").glob("*/categories/bottle.json"))
+        assert json.loads(cat.read_text())["torch_threads"] == task
+    scores = {k: next((o / "configs").glob("*/scores.csv")).read_bytes() for k, o in outs.items()}
+    assert scores[3, 1] == scores[1, 1]  # the process's own count does not reach the task
+    assert scores[1, 1] != scores[1, 2]  # the task's count matters for this model
+    assert (outs[3, 1] / "sweep.csv").read_bytes() == (outs[1, 1] / "sweep.csv").read_bytes()
+    with pytest.raises(FiseclipError, match="threads 0"):
+        run_sweep(grid, tmp_path / "bad", threads=0)
+
+
+@pytest.mark.slow
+def test_table_is_the_same_bytes_on_any_executor_and_worker_count(data, tmp_path):
+    """Done-when of issue 20: sweep.csv (and each configuration's scores) byte-identical for the local executor
+    and LocalClusters of 1, 2 and 3 worker processes, whatever thread count the calling process uses (before,
+    local tasks ran with the process's threads and Dask tasks with cores // workers)."""
+    grid = load_grid(Path(_grid(tmp_path, THREAD_SENSITIVE.format(root=data))[0]))
+    with process_threads(2):
+        run_sweep(grid, tmp_path / "local", use_cache=False, progress=False)
+    ref = (tmp_path / "local" / "sweep.csv").read_bytes()
+    ref_scores = next((tmp_path / "local" / "configs").glob("*/scores.csv")).read_bytes()
+    with forked_workers():
+        for n in (1, 2, 3):
+            out = tmp_path / f"dask{n}"
+            run_sweep(grid, out, executor="dask", workers=n, use_cache=False, progress=False)
+            assert json.loads((out / "sweep.json").read_text())["workers"] == n
+            assert (out / "sweep.csv").read_bytes() == ref, n
+            assert next((out / "configs").glob("*/scores.csv")).read_bytes() == ref_scores, n
 
 
 # ------------------------------------------------------------------------------------------- feature cache
@@ -323,6 +435,9 @@ ERRORS = {
     "scheduler unreachable": ("root: {root}\ndataset: mvtec\n", ["--scheduler", "tcp://127.0.0.1:9",
                                                                  "--connect-timeout", "0.5"],
                               "cannot reach the Dask scheduler at tcp://127.0.0.1:9 within 0.5 s"),
+    "task_threads 0": ("root: {root}\ndataset: mvtec\ntask_threads: 0\n", [],
+                       "task_threads 0 must be one whole number >= 1"),
+    "task_threads a list": ("root: {root}\ndataset: mvtec\ntask_threads: [1, 2]\n", [], "task_threads [1, 2]"),
     "task error": ("root: {root}\ndataset: mvtec\n" + MODEL + "layers: [[99]]\n", [], "2 of 2 sweep tasks failed"),
 }
 
@@ -347,6 +462,42 @@ def test_bad_grid_or_cluster_is_one_line(name, data, tmp_path, capsys):
     assert not (out / "sweep.csv").exists() or name == "task error"
     if name.startswith("scheduler"):
         assert elapsed < 20 and not (out / "sweep.json").exists()  # time-bounded, and nothing written
+
+
+def test_scheduler_that_accepts_but_never_speaks_is_one_line_in_time(data, tmp_path, capsys):
+    """A port that accepts TCP and never answers (another service): distributed's Client would wait forever
+    for the handshake; the sweep stops after --connect-timeout with one line naming the address and the fix."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    accepted = []
+
+    def accept():
+        while True:
+            try:
+                accepted.append(server.accept()[0])  # kept open, never written to
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    address = f"tcp://127.0.0.1:{server.getsockname()[1]}"
+    out = tmp_path / "out"
+    t0 = time.time()
+    try:
+        code = main(["sweep", *_grid(tmp_path, f"root: {data}\ndataset: mvtec\n"), "--out", str(out),
+                     "--no-progress", "--no-feature-cache", "--scheduler", address, "--connect-timeout", "2"])
+    finally:
+        server.close()
+        for c in accepted:
+            c.close()
+    elapsed = time.time() - t0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and accepted and elapsed < 10, (code, elapsed)
+    assert len(err) == 1 and f"cannot reach the Dask scheduler at {address} within 2 s" in err[0], err
+    assert "never answers" in err[0] and "8786" in err[0]
+    assert not (out / "sweep.json").exists()
 
 
 def test_grid_api_errors_are_fiseclip_errors(tmp_path):

@@ -112,3 +112,30 @@ def test_key_follows_weights_phrase_and_precision_not_image_size(counted):
     assert text_cache_key(base, "glass bottle") != key
     text_embeddings(base, "bottle", disk_cache=False)
     assert not text_cache_dir().exists() or not any(text_cache_dir().iterdir())
+
+
+@pytest.mark.parametrize("kind", ["oserror", "safetensors"])
+def test_a_full_disk_under_the_text_cache_warns_once_and_keeps_the_embeddings(counted, monkeypatch, kind):
+    import errno
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        if kind == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28) at path "
+                              f"\"{filename}\"")
+
+    enc = load_encoder(**CFG)
+    want = _naive(enc, "bottle")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = [text_embeddings(load_encoder(**CFG), name) for name in ("bottle", "cable", "bottle")]
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 1 and "\n" not in msgs[0] and "No space left on device" in msgs[0], msgs
+    assert str(text_cache_dir()) in msgs[0]
+    torch.testing.assert_close(got[0], want.float(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[0], got[2])
+    assert not list(text_cache_dir().glob("*.safetensors"))  # nothing written, nothing half-written

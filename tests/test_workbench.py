@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -141,3 +142,47 @@ def test_setup_loads_the_baseline_at_its_own_size_and_names_it_in_the_provenance
     default = wb.setup("t", root=small_demo, model="fiseclip-tiny", pretrained="none", image_size=112,
                        baseline_model="efficientnet-lite0", baseline_pretrained="none", run_dir=tmp_path, show=False)
     assert default.baseline.image_size == 112
+
+
+class _Enc:
+    def __init__(self, pretrained):
+        self.pretrained = pretrained
+
+    def identity(self):
+        return {"model": "m", "pretrained": self.pretrained}
+
+
+def test_provenance_shows_one_block_and_leaves_the_banner_to_the_report_header(monkeypatch):
+    shown, updated = [], []
+    monkeypatch.setattr(wb, "_display", lambda obj, **kw: shown.append((obj.data, kw)))
+    monkeypatch.setattr("IPython.display.update_display", lambda obj, **kw: updated.append((obj.data, kw)))
+    monkeypatch.setattr(wb, "_PROVENANCE_SHOWN", False)
+    monkeypatch.delenv(wb.HEADLESS_ENV, raising=False)
+    wb.show_provenance("demo", "/d", 0, [_Enc(False)])  # JupyterLab: no report header, the banner shows here
+    assert "RANDOM WEIGHTS" in shown[0][0] and wb.PROVENANCE_CLASS in shown[0][0]
+    wb.show_provenance("demo", "/d", 0, [_Enc(False)])  # a rerun cell in JupyterLab shows its own block
+    assert len(shown) == 2 and not updated
+    shown.clear()
+    monkeypatch.setenv(wb.HEADLESS_ENV, "1")
+    monkeypatch.setattr(wb, "_PROVENANCE_SHOWN", False)
+    wb.show_provenance("demo", "/d", 0, [_Enc(False)])
+    wb.show_provenance("demo2", "/d", 0, [_Enc(True), _Enc(False)])
+    (first, kw), = shown  # a report page: one block, the second call replaces it, no banner in it
+    assert "RANDOM WEIGHTS" not in first and kw["display_id"] == wb.PROVENANCE_DISPLAY_ID
+    (second, kw2), = updated
+    assert "demo2" in second and "RANDOM WEIGHTS" not in second and kw2["display_id"] == wb.PROVENANCE_DISPLAY_ID
+
+
+def test_table_caption_is_tagged_when_its_numbers_come_from_random_weights(monkeypatch):
+    shown = []
+    monkeypatch.setattr(wb, "_display", lambda obj, **kw: shown.append(obj.data))
+    df = pd.DataFrame({"category": ["a$b"], "auroc": [0.51234]})
+    wb.table(df, caption="per category", numbers_from=[_Enc(True), "SIMULATED text map"])
+    wb.table(df, caption="per category", numbers_from=[_Enc(True), _Enc(False)])
+    assert "per category (random weights)" not in shown[0] and "per category (random weights)" in shown[1]
+    assert "0.512" in shown[0] and "a$b" in shown[0]
+
+
+def test_figure_texts_are_recorded_only_inside_reports(monkeypatch):
+    monkeypatch.delenv(wb.HEADLESS_ENV, raising=False)
+    assert wb.record_figure_texts() is False  # JupyterLab never gets the extra output

@@ -4,9 +4,16 @@
 formed once here (`make_batches`: the seed, the size and the merge rule; the whole pool for a method that scores
 categories as one pool), each batch is scored by `Detector.score` (against the references too, when given), and
 RsCIN re-scores the image scores over the whole pool when the config asks for it.
+
+A reference is never the image it judges. Images are compared by content (`plumbing.cache.image_hash`): of
+identical images in the pool (copies, links, the same file under two names) one representative is scored and
+the others receive its score, map and batch, so that a copy never references its twin; a bank reference with the
+content of a query is left out of that query's batch. Both give a one-line warning naming the two files. A pool
+without identical images is scored exactly as before (same batches, same numbers).
 """
 from __future__ import annotations
 
+import os
 import random
 import warnings
 from typing import Sequence
@@ -14,6 +21,8 @@ from typing import Sequence
 import numpy as np
 
 from fiseclip_lib.core.postprocess import rscin
+from fiseclip_lib.core.references import ReferenceBank
+from fiseclip_lib.plumbing.cache import image_hash
 
 MIN_LAST_BATCH = 5  # a last partial batch smaller than this is merged into the previous one
 
@@ -57,13 +66,17 @@ def score_pool(detector, images: Sequence, class_name: str, references=None, dat
         dataset: picks RsCIN's default k list (MuSc's per dataset).
         progress: show a progress bar.
     Returns:
-        (rows [(index into images, score, batch)], maps `[N, S, S]`), both sorted by path.
+        (rows [(index into images, score, batch)], maps `[N, S, S]`), both sorted by path; an image identical to
+        an earlier one (module doc) has that image's score, batch and map.
     """
     cfg = detector.config
-    bs = cfg.batch_size_for(len(images))
-    if bs > len(images):
-        warnings.warn(f"batch size {bs} > {len(images)} images in category {class_name}: scored as one batch")
-    batches = make_batches(range(len(images)), bs, seed=cfg.seed, shuffle=cfg.shuffle)
+    digests = [image_hash(im) for im in images]
+    twin = representatives(images, digests)
+    unique = [i for i, r in enumerate(twin) if r == i]
+    bs = cfg.batch_size_for(len(unique))
+    if bs > len(unique):
+        warnings.warn(f"batch size {bs} > {len(unique)} images in category {class_name}: scored as one batch")
+    batches = make_batches(unique, bs, seed=cfg.seed, shuffle=cfg.shuffle)
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
@@ -71,7 +84,8 @@ def score_pool(detector, images: Sequence, class_name: str, references=None, dat
     bar = tqdm(total=len(images), desc=class_name, unit="img", disable=not progress) if tqdm else None
     rows, maps, embs = [], [], []
     for b, batch in enumerate(batches):
-        res = detector.score([images[i] for i in batch], class_name, references=references, mutual=True)
+        refs = references_apart(references, {digests[i]: i for i in batch}, images)
+        res = detector.score([images[i] for i in batch], class_name, references=refs, mutual=True)
         for i, score, m in zip(batch, res.scores, res.maps):
             rows.append((i, float(score), b))
             maps.append(m)
@@ -83,5 +97,60 @@ def score_pool(detector, images: Sequence, class_name: str, references=None, dat
     if cfg.use_rscin:
         new = rscin(np.array([r[1] for r in rows]), np.concatenate(embs), cfg.rscin_ks_for(dataset)).numpy()
         rows = [(i, float(v), b) for (i, _, b), v in zip(rows, new)]
+    if len(unique) < len(images):  # each copy gets its representative's result
+        where = {row[0]: k for k, row in enumerate(rows)}
+        for i, r in enumerate(twin):
+            if r != i:
+                rows.append((i, rows[where[r]][1], rows[where[r]][2]))
+                maps.append(maps[where[r]])
     order = sorted(range(len(rows)), key=lambda k: str(images[rows[k][0]]))
     return [rows[k] for k in order], np.stack([maps[k] for k in order])
+
+
+def _name(images, i) -> str:
+    return str(images[i]) if isinstance(images[i], (str, os.PathLike)) else f"image #{i}"
+
+
+def representatives(images: Sequence, digests: Sequence[str]) -> list[int]:
+    """For each image, the index of the first image with its content (itself when it is the first); one
+    warning per copy, naming both.
+
+    Args:
+        images: the pool (paths, PIL images or arrays), for the warnings.
+        digests: their content hashes (`image_hash`).
+    Returns:
+        The representative's index per image.
+    """
+    first: dict[str, int] = {}
+    out = []
+    for i, d in enumerate(digests):
+        r = first.setdefault(d, i)
+        if r != i:
+            warnings.warn(f"images {_name(images, r)} and {_name(images, i)} are identical: scored once, the second "
+                          f"given the first's score and map (an image never references its own copy)")
+        out.append(r)
+    return out
+
+
+def references_apart(references, query_digests: dict, images: Sequence):
+    """The bank less any reference with the content of a query (one warning per such reference, naming both).
+
+    Args:
+        references: a `ReferenceBank` or None.
+        query_digests: {content hash: index into images} of the queries scored together.
+        images: the pool, for the warnings.
+    Returns:
+        `references` itself when no reference equals a query, else a new bank without those references (None
+        when none is left).
+    """
+    if references is None or not len(references):
+        return references
+    same = [e for e in references.entries if e.digest is not None and e.digest in query_digests]
+    if not same:
+        return references
+    for e in same:
+        warnings.warn(f"reference {e.path or '(unnamed)'} has the same content as image "
+                      f"{_name(images, query_digests[e.digest])}: left out of its references (a reference is never "
+                      f"the image it judges)")
+    kept = [e for e in references.entries if not any(e is x for x in same)]
+    return ReferenceBank(kept, grid=references.grid, identity=references.identity) if kept else None

@@ -4,6 +4,12 @@ A `ReferenceBank` holds each reference image once, already aggregated (LNAMD per
 asked, filtered by its own text map; the scoring core (`Detector.score_features(..., references=bank)`) matches
 queries against it. Build one with `ReferenceBank.from_images(detector, images, class_name)` or add entries made
 by `Detector.reference_entry`.
+
+A reference is never the image it judges: `from_images` records each image's content hash (`BankEntry.digest`,
+the feature cache's `image_hash`), and `core.pool.score_pool` leaves out, per batch, any reference with the
+content of a query (a copy, a hard link, a symlink, the same file under another name), with a warning.
+`ReferenceBank.audit` checks that the references themselves look alike (leave-one-out scores, robust z), so
+that a defective "known-good" image is named before it hides the same defect in the queries.
 """
 from __future__ import annotations
 
@@ -12,9 +18,18 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
+from fiseclip_lib.core.robust import MAD_TO_SIGMA, median_mad
 from fiseclip_lib.errors import FiseclipError
+from fiseclip_lib.plumbing.cache import image_hash
+
+AUDIT_Z = 3.5  # robust z above which a reference is suspect (Iglewicz & Hoaglin's outlier bound)
+AUDIT_MIN = 6  # fewer references give no usable median and MAD of their leave-one-out scores
+# The z scale is at least this share of the median score: in a small bank a few normal scores often agree to the
+# third digit (MAD near 0) and any other normal image then looks like an outlier (measured: docs/decisions.md).
+AUDIT_REL_SCALE = 0.1
 
 
 @dataclass
@@ -32,6 +47,7 @@ class BankEntry:
     score: float | None = None
     feats: object = None  # the image's Features (kept for known-good references: their leave-one-out scores)
     grid: tuple[int, int] | None = None
+    digest: str | None = None  # content hash of the image (plumbing.cache.image_hash); None: unknown
 
     def patch_grid(self) -> tuple[int, int]:
         if self.grid is not None:
@@ -85,6 +101,7 @@ class ReferenceBank:
             path = str(images[i]) if isinstance(images[i], (str, os.PathLike)) else None
             entry = detector.reference_entry(one, class_name, filtered, path)
             entry.feats = one
+            entry.digest = image_hash(images[i])
             bank.add(entry)
         return bank
 
@@ -100,6 +117,34 @@ class ReferenceBank:
     def leave_one_out_scores(self, detector, class_name: str) -> list[float]:
         """Each reference's score against the others (`Detector.leave_one_out_scores`)."""
         return detector.leave_one_out_scores(self, class_name)
+
+    def audit(self, detector, class_name: str, z_bound: float = AUDIT_Z) -> list[dict]:
+        """Flag references that do not look like the others: a cheap check of a "known-good" bank before use.
+
+        Each reference is scored against the others (`leave_one_out_scores`); a defective reference keeps its
+        defect's patches unmatched and scores high. Its robust z, (score - median) / (1.4826 MAD) over the
+        bank's leave-one-out scores, above `z_bound` marks it suspect (one-sided: only high scores are defects).
+        The scale is at least AUDIT_REL_SCALE * |median| (small banks: module constants). Large defects are
+        found; small ones (a thin scratch, a spot) often are not (docs/decisions.md).
+
+        Args:
+            detector: the `Detector` that will score the queries.
+            class_name: the text prompt's class.
+            z_bound: the robust z above which a reference is suspect.
+        Returns:
+            One dict per reference in bank order: path, score, z, suspect (bool). Empty when the bank has fewer
+            than AUDIT_MIN references or lacks their features (hand-built entries): nothing to compare with.
+        """
+        if len(self) < AUDIT_MIN:
+            return []
+        scores = np.asarray(self.leave_one_out_scores(detector, class_name), dtype=np.float64)
+        if scores.size == 0:
+            return []
+        med, mad = median_mad(scores)
+        scale = max(MAD_TO_SIGMA * mad, AUDIT_REL_SCALE * abs(med), np.finfo(np.float64).tiny)
+        z = (scores - med) / scale
+        return [{"path": e.path, "score": float(s), "z": float(zi), "suspect": bool(zi > z_bound)}
+                for e, s, zi in zip(self.entries, scores, z)]
 
     def without(self, index: int) -> "ReferenceBank":
         """The bank less one entry (leave-one-out)."""

@@ -108,11 +108,13 @@ def _write_cached(path: Path, key: str, t: torch.Tensor) -> None:
     from safetensors.torch import save_file
 
     t = t.contiguous()
+    from fiseclip_lib.plumbing.cache import cache_write_errors, warn_cache_write
+
     try:
         with atomic_path(path) as tmp:
             save_file({"text": t}, str(tmp), metadata={"key": key, "checksum": _checksum(t)})
-    except OSError:
-        pass  # a read-only or full disk costs the prompt ensemble next time, nothing else
+    except cache_write_errors() as e:  # a read-only or full disk costs the prompt ensemble next time, nothing else
+        warn_cache_write("text embedding cache", path.parent, e)
 
 
 def text_embeddings(encoder, class_name: str, overrides: dict | None = None, disk_cache: bool = True) -> torch.Tensor:

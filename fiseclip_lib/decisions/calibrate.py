@@ -1,10 +1,21 @@
 """Thresholds: from image scores to a decision rule, with the provenance needed to apply it safely.
 
-A score means something only for the config and encoder that produced it (a robust-z fused map, a raw
-distance, an RsCIN-normalised score are different scales), so a threshold records the method, the encoder
-(model, weights content, input size, precision), a hash of the scoring config and the scoring mode (`batch`:
-`run` / `predict`, `stream`: `predict --stream`), read from the `config.json` beside the scores. Applying it
-to other scores is an error naming what differs (`force` turns it into a warning).
+A score means something only for the scores it was calibrated on: a robust-z fused map, a raw distance and an
+RsCIN-normalised score are different scales, a bank of known-good references or a stream moves every score. So
+a threshold file (format `fiseclip-threshold/2`) records, from the `config.json` beside the scores:
+  category   the category / class name of the images (`predict --class-name` must name the same);
+  encoder    its identity (model, weights content, input size, precision, preprocessing, restoration depth);
+  config     every config field that changes scores (the config's own metadata: `config.scoring_fields`, less
+             the batch-only fields for a stream), automatic values resolved;
+  mode       the decision mode: `batch` (images referencing each other: `run`, `predict`), `bank` (a batch with
+             a reference bank: `predict --reference-dir`) or `stream` (`predict --stream`);
+  scale      what the score is (method, branch normalisation, RsCIN, text weight), for the reader;
+  config_hash  a hash of config and mode (a quick test), and `checksum`, over the whole record.
+`Threshold.check` compares each of these with the scores to threshold and, on a difference, stops naming every
+field that differs with both values (`force` turns it into a warning). A file changed by hand fails its checksum
+and is refused; a file never says `method: given` (a plain number on the command line is the only unchecked
+threshold). Files of format 1 (version 0.1 on) still load and are checked by their config hash
+(`legacy_config_hashes`).
 
 Methods (`calibrate(scores, labels, method=...)`):
   f1        labelled scores (label 1 = anomalous): the threshold that maximises F1 of "anomalous" over the
@@ -21,6 +32,8 @@ Methods (`calibrate(scores, labels, method=...)`):
             with these (same line, same config), the false-alarm rate is at most a on average (and at least
             a - 1/(n + 1)); needs n >= 1/a - 1 scores.
   auto      f1 when the file has both labels, else robust_z.
+Every method needs finite scores (a NaN or inf row is an error naming it); the file and the command's summary
+line state the flag rate over the scores used (`flag_rate`: the share above the threshold).
 """
 from __future__ import annotations
 
@@ -37,29 +50,75 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 
-from fiseclip_lib.plumbing.files import write_json_atomic
+from fiseclip_lib.plumbing.files import write_text_atomic
 from fiseclip_lib.config import FiseConfig, scoring_fields
 from fiseclip_lib.core.robust import MAD_TO_SIGMA, median_mad
 from fiseclip_lib.errors import FiseclipError
 
 METHODS = ("auto", "f1", "robust_z", "quantile")
 DEFAULT_FALSE_ALARM_RATE = 0.01
-ENCODER_FIELDS = ("model", "weights_id", "input_size", "precision", "quick_gelu", "restore_depth")
-FORMAT = "fiseclip-threshold/1"
+ENCODER_FIELDS = ("model", "weights_id", "input_size", "precision", "quick_gelu", "restore_depth")  # format 1
+ENCODER_UNCHECKED = ("weights",)  # the weights as asked (a path or tag); their content is weights_id
+MODES = ("batch", "bank", "stream")
+FORMAT = "fiseclip-threshold/2"
+FORMAT_1 = "fiseclip-threshold/1"
+FORMATS = (FORMAT_1, FORMAT)  # what load_threshold reads
+SCALE_FIELDS = ("method", "fusion_norm", "rscin", "beta")
 
 
-def config_hash(config: dict, mode: str = "batch") -> str:
-    """sha256 (16 hex) of the config fields that change scores (automatic values resolved, so that `sigma: null`
-    and the 4 px it means hash alike) and the scoring mode (streaming ignores batch formation: config.py)."""
+def _jsonable(x):
+    """`x` as it reads back from JSON (tuples become lists), so that recorded and live values compare."""
+    return json.loads(json.dumps(x, default=str))
+
+
+def scored_config(config: dict, mode: str = "batch") -> dict:
+    """The config fields that change scores of this mode, automatic values resolved (so that `sigma: null` and
+    the 4 px it means are one value); streaming ignores the batch-only fields (config.py).
+
+    Args:
+        config: a config dict (`FiseConfig.to_dict()` or `resolved()`; one of another version is taken as
+            written).
+        mode: batch, bank or stream.
+    Returns:
+        {field: value} as JSON reads it back.
+    """
     try:
         config = FiseConfig.from_dict(config).resolved()
     except FiseclipError:
-        pass  # a config of another version: hashed as written (it will not match, and the check says so)
+        pass  # a config of another version: compared as written (the check names what differs)
     relevant = scoring_fields(config, stream=mode == "stream")
     if relevant.get("rscin") is False:
         relevant.pop("rscin_ks", None)  # no RsCIN: its k list (resolved per dataset) changes no score
+    return _jsonable(relevant)
+
+
+def _hash(relevant: dict, mode: str) -> str:
     return hashlib.sha256(json.dumps({"config": relevant, "mode": mode}, sort_keys=True,
                                      default=str).encode()).hexdigest()[:16]
+
+
+def config_hash(config: dict, mode: str = "batch") -> str:
+    """sha256 (16 hex) of the config fields that change scores (`scored_config`) and the mode."""
+    return _hash(scored_config(config, mode), mode)
+
+
+def score_scale(config: dict, mode: str = "batch") -> dict:
+    """What a score is, in the fields that set its scale: the method (its branches), the branch normalisation,
+    RsCIN's pool re-scoring (never in a stream) and the weight of the text score."""
+    c = scored_config(config, mode)
+    return {"method": c.get("method"), "fusion_norm": c.get("fusion_norm"),
+            "rscin": bool(c.get("rscin")) if mode != "stream" else False, "beta": c.get("beta")}
+
+
+def decision_mode(scoring: dict | None) -> str:
+    """The decision mode of scores from their `config.json` `scoring` record: stream, bank (a batch with
+    references; config.json files before format 2 of thresholds say batch and count the references) or batch
+    (also for `run`, whose config.json has no such record)."""
+    scoring = scoring or {}
+    mode = scoring.get("mode") or "batch"
+    if mode == "batch" and (scoring.get("references") or 0) > 0:
+        return "bank"
+    return mode
 
 
 # The config fields of version 0.1 (commit 74c01e7) and what its threshold hash left out.
@@ -167,34 +226,103 @@ class Threshold:
     config_hash: str | None = None
     mode: str | None = None
     source: str | None = None
+    config: dict | None = None  # scored_config of the calibration scores (None: a format 1 file, or no config)
+    scale: dict | None = None
+    flag_rate: float | None = None  # share of the scores used above the threshold
+    n_used: int | None = None  # the scores the rule was computed from (quantile: the normal ones)
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, **dataclasses.asdict(self)}
+        d = {"format": FORMAT, **dataclasses.asdict(self)}
+        d["checksum"] = record_checksum(d)
+        return d
 
     def save(self, path) -> None:
-        write_json_atomic(path, self.to_dict())
+        """Write threshold.json atomically, as strict JSON (a NaN or inf is an error, never written)."""
+        try:
+            text = json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)
+        except ValueError:
+            raise FiseclipError(f"threshold {path}: a non-finite number in {self.to_dict()}; nothing written") from None
+        write_text_atomic(path, text + "\n")
 
     def decide(self, scores) -> np.ndarray:
         """"anomalous" / "normal" per score."""
         return np.where(np.asarray(scores, dtype=np.float64) > self.value, "anomalous", "normal")
 
-    def check(self, detector, mode: str, force: bool = False) -> None:
-        """Stop (or warn, with force) when the scores to threshold come from another encoder, method,
-        config or scoring mode than the calibration scores."""
+    def differences(self, detector, mode: str, class_name: str | None = None) -> list[str]:
+        """What differs between the calibration scores and the scores of `detector` in `mode` (batch, bank,
+        stream) for `class_name`: one "field: threshold value vs now value" per field (empty: none).
+
+        Args:
+            detector: the Detector that scores the images to threshold.
+            mode: their decision mode.
+            class_name: their class name (None: not checked).
+        Returns:
+            The differences, category first, then mode, encoder, config fields and scale.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        diffs = []
+        if class_name is not None and self.category is not None and str(self.category) != str(class_name):
+            diffs.append(f"category {self.category!r} in the threshold vs class name {class_name!r} now")
+        if self.encoder is None and self.config_hash is None:
+            return diffs  # no config recorded (check warns)
+        legacy = self.config is None  # format 1: a bank was "batch", the config only a hash
+        if legacy and mode == "bank" and self.mode == "batch":
+            mode = "batch"
+        if self.mode is not None and self.mode != mode:
+            diffs.append(f"mode {self.mode} in the threshold vs {mode} now")
+        enc = _jsonable(detector.encoder.identity())
+        for k in sorted(self.encoder or {}):
+            if k not in ENCODER_UNCHECKED and self.encoder[k] != enc.get(k):
+                diffs.append(f"encoder {k} {self.encoder[k]!r} in the threshold vs {enc.get(k)!r} now")
+        cfg = detector.config.to_dict()
+        if legacy:
+            if self.config_method and self.config_method != detector.config.method:
+                diffs.append(f"method {self.config_method!r} in the threshold vs {detector.config.method!r} now")
+            known = {config_hash(cfg, mode)} | legacy_config_hashes(detector.config, mode)
+            if not diffs and self.config_hash is not None and self.config_hash not in known:
+                diffs.append(f"config (a threshold file of {FORMAT_1} records only its hash, {self.config_hash}: "
+                             f"recalibrate to see which field differs)")
+            return diffs
+        now = scored_config(cfg, mode)
+        if self.config_hash == _hash(now, mode) and self.config == now:
+            fields = []  # the quick test; the field comparison below decides when it fails
+        else:
+            default = _jsonable(FiseConfig().to_dict())
+            missing = object()
+            fields = []
+            for k in sorted(set(self.config) | set(now)):  # rscin before rscin_ks
+                if k == "rscin_ks" and "rscin" in fields:
+                    continue  # RsCIN on one side only: its k list is not the difference
+                # a field the file predates had its default then (new fields default to the old behaviour)
+                was = self.config.get(k, default.get(k, missing))
+                cur = now.get(k, missing)
+                if was != cur:
+                    fields.append(k)
+                    diffs.append(f"{k} {_show(was, missing)} in the threshold vs {_show(cur, missing)} now")
+        for k, v in sorted((self.scale or {}).items()):
+            cur = score_scale(cfg, mode).get(k)
+            if k not in fields and v != cur:
+                diffs.append(f"score scale {k} {v!r} in the threshold vs {cur!r} now")
+        return diffs
+
+    def check(self, detector, mode: str, force: bool = False, class_name: str | None = None) -> None:
+        """Stop (or warn, with force) when the scores to threshold are not those it was calibrated on: another
+        category, decision mode, encoder, score-changing config field or score scale (`differences`); the
+        message names each differing field with both values.
+
+        Args:
+            detector: the Detector that scores the images to threshold.
+            mode: batch, bank (a batch with a reference bank) or stream.
+            force: warn instead of stopping.
+            class_name: the images' class name (None: not checked).
+        """
         if self.method == "given":
-            return  # a number the user chose: nothing to check it against
-        if self.encoder is None or self.config_hash is None:
+            return  # a number the user typed (load_threshold never reads one from a file)
+        diffs = self.differences(detector, mode, class_name)
+        if self.encoder is None and self.config_hash is None:
             warnings.warn(f"threshold {self.source or ''} records no config (calibrated from scores without a "
                           f"config.json beside them): it cannot be checked against this config")
-            return
-        enc = detector.encoder.identity()
-        diffs = [f"encoder {k} {self.encoder.get(k)!r} vs {enc.get(k)!r}" for k in ENCODER_FIELDS
-                 if k in self.encoder and self.encoder.get(k) != enc.get(k)]
-        if self.config_method and self.config_method != detector.config.method:
-            diffs.append(f"method {self.config_method} vs {detector.config.method}")
-        h = config_hash(detector.config.to_dict(), mode)
-        if not diffs and self.config_hash not in {h} | legacy_config_hashes(detector.config, mode):
-            diffs.append(f"config/scoring mode ({self.mode} config {self.config_hash} vs {mode} config {h})")
         if diffs:
             msg = (f"threshold {self.source or ''} was calibrated on other scores: {'; '.join(diffs)}; recalibrate "
                    f"with fiseclip calibrate on scores of this config (or --force-threshold)")
@@ -203,8 +331,22 @@ class Threshold:
             warnings.warn(msg)
 
 
+def _show(v, missing) -> str:
+    return "(not recorded)" if v is missing else repr(v)
+
+
+def record_checksum(d: dict) -> str:
+    """sha256 (16 hex) of a threshold record without its checksum: a file changed by hand no longer matches."""
+    body = {k: v for k, v in d.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def load_threshold(spec) -> Threshold:
-    """A Threshold from a Threshold, a number, or a threshold.json path (one-line errors for bad files)."""
+    """A Threshold from a Threshold, a number, or a threshold.json path (one-line errors for bad files).
+
+    Only a number gives an unchecked threshold (method "given"); a file must be one fiseclip calibrate wrote
+    (format 2: its checksum matches) or a file of format 1.
+    """
     if isinstance(spec, Threshold):
         return spec
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
@@ -225,12 +367,27 @@ def load_threshold(spec) -> Threshold:
         d = json.loads(p.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise FiseclipError(f"threshold file {p} is not valid JSON; recreate it with fiseclip calibrate") from None
-    if not isinstance(d, dict) or d.get("format") != FORMAT:
+    if not isinstance(d, dict) or d.get("format") not in FORMATS:
         raise FiseclipError(f"threshold file {p} is not a fiseclip threshold ({FORMAT}); recreate it with "
                             f"fiseclip calibrate")
     v = d.get("value")
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
         raise FiseclipError(f"threshold file {p}: value {v!r} is not a finite number")
+    if d.get("method") not in METHODS[1:]:
+        hint = (" ('given' is what a plain number on the command line is; a file is always checked)"
+                if d.get("method") == "given" else "")
+        raise FiseclipError(f"threshold file {p}: method {d.get('method')!r} is not one fiseclip calibrate writes"
+                            f"{hint}; recalibrate, or pass the number itself with --threshold VALUE")
+    if d["format"] == FORMAT and d.get("checksum") != record_checksum(d):
+        raise FiseclipError(f"threshold file {p} was changed after fiseclip calibrate wrote it (its checksum does "
+                            f"not match); recalibrate, or pass the number itself with --threshold VALUE")
+    kinds = {"encoder": dict, "config": dict, "scale": dict, "stats": dict, "category": str, "mode": str}
+    for k, kind in kinds.items():
+        if d.get(k) is not None and not isinstance(d[k], kind):
+            raise FiseclipError(f"threshold file {p}: {k} {d[k]!r} is not a {kind.__name__}; recreate it with "
+                                f"fiseclip calibrate")
+    if d.get("mode") is not None and d["mode"] not in MODES:
+        raise FiseclipError(f"threshold file {p}: mode {d['mode']!r} is not one of {', '.join(MODES)}")
     fields = {f.name for f in dataclasses.fields(Threshold)}
     t = Threshold(**{k: d[k] for k in fields if k in d})
     t.source = str(p)
@@ -243,25 +400,30 @@ def calibrate(scores, labels=None, method: str = "auto",
     """A threshold from image scores (module doc).
 
     Args:
-        scores: `[N]` image scores.
+        scores: `[N]` image scores, all finite.
         labels: `[N]` 0 normal / 1 anomalous, or None (unlabeled).
         method: auto | f1 | robust_z | quantile.
         false_alarm_rate: target rate for robust_z and quantile.
         provenance: the `config.json` record of the scores (config, encoder, scoring mode), or None.
-        category: the category the scores belong to.
+        category: the category the scores belong to (default: the record's class_name, if any).
     Returns:
-        A Threshold (`.save(path)` writes threshold.json).
+        A Threshold (`.save(path)` writes threshold.json), with its flag rate over the scores it used.
     """
     if method not in METHODS:
         raise FiseclipError(f"unknown calibration method {method!r}: choose one of {', '.join(METHODS)}")
-    s = np.asarray(scores, dtype=np.float64)
+    s = np.asarray(scores, dtype=np.float64).ravel()
     y = None if labels is None else np.asarray(labels).astype(int)
     if s.size == 0:
         raise FiseclipError("no scores to calibrate on")
+    bad = np.flatnonzero(~np.isfinite(s))
+    if bad.size:
+        raise FiseclipError(f"{bad.size} score(s) are not finite (positions {_listed(bad.tolist())}): a threshold "
+                            f"needs finite scores; rescore those images or leave them out")
     if method == "auto":
         method = "f1" if (y is not None and (y == 1).any() and (y == 0).any()) else "robust_z"
     stats: dict = {}
     rate = None
+    used = s
     if method == "f1":
         if y is None:
             raise FiseclipError("F1 calibration needs labels (a label column); use --method robust_z")
@@ -269,24 +431,33 @@ def calibrate(scores, labels=None, method: str = "auto",
     elif method == "robust_z":
         rate = false_alarm_rate
         value = robust_threshold(s, rate)
-        finite = s[np.isfinite(s)]  # the scores robust_threshold used
-        med, mad = median_mad(finite)
+        med, mad = median_mad(s)
         stats = {"median": med, "mad": mad,
                  "z": NormalDist().inv_cdf(1 - rate), "calibration_flag_rate": float(np.mean(s > value))}
     else:
         rate = false_alarm_rate
-        normal = s if y is None else s[y == 0]
-        value = conformal_threshold(normal, rate)
-        stats = {"normal_scores": int(normal.size), "calibration_flag_rate": float(np.mean(normal > value))}
+        used = s if y is None else s[y == 0]
+        value = conformal_threshold(used, rate)
+        stats = {"normal_scores": int(used.size), "calibration_flag_rate": float(np.mean(used > value))}
     prov = provenance or {}
     enc = prov.get("encoder") or None
     cfg = prov.get("config") or None
-    mode = (prov.get("scoring") or {}).get("mode", "batch") if prov else None
+    mode = decision_mode(prov.get("scoring")) if prov else None
+    if category is None and prov.get("class_name"):
+        category = str(prov["class_name"])
+    relevant = scored_config(cfg, mode) if cfg else None
     return Threshold(
         value=float(value), method=method, false_alarm_rate=rate, stats=stats, n_scores=int(s.size),
-        category=category, encoder={k: enc.get(k) for k in ENCODER_FIELDS} if enc else None,
+        category=category, encoder=_jsonable(enc) if enc else None,
         config_method=cfg.get("method") if cfg else None,
-        config_hash=config_hash(cfg, mode) if cfg else None, mode=mode)
+        config_hash=_hash(relevant, mode) if cfg else None, mode=mode, config=relevant,
+        scale=score_scale(cfg, mode) if cfg else None,
+        flag_rate=float(np.mean(used > value)), n_used=int(used.size))
+
+
+def _listed(items, most: int = 5) -> str:
+    shown = ", ".join(map(str, items[:most]))
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
 
 
 def read_scores(path, category: str | None = None):
@@ -314,9 +485,17 @@ def read_scores(path, category: str | None = None):
                                 f"(a threshold belongs to one category)")
         else:
             category = cats[0] if cats else None
+    if df.empty:
+        raise FiseclipError(f"scores file {p} has no rows to calibrate on")
     scores = pd.to_numeric(df["score"], errors="coerce").to_numpy(dtype=np.float64)
-    if not np.isfinite(scores).any():
-        raise FiseclipError(f"scores file {p} has no finite score")
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size:  # named by their line in the file (the header is line 1) and their image
+        lines = (df.index.to_numpy()[bad] + 2).tolist()
+        names = df["path"].astype(str).to_numpy()[bad].tolist() if "path" in df.columns else [None] * bad.size
+        raw = df["score"].astype(str).to_numpy()[bad].tolist()
+        rows = [f"line {ln} ({v}{', ' + n if n else ''})" for ln, v, n in zip(lines, raw, names)]
+        raise FiseclipError(f"scores file {p}: {bad.size} score(s) are not finite numbers, in the row(s) at "
+                            f"{_listed(rows, 3)}; rescore those images or delete their rows")
     labels = None
     if "label" in df.columns:
         labels = pd.to_numeric(df["label"], errors="coerce").to_numpy()
@@ -328,6 +507,9 @@ def read_scores(path, category: str | None = None):
         try:
             prov = json.loads(conf.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError):
+            prov = None
+        if not isinstance(prov, dict):
+            prov = None
             warnings.warn(f"{conf} is damaged; the threshold records no config")
     else:
         warnings.warn(f"no config.json beside {p}: the threshold records no config and cannot be checked when "

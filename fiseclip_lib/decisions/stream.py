@@ -7,50 +7,94 @@ scores an image against the references it has at that moment:
     text map exactly as a batch reference is (`filtering.reference_keep` on that image alone).
 The cost per image is one encoder pass, one LNAMD of the image, and matching against at most K + R references:
 it does not grow with the number of images seen (each bank image's aggregated features are computed once,
-when it enters the bank). Memory: K + R images' features per layer and degree.
+when it enters the bank, and kept stacked: an entering image overwrites the oldest row, nothing is re-stacked).
+`Streamer.run` encodes `prefetch` images per encoder call (the bank changes between images, so only the encoder
+is batched; decisions stay sequential). Memory: K + R images' features per layer and degree.
 
 Exactness. The streamed score of an image is `Detector.score_against([image], references)` with the references
 it was scored against (`StreamResult.reference_paths`): the same function on the same inputs, so the two agree
 to float rounding (tests: 1e-6). Normalisation is per image (module doc of `predict.py`), so the score never
-depends on the other images of the stream except through the bank.
+depends on the other images of the stream except through the bank. A reference with the same content as the
+image (`BankEntry.digest`, the feature cache's `image_hash`) is left out for that image: an image is never
+matched against a copy of itself.
 
 Admission (what keeps defects out of the bank). An image enters the rolling bank only when both say normal:
-  1. the score threshold: `score <= threshold`. The threshold is the one given (a number or a calibrated
-     `calibrate.Threshold`), or, without one, the unsupervised rule of `calibrate.robust_threshold` over the
-     scores of the last `history` images judged normal (median + z MAD; needs `min_history` of them);
+  1. the score: warm, `score <= threshold`; while calibrating (no threshold yet), policy `admission`:
+       "robust" (default) below median + CALIBRATING_Z (3.5) x 1.4826 MAD of the normal scores seen so far
+                 (known-good leave-one-out scores and admitted images; needs MIN_BOUND_SCORES (3) of them, the
+                 images before that are admitted on the text's word alone). A run of defects while calibrating
+                 stays out of the bank; the price: a first normal image far from the few before it (a slow
+                 change) is kept out too, so calibration takes a few more images.
+       "open"    the text's word alone (the behaviour before issue 20): cheap, but an unguarded stream without
+                 a text branch (CNN encoders) admits anything it sees before it is warm.
   2. the text (methods with a text branch and `filter` != none): the image's text score s_T (CLIP's
      probability of "abnormal" for the whole image) must be below `text_gate` (default `filter_theta`).
 An image judged anomalous never enters, so a run of defects is scored against the normal images before it and
 cannot teach the bank that defects are normal. Its patches the text calls abnormal are also never references.
 
+The threshold (`rule`, used when no threshold is given):
+  robust_z   (default) median + z x 1.4826 MAD of the last `history` normal scores, z = Phi^-1(1 - rate), from
+             `min_history` of them. NOT rate-controlled: image scores are maxima of maps, skewed to the right,
+             so the realised false-alarm rate is above the target (an outside trial: 6 % for a 1 % target over
+             34 warm decisions). Measure yours with `false_alarm_study`.
+  conformal  the ceil((n + 1)(1 - rate))-th smallest of the last n normal scores once n >= 1/rate - 1 (99 at
+             1 %; `history` is raised to hold them); robust_z before that. For normal images exchangeable with
+             the history, the false-alarm rate is at most the target; the price: slower to warm up, and a score
+             history of admitted (hence below-threshold) images biases it low, i.e. towards more alarms, never
+             fewer.
+
+Shifts (a lighting or product change): the bank never adapts by itself, since flagged images never enter it.
+  - drift alarm: when more than `drift_rate` of the last `drift_window` (W) warm decisions are "anomalous", the
+    state is "drift" and one line is warned (once per episode). `on_drift` says what happens then:
+      "flag" (default)   keep flagging: a line stops on a real change; an operator confirms the new normal.
+      "rebaseline"       the last min(K, W) images become the rolling bank and their leave-one-out scores the
+                         score history: the stream adapts by itself, at the price that a long enough run of real
+                         defects (W x drift_rate in a row) is taken as the new normal.
+  - `Streamer.confirm_normal(images)` (or `confirm=` paths: the arrival of the first of them confirms them
+    all; CLI `predict --stream --confirm FILE`): an operator's word that these images are the new normal. The
+    rolling bank and the score history are reset to them (the fixed known-good bank stays).
+
 States (`StreamResult.state`):
   cold         fewer than `min_references` (2) references: too few to judge. The score is still finite (against
                the one reference, or the text map alone / zeros without any), the decision is "undecided", and
                the image is admitted on the text's word alone (encoders without text: admitted). Give
-               known-good references (`references=`) to start warm and to guard the start.
+               known-good references (`references=`) to start warm and to guard the start. A stream whose
+               bank size plus references is below min_references can never leave it (warned at the start).
   calibrating  enough references but no threshold yet (no threshold given and fewer than `min_history`
-               normal scores): decision "undecided", admission on the text's word alone. Known-good references
+               normal scores): decision "undecided", admission by policy `admission`. Known-good references
                count: each is scored once against the others at the start (`leave_one_out_scores`), so with
                `min_history` (8) of them the stream is warm from its first image.
   warm         decisions by the threshold; admission by threshold and text.
+  drift        warm, and the drift alarm is on (above).
 """
 from __future__ import annotations
 
 import collections
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+import torch
 
-from fiseclip_lib.core.detector import Detector
+from fiseclip_lib.core.detector import Detector, split_features
 from fiseclip_lib.core.references import BankEntry, ReferenceBank
+from fiseclip_lib.core.robust import MAD_TO_SIGMA, median_mad
 from fiseclip_lib.errors import FiseclipError
+from fiseclip_lib.plumbing.cache import image_hash
 
 MIN_REFERENCES = 2
 MIN_HISTORY = 8
 HISTORY = 64
+CALIBRATING_Z = 3.5  # robust z above which a calibrating stream keeps an image out (references.AUDIT_Z's bound)
+MIN_BOUND_SCORES = 3  # fewer normal scores give no usable median and MAD
+DRIFT_WINDOW = 16
+DRIFT_RATE = 0.5
+RULES = ("robust_z", "conformal")
+ADMISSIONS = ("robust", "open")
+ON_DRIFT = ("flag", "rebaseline")
 
 
 @dataclass
@@ -61,13 +105,69 @@ class StreamResult:
     path: str | None
     score: float
     decision: str  # normal | anomalous | undecided
-    state: str  # cold | calibrating | warm
+    state: str  # cold | calibrating | warm | drift
     admitted: bool
     references: int
     threshold: float | None
     text_score: float | None = None
     reference_paths: list = field(default_factory=list)
     map: np.ndarray | None = None
+
+
+class _Stack:
+    """The fixed entries and a ring of K rolling entries, stacked once: `bank()` is a ReferenceBank whose stacked
+    tensors are views (rows: fixed, then rolling slots), so nothing is re-stacked per image."""
+
+    def __init__(self, fixed: Sequence[BankEntry], k: int):
+        self.fixed, self.k = list(fixed), k
+        self.slots: list[BankEntry | None] = [None] * k
+        self.filled = self.next = 0
+        self.feats = self.keep = self.penalty = None
+        self.has_keep = self.has_pen = False
+        for i, e in enumerate(self.fixed):
+            self._write(i, e)
+
+    def _write(self, row: int, e: BankEntry) -> None:
+        if self.feats is None:
+            n = len(self.fixed) + self.k
+            self.feats = {key: torch.empty((n,) + tuple(t.shape[1:]), dtype=t.dtype) for key, t in e.features.items()}
+            p = next(iter(e.features.values())).shape[1]
+            self.keep = torch.ones(n, p, dtype=torch.bool)
+            self.penalty = torch.zeros(n, p)
+        for key, t in self.feats.items():
+            t[row] = e.features[key][0]
+        # entries without a filter keep all their patches with no penalty (references.stack_entries)
+        self.keep[row] = True if e.keep is None else e.keep[0]
+        self.penalty[row] = 0.0 if e.penalty is None else e.penalty[0]
+        self.has_keep |= e.keep is not None
+        self.has_pen |= e.penalty is not None
+
+    def push(self, e: BankEntry) -> None:
+        slot = self.next % self.k
+        self._write(len(self.fixed) + slot, e)
+        self.slots[slot] = e
+        self.next += 1
+        self.filled = min(self.k, self.filled + 1)
+
+    def clear(self) -> None:
+        self.slots = [None] * self.k
+        self.filled = self.next = 0
+
+    def bank(self, exclude_digest: str | None = None) -> ReferenceBank:
+        entries = self.fixed + self.slots[:self.filled]
+        rows = [i for i, e in enumerate(entries)
+                if exclude_digest is None or getattr(e, "digest", None) != exclude_digest]
+        bank = ReferenceBank([entries[i] for i in rows])
+        if not rows:
+            return bank
+        pick = (lambda t: t[:len(entries)]) if len(rows) == len(entries) else (lambda t: t[rows])  # noqa: E731
+        bank._stacked = ({key: pick(t) for key, t in self.feats.items()}, pick(self.keep) if self.has_keep else None,
+                         pick(self.penalty) if self.has_pen else None)
+        return bank
+
+
+def _path_of(image) -> str | None:
+    return str(image) if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__") else None
 
 
 class Streamer:
@@ -78,22 +178,37 @@ class Streamer:
         class_name: the object's name for the prompts.
         bank_size: K, how many accepted images the rolling bank holds (oldest out first).
         references: a ReferenceBank of known-good images, or paths of them (never filtered, never dropped).
-        threshold: a number, a `calibrate.Threshold`, or None (the online unsupervised rule).
+        threshold: a number, a `calibrate.Threshold`, or None (the online rule `rule`).
         false_alarm_rate: target rate of the online rule.
         text_gate: s_T above this keeps an image out of the bank (default: the config's filter_theta for the
             method fiseclip; None for no text gate).
         min_references: below this many references the state is cold.
-        min_history, history: the online rule needs min_history normal scores and uses the last `history`.
+        min_history, history: the online rule needs min_history normal scores and uses the last `history`
+            (default 64; the conformal rule raises it to hold 2 / false_alarm_rate scores).
+        rule: "robust_z" or "conformal" (module doc: only the latter controls the false-alarm rate).
+        admission: "robust" or "open", the admission policy while calibrating (module doc).
+        drift_window, drift_rate: the drift alarm (None window: no alarm).
+        on_drift: "flag" or "rebaseline" (module doc).
+        confirm: images (paths) that, when the first of them arrives (recognised by content), are confirmed as
+            the new normal (`confirm_normal`).
     """
 
     def __init__(self, detector: Detector, class_name: str, bank_size: int = 16, references=None,
                  threshold=None, false_alarm_rate: float | None = None, text_gate: float | None | str = "auto",
-                 min_references: int = MIN_REFERENCES, min_history: int = MIN_HISTORY, history: int = HISTORY):
+                 min_references: int = MIN_REFERENCES, min_history: int = MIN_HISTORY, history: int | None = None,
+                 rule: str = "robust_z", admission: str = "robust", drift_window: int | None = DRIFT_WINDOW,
+                 drift_rate: float = DRIFT_RATE, on_drift: str = "flag", confirm: Sequence | None = None):
         from fiseclip_lib.decisions.calibrate import DEFAULT_FALSE_ALARM_RATE, Threshold
 
         if int(bank_size) < 1:
             raise FiseclipError(f"bank size {bank_size} must be >= 1 (the number of accepted images kept as "
                                 f"references)")
+        for name, value, allowed in (("rule", rule, RULES), ("admission", admission, ADMISSIONS),
+                                     ("on_drift", on_drift, ON_DRIFT)):
+            if value not in allowed:
+                raise FiseclipError(f"stream {name} {value!r} is not one of {', '.join(allowed)}")
+        if drift_window is not None and (int(drift_window) < 1 or not 0 <= float(drift_rate) < 1):
+            raise FiseclipError(f"drift window {drift_window} must be >= 1 and drift rate {drift_rate} in [0, 1)")
         cfg = detector.config
         self.detector, self.class_name = detector, class_name
         self.bank_size = int(bank_size)
@@ -107,12 +222,29 @@ class Streamer:
             raise FiseclipError(f"threshold {threshold} must be a finite number")
         self.threshold = None if threshold is None else float(threshold)
         self.false_alarm_rate = DEFAULT_FALSE_ALARM_RATE if false_alarm_rate is None else float(false_alarm_rate)
+        self.rule, self.admission, self.on_drift = rule, admission, on_drift
+        if history is None:
+            history = max(HISTORY, math.ceil(2 / self.false_alarm_rate)) if rule == "conformal" else HISTORY
         if text_gate == "auto":
             text_gate = cfg.filter_theta if (cfg.spec.text_filter and cfg.filter != "none") else None
         self.text_gate = text_gate
         self.min_references, self.min_history = int(min_references), int(min_history)
+        if self.bank_size + len(self.references) < self.min_references:
+            warnings.warn(f"this stream can never be warm: bank size {self.bank_size} + {len(self.references)} "
+                          f"reference(s) < the {self.min_references} references a decision needs, so every image "
+                          f"stays undecided; use --bank-size {self.min_references} or more, or give --reference-dir")
         self.rolling: collections.deque[BankEntry] = collections.deque(maxlen=self.bank_size)
+        self._stack = _Stack(self.references.entries, self.bank_size)
         self.normal_scores: collections.deque[float] = collections.deque(maxlen=int(history))
+        self.drift_window, self.drift_rate = (None if drift_window is None else int(drift_window)), float(drift_rate)
+        self.flags: collections.deque[bool] = collections.deque(maxlen=self.drift_window or 1)
+        self.recent: collections.deque[BankEntry] = collections.deque(
+            maxlen=min(self.bank_size, self.drift_window or 1))  # rebaseline's candidates
+        self.in_drift = False
+        self.drift_events: list[int] = []  # indices of the images that raised the alarm
+        # by content: the arrival of a listed image is recognised whatever path names it
+        self.confirm = None if confirm is None else list(confirm)
+        self._confirm_digests = set() if confirm is None else {image_hash(p) for p in self.confirm}
         self.seen = 0
         self.seconds = 0.0
         if self.threshold is None:
@@ -127,20 +259,82 @@ class Streamer:
 
     def current_threshold(self) -> float | None:
         """The threshold the next decision uses (None while calibrating)."""
-        from fiseclip_lib.decisions.calibrate import robust_threshold
+        from fiseclip_lib.decisions.calibrate import conformal_threshold, robust_threshold
 
         if self.threshold is not None:
             return self.threshold
-        if len(self.normal_scores) < self.min_history:
+        n = len(self.normal_scores)
+        if n < self.min_history:
             return None
-        return robust_threshold(np.array(self.normal_scores), self.false_alarm_rate)
+        scores = np.array(self.normal_scores)
+        if self.rule == "conformal" and math.ceil((n + 1) * (1 - self.false_alarm_rate)) <= n:
+            return conformal_threshold(scores, self.false_alarm_rate)
+        return robust_threshold(scores, self.false_alarm_rate)
 
-    def push(self, image, keep_map: bool = False) -> StreamResult:
-        """Score one image (path, PIL image or array) and update the bank; returns its StreamResult."""
+    def calibrating_bound(self) -> float | None:
+        """The score above which a calibrating stream keeps an image out of the bank (policy "robust"; None: no
+        bound yet, or policy "open")."""
+        if self.admission != "robust" or len(self.normal_scores) < MIN_BOUND_SCORES:
+            return None
+        med, mad = median_mad(np.array(self.normal_scores))
+        return med + CALIBRATING_Z * MAD_TO_SIGMA * mad
+
+    def _entry(self, feats, path, score, digest) -> BankEntry:
+        entry = self.detector.reference_entry(feats, self.class_name, filtered=True, path=path, score=score)
+        entry.digest = digest
+        entry.feats = feats  # for the leave-one-out scores of a reset (confirm_normal, rebaseline)
+        return entry
+
+    def _reset(self, entries: Sequence[BankEntry]) -> None:
+        """The rolling bank := entries (the last K), the score history := their leave-one-out scores."""
+        entries = list(entries)[-self.bank_size:]
+        self.rolling.clear()
+        self._stack.clear()
+        for e in entries:
+            self.rolling.append(e)
+            self._stack.push(e)
+        self.normal_scores.clear()
+        self.flags.clear()
+        self.recent.clear()
+        self.in_drift = False
+        bank = self._stack.bank()
+        n_fixed = len(self.references)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="no reference image")
+            for i, e in enumerate(entries):
+                others = bank.without(n_fixed + i)
+                if len(others):
+                    self.normal_scores.append(float(self.detector.score_features(
+                        e.feats, self.class_name, references=others, mutual=False).scores[0]))
+
+    def confirm_normal(self, images: Sequence) -> None:
+        """An operator's word that `images` (paths, PIL images or arrays) are the new normal: they become the
+        rolling bank (the last `bank_size` of them) and their leave-one-out scores the score history; the fixed
+        known-good bank stays. Use it after a lighting or product change (module doc)."""
+        images = list(images)
+        if not images:
+            raise FiseclipError("confirm_normal needs at least one image of the new normal")
+        self._reset([self._entry(f, _path_of(im), None, image_hash(im))
+                     for im, f in zip(images, self.detector.encode_each(images))])
+
+    def push(self, image, keep_map: bool = False, feats=None) -> StreamResult:
+        """Score one image (path, PIL image or array) and update the bank; returns its StreamResult.
+
+        Args:
+            image: the image.
+            keep_map: attach its anomaly map.
+            feats: its Features when already encoded (`run` encodes several per encoder call).
+        """
         t0 = time.perf_counter()
         det = self.detector
-        feats = det.encode([image])
-        bank = self.bank
+        path = _path_of(image)
+        digest = image_hash(image)
+        if digest in self._confirm_digests:
+            group, self.confirm, self._confirm_digests = self.confirm, None, set()
+            self.confirm_normal(group)
+        if feats is None:
+            feats = det.encode([image])
+        bank = self._stack.bank(exclude_digest=digest)  # never a copy of the image itself
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="no reference image")
             res = det.score_features(feats, self.class_name, references=bank, mutual=False)
@@ -148,17 +342,46 @@ class Streamer:
         s_t = None if res.text_scores is None else float(res.text_scores[0])
         n_refs = len(bank)
         thr = self.current_threshold()
+        bound = None
         if n_refs < self.min_references:
             state, decision = "cold", "undecided"
         elif thr is None:
             state, decision = "calibrating", "undecided"
+            bound = self.calibrating_bound()
         else:
             state, decision = "warm", ("anomalous" if score > thr else "normal")
         text_ok = self.text_gate is None or s_t is None or s_t < self.text_gate
-        admitted = text_ok and decision != "anomalous"
-        path = str(image) if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__") else None
-        if admitted:
-            self.rolling.append(det.reference_entry(feats, self.class_name, filtered=True, path=path, score=score))
+        admitted = text_ok and decision != "anomalous" and (bound is None or score <= bound)
+        entry = None
+        if admitted or self.on_drift == "rebaseline":
+            entry = self._entry(feats, path, score, digest)
+        if state == "warm" and self.drift_window:
+            self.flags.append(decision == "anomalous")
+            if self.on_drift == "rebaseline":
+                self.recent.append(entry)
+            alarm = len(self.flags) == self.drift_window and np.mean(self.flags) > self.drift_rate
+            if alarm:
+                state = "drift"
+                if not self.in_drift:
+                    self.drift_events.append(self.seen)
+                    warnings.warn(f"stream drift at image {self.seen} ({path or 'unnamed'}): "
+                                  f"{sum(self.flags)} of the last {self.drift_window} images flagged; "
+                                  + ("the recent images become the new normal (on_drift=rebaseline)"
+                                     if self.on_drift == "rebaseline" else
+                                     "still flagging: confirm the new normal (Streamer.confirm_normal, "
+                                     "--confirm) if the change is intended"))
+                if self.on_drift == "rebaseline":
+                    self._reset(list(self.recent))  # this image among them: in the bank now
+                    admitted, entry = True, None
+                else:
+                    self.in_drift = True
+            else:
+                self.in_drift = False
+        if admitted and any(e.digest == digest for e in self.rolling):
+            entry = None  # already in the bank (a confirmed image arriving): never twice
+        if admitted and entry is not None:
+            self.rolling.append(entry)
+            self._stack.push(entry)
             if state != "cold":
                 self.normal_scores.append(score)
         result = StreamResult(index=self.seen, path=path, score=score, decision=decision, state=state,
@@ -169,20 +392,75 @@ class Streamer:
         self.seconds += time.perf_counter() - t0
         return result
 
-    def run(self, images: Iterable, keep_map: bool = False) -> Iterator[StreamResult]:
-        """push() every image in order, lazily."""
-        for im in images:
-            yield self.push(im, keep_map=keep_map)
+    def run(self, images: Iterable, keep_map: bool = False, prefetch: int | None = None) -> Iterator[StreamResult]:
+        """push() every image in order, lazily, encoding `prefetch` images per encoder call (default: the
+        config's encode_batch; 1: one at a time). Only the encoder is batched: decisions stay sequential."""
+        step = max(1, int(prefetch if prefetch is not None else self.detector.config.encode_batch))
+        it = iter(images)
+        while True:
+            chunk = [im for _, im in zip(range(step), it)]
+            if not chunk:
+                return
+            feats = split_features(self.detector.encode(chunk)) if len(chunk) > 1 else [None]
+            for im, f in zip(chunk, feats):
+                yield self.push(im, keep_map=keep_map, feats=f)
 
 
 def stream(detector: Detector, images: Sequence, class_name: str, bank_size: int = 16, references=None,
-           threshold=None, keep_map: bool = False, **kwargs) -> Iterator[StreamResult]:
+           threshold=None, keep_map: bool = False, prefetch: int | None = None, **kwargs) -> Iterator[StreamResult]:
     """Score images one at a time against a rolling bank (module doc); a generator of StreamResult.
 
     Args:
         detector: the Detector.
         images: an iterable of paths, PIL images or arrays, in arrival order.
-        class_name, bank_size, references, threshold: as `Streamer`; kwargs: its other options.
+        class_name, bank_size, references, threshold: as `Streamer`; kwargs: its other options (rule,
+            admission, drift_window, drift_rate, on_drift, confirm, ...).
         keep_map: attach each anomaly map to its result.
+        prefetch: images per encoder call (`Streamer.run`).
     """
-    return Streamer(detector, class_name, bank_size, references, threshold, **kwargs).run(images, keep_map=keep_map)
+    return Streamer(detector, class_name, bank_size, references, threshold, **kwargs).run(
+        images, keep_map=keep_map, prefetch=prefetch)
+
+
+def false_alarm_study(detector: Detector, normal_images: Sequence, class_name: str, bank_size: int = 16,
+                      references=None, rules: Sequence[str] = RULES, false_alarm_rate: float | None = None,
+                      **kwargs):
+    """The false-alarm rate of the online threshold rules on held-out normal images, against their target.
+
+    Each rule streams the same normal images (in order) and counts its warm decisions that say "anomalous":
+    every one is a false alarm. The interval is Clopper-Pearson's 95 % for the rate.
+
+    Args:
+        detector: the Detector.
+        normal_images: images known to be normal (paths, PIL images or arrays), in arrival order; none of them
+            among `references`.
+        class_name: the object's name for the prompts.
+        bank_size, references: as `Streamer`.
+        rules: online rules to compare (RULES).
+        false_alarm_rate: the target (default calibrate.DEFAULT_FALSE_ALARM_RATE).
+        kwargs: other `Streamer` options (min_history, history, ...); drift alarms are off here.
+    Returns:
+        A DataFrame, one row per rule: rule, target, images, warm (decisions made), false_alarms, rate (nan
+        without a warm decision), ci_low, ci_high, within_target (the target inside the interval or above it).
+    """
+    import pandas as pd
+    from scipy.stats import beta
+
+    from fiseclip_lib.decisions.calibrate import DEFAULT_FALSE_ALARM_RATE
+
+    target = DEFAULT_FALSE_ALARM_RATE if false_alarm_rate is None else float(false_alarm_rate)
+    if isinstance(references, (list, tuple)):  # encode the known-good images once for all rules
+        references = ReferenceBank.from_images(detector, list(references), class_name, filtered=False)
+    rows = []
+    for rule in rules:
+        s = Streamer(detector, class_name, bank_size, references, None, false_alarm_rate=target, rule=rule,
+                     drift_window=None, **kwargs)
+        res = list(s.run(normal_images))
+        warm = [r for r in res if r.state == "warm"]
+        n, k = len(warm), sum(r.decision == "anomalous" for r in warm)
+        lo = 0.0 if k == 0 else float(beta.ppf(0.025, k, n - k + 1))
+        hi = 1.0 if k == n else float(beta.ppf(0.975, k + 1, n - k))
+        rows.append({"rule": rule, "target": target, "images": len(res), "warm": n, "false_alarms": k,
+                     "rate": k / n if n else float("nan"), "ci_low": lo if n else float("nan"),
+                     "ci_high": hi if n else float("nan"), "within_target": bool(n and lo <= target)})
+    return pd.DataFrame(rows)

@@ -32,6 +32,7 @@ HF_WEIGHTS_NAME = "open_clip_pytorch_model.bin"
 HF_SAFE_WEIGHTS_NAME = "open_clip_model.safetensors"
 HF_CONFIG_NAME = "open_clip_config.json"
 PROBE_TIMEOUT_S = 3.0
+ANSWER_TIMEOUT_S = 10.0  # an endpoint that accepts a connection must answer an HTTP request within this
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -105,6 +106,54 @@ def hub_reachable(settings: HubSettings | None = None, timeout: float = PROBE_TI
         pool.submit(probe).result(timeout=timeout)
         return True
     except Exception:
+        return False
+    finally:
+        pool.shutdown(wait=False)
+
+
+def hub_answers(settings: HubSettings | None = None, timeout: float | None = None) -> bool:
+    """Whether the endpoint answers an HTTP request (any status) within `timeout` seconds in all.
+
+    A server that accepts connections and never answers (a dead mirror, a captive proxy) passes
+    `hub_reachable`, and huggingface_hub then retries its requests for minutes; this bounds that to `timeout`.
+    Only silence counts against the endpoint: an HTTP error status or a TLS failure is an answer (the download
+    then reports it).
+
+    Args:
+        settings: from `hub_settings()` (default: now); the request goes through its proxy, if any.
+        timeout: seconds for the whole request (name resolution, connection, first response line); default
+            ANSWER_TIMEOUT_S.
+    Returns:
+        True when an answer came in time.
+    """
+    import urllib.error
+
+    timeout = ANSWER_TIMEOUT_S if timeout is None else timeout
+    settings = settings or hub_settings()
+    url = settings.endpoint + "/api/models"
+    proxies = {"http": settings.proxy, "https": settings.proxy} if settings.proxy else {}
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler(proxies))
+
+    def ask():
+        req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "fiseclip"})
+        try:
+            opener.open(req, timeout=timeout).close()
+        except urllib.error.HTTPError:  # a status line is an answer
+            return True
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, (socket.timeout, TimeoutError)):
+                return False
+            return True  # refused, TLS, ...: not silence; the download reports it
+        except (socket.timeout, TimeoutError):
+            return False
+        except Exception:  # noqa: BLE001 - a garbled answer is still an answer
+            return True
+        return True
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        return bool(pool.submit(ask).result(timeout=timeout))
+    except concurrent.futures.TimeoutError:
         return False
     finally:
         pool.shutdown(wait=False)
@@ -260,6 +309,14 @@ def _get(repo: str, names: list[str], model: str, tag: str, cache_dir: str | Non
         raise WeightsUnavailableError(
             f"weights for {model} (pretrained={tag!r}) are not cached (looked in: {where}) and the hub is offline "
             f"({why}); {_fix(model, tag, cache_dir)}")
+    if not hub_answers(settings):  # else huggingface_hub retries a silent server for minutes
+        if optional:
+            return None
+        via = f" through proxy {settings.proxy}" if settings.proxy else ""
+        raise WeightsUnavailableError(
+            f"weights for {model} (pretrained={tag!r}) are not cached (looked in: {where}) and {settings.endpoint}"
+            f"{via} accepts connections but sent no answer within {ANSWER_TIMEOUT_S:g} s (check HF_ENDPOINT and "
+            f"proxies); {_fix(model, tag, cache_dir)}")
     try:
         return download_hub_file(repo, names, settings)
     except Exception as e:

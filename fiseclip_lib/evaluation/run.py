@@ -251,7 +251,7 @@ def _run_locked(dataset, root, config, out, categories, save_maps, resume, progr
     cats = D.categories_of(samples) if not categories else list(categories)
     detector = detector or Detector(config, cache=cache)
     enc = detector.encoder.identity()
-    if not enc["pretrained"]:
+    if not enc["pretrained"] and progress:  # quiet callers (notebooks) show the weights on their own page
         print(f"NOTE: {RANDOM_WEIGHTS_NOTE}", flush=True)
     record = {
         "config": config.resolved(dataset), "dataset": dataset, "root": str(root), "categories": cats,

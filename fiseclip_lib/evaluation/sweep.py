@@ -3,21 +3,34 @@
 A grid file is a YAML mapping. `dataset`, `root` (text or a list of roots of that layout) and `categories`
 (left out, "" or []: every category, as in `fiseclip run`) name the data, or `datasets` lists
 `{dataset, root, categories}` entries; every other key is a `FiseConfig` field with one value or a list of
-values, and the grid is the product of the lists. List-valued fields (`layers`, `degrees`, `rscin_ks`) take a
-list of lists (`degrees: [[1], [1, 3, 5]]`) or text (`degrees: "1,3,5"`). Each (configuration, category) is
-one task, which writes its result atomically in the form `fiseclip run` uses:
+values, and the grid is the product of the lists; `task_threads` (one whole number) sets the torch threads
+of every task (below). List-valued fields (`layers`, `degrees`, `rscin_ks`) take a list of lists
+(`degrees: [[1], [1, 3, 5]]`) or text (`degrees: "1,3,5"`). Each (configuration, category) is one task, which
+writes its result atomically in the form `fiseclip run` uses:
 
     DIR/configs/<config-id>/config.json             the configuration (written before its tasks run)
     DIR/configs/<config-id>/categories/<cat>.json   one task's result (rows, metrics, key, provenance)
     DIR/configs/<config-id>/metrics.csv, scores.csv when all of its categories are done
     DIR/sweep.csv                                   one row per (config, category) + a mean row per config
     DIR/sweep.json                                  the grid, the varied fields, the tasks, provenance
+    DIR/partial/                                    the same layout: the attempt under way, or the last one
+                                                    that failed or was killed
 
-A killed task, worker or client loses only the unfinished tasks; `--resume` reuses a finished task when its
-content key (config, encoder, every image's bytes; `run.category_key`) still matches. The table depends only
-on the results, never on the executor: `local` and `dask` give byte-identical `sweep.csv` files.
-Executors: `local` (default) runs the tasks in this process without importing Dask; `dask` starts a
-LocalCluster (worker processes, one task at a time each, torch threads = cores // workers) or connects to a
+A sweep never lies about its folder: each attempt writes into DIR/partial/ and only a complete one (every task
+finished) replaces DIR's configs/, sweep.csv and sweep.json (`plumbing.files.staged_output`, a journaled swap)
+and removes partial/. So DIR holds one finished sweep and nothing of another grid, and a failed or killed
+attempt leaves DIR's previous sweep intact. partial/ is not staged_output's own staging folder (which a failed
+run discards): it persists, so that `--resume` finds the failed attempt's finished tasks.
+
+A killed task, worker or client loses only the unfinished tasks; `--resume` reuses a finished task (from
+partial/ or from DIR's sweep) when its content key (config, encoder, every image's bytes; `run.category_key`)
+still matches; without `--resume` an attempt starts from an empty partial/. The table depends only on the
+results, never on the executor: `local` and `dask` give byte-identical `sweep.csv` files, because every task
+runs with the same number of torch threads (`task_threads` in the grid or `threads` here, default
+`TASK_THREADS` = 1; recorded per row in the `torch_threads` column): torch's reductions split by thread count,
+so 1 and 2 threads differ in the 6th decimal.
+Executors: `local` (default) runs the tasks one after the other in this process without importing Dask; `dask`
+starts a LocalCluster (cores // threads worker processes, at most 4, one task at a time each) or connects to a
 running scheduler (`--scheduler tcp://host:port`, e.g. one started by dask-jobqueue on Slurm/PBS).
 """
 from __future__ import annotations
@@ -28,6 +41,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import socket
 import time
 import typing
@@ -36,16 +50,23 @@ from pathlib import Path
 
 import pandas as pd
 
-from fiseclip_lib.plumbing.files import output_lock, write_json_atomic
+from fiseclip_lib.plumbing.files import output_lock, remove_debris, staged_output, write_json_atomic
 from fiseclip_lib.plumbing.resources import usable_cpus
 from fiseclip_lib.config import SCORE_NEUTRAL_FIELDS, FiseConfig, scoring_fields
 from fiseclip_lib.evaluation.data import check_dataset, parse_categories
 from fiseclip_lib.errors import FiseclipError
 
 DATA_KEYS = ("dataset", "root", "categories", "datasets")
+RUN_KEYS = ("task_threads",)  # how every task runs, not what it computes (see TASK_THREADS)
 DEFAULT_DEMO_ROOT = "demo_data"
-PROVENANCE_COLUMNS = ["images", "method", "encoder", "weights", "pretrained", "git_commit"]
+PARTIAL = "partial"  # DIR/partial/: the attempt under way or the last failed one (module doc)
+OUTPUTS = ("configs", "sweep.csv", "sweep.json")  # what a finished attempt replaces in DIR
+PROVENANCE_COLUMNS = ["images", "method", "encoder", "weights", "pretrained", "git_commit", "torch_threads"]
 CONNECT_TIMEOUT_S = 20.0
+# torch intra-op threads of every task, wherever it runs: a fixed count makes a task's numbers independent of the
+# executor and the worker count (the numba matching kernel splits disjoint work units, so it is exact at any
+# count, and takes its count from torch). 1 fits the grid's own parallelism: one task per core.
+TASK_THREADS = 1
 
 
 def _list_fields() -> set[str]:
@@ -82,6 +103,7 @@ class Sweep:
     grid: dict
     configs: list
     varied: list
+    threads: int = TASK_THREADS  # torch threads of every task (grid key task_threads)
 
     @property
     def tasks(self) -> list[tuple[SweepConfig, str]]:
@@ -202,10 +224,14 @@ def expand_grid(grid: dict, source: str = "grid", base_dir=None, check_data: boo
     if bad:
         raise FiseclipError(f"{src}: key {bad[0]!r} is not a name; write every key as text (e.g. quote it)")
     fields = {f.name for f in dataclasses.fields(FiseConfig)}
-    unknown = [k for k in grid if k not in fields and k not in DATA_KEYS]
+    unknown = [k for k in grid if k not in fields and k not in DATA_KEYS + RUN_KEYS]
     if unknown:
-        raise FiseclipError(f"{src}: unknown field {unknown[0]!r}; use dataset, root, categories, datasets or a "
-                            f"config field: {', '.join(sorted(fields))}")
+        raise FiseclipError(f"{src}: unknown field {unknown[0]!r}; use dataset, root, categories, datasets, "
+                            f"task_threads or a config field: {', '.join(sorted(fields))}")
+    threads = grid.get("task_threads", TASK_THREADS)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise FiseclipError(f"{src}: task_threads {threads!r} must be one whole number >= 1 (torch threads per "
+                            f"task, the same on every executor)")
     list_fields = _list_fields()
     names = [k for k in grid if k in fields]
     choices = {}
@@ -256,7 +282,7 @@ def expand_grid(grid: dict, source: str = "grid", base_dir=None, check_data: boo
         twice = next(c for c in configs if ids.count(c.config_id) > 1)
         raise FiseclipError(f"{src}: two configurations are the same ({twice.varied}); fields that change no "
                             f"number ({', '.join(sorted(SCORE_NEUTRAL_FIELDS))}) cannot be swept")
-    return Sweep(src, grid, configs, varied)
+    return Sweep(src, grid, configs, varied, threads)
 
 
 # ----------------------------------------------------------------------------------------------- tasks
@@ -295,7 +321,7 @@ def task_dir(out, config_id_: str) -> Path:
 
 
 def run_task(sc: SweepConfig, category: str, out, cache_dir=None, use_cache: bool = True, resume: bool = False,
-             threads: int | None = None, pause: dict | None = None) -> dict:
+             threads: int = TASK_THREADS, pause: dict | None = None) -> dict:
     """Score and evaluate one (configuration, category); write `categories/<category>.json` atomically.
 
     Args:
@@ -304,7 +330,8 @@ def run_task(sc: SweepConfig, category: str, out, cache_dir=None, use_cache: boo
         out: the sweep folder (the task writes under `configs/<config-id>/`).
         cache_dir, use_cache: the feature cache (shared safely by concurrent tasks: atomic, verified entries).
         resume: reuse a finished result whose content key matches.
-        threads: torch threads for this task (None: leave the process's setting).
+        threads: torch intra-op threads while this task runs (the process's setting is restored after); it
+            is recorded in the result as `torch_threads`.
         pause: test hook {"category", "seconds", "marker"}: the first attempt at that task writes its pid to
             `marker`, then sleeps (so that a test can kill the worker mid-task).
     Returns:
@@ -312,13 +339,20 @@ def run_task(sc: SweepConfig, category: str, out, cache_dir=None, use_cache: boo
     """
     import torch
 
+    t0 = time.time()
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        return _run_task(sc, category, out, cache_dir, use_cache, resume, int(threads), pause, t0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_task(sc, category, out, cache_dir, use_cache, resume, threads, pause, t0) -> dict:
     from fiseclip_lib.core.detector import Detector
     from fiseclip_lib.evaluation.run import prepare_dataset, run_category
     from fiseclip_lib.plumbing.cache import FeatureCache
 
-    t0 = time.time()
-    if threads:
-        torch.set_num_threads(int(threads))
     cfg = FiseConfig.from_dict(sc.config)
     samples = prepare_dataset(sc.dataset, sc.root, [category])
     det = Detector(cfg, encoder=_encoder_for(cfg), cache=FeatureCache(cache_dir) if use_cache else None)
@@ -332,35 +366,13 @@ def run_task(sc: SweepConfig, category: str, out, cache_dir=None, use_cache: boo
 
     result, reused = run_category(det, sc.dataset, sc.root, category, samples, task_dir(out, sc.config_id),
                                   resume=resume, progress=False, before_scoring=paused,
-                                  extra={"encoder": ident, "layers": list(det.layers), "git_commit": _git_commit()})
+                                  extra={"encoder": ident, "layers": list(det.layers), "git_commit": _git_commit(),
+                                         "torch_threads": threads})
     if reused:
         result.setdefault("encoder", ident)
         result.setdefault("layers", list(det.layers))
     return {"config_id": sc.config_id, "category": category, "result": result, "reused": reused,
             "seconds": time.time() - t0, "worker": worker}
-
-
-def _dask_task(sc, category, out, cache_dir, use_cache, resume, threads_per_host, default_threads, pause):
-    """run_task on a Dask worker, with torch threads that do not oversubscribe the cores: a local cluster
-    passes cores // workers; on a running cluster, a worker confined to a job's cpuset (Slurm, PBS) splits that
-    cpuset among its own task slots, a worker that sees the whole machine splits it among all the task slots
-    Dask runs on that host."""
-    threads = default_threads
-    if threads is None:
-        try:
-            from distributed import get_worker
-            from distributed.comm import get_address_host
-
-            worker = get_worker()
-            cores = usable_cpus()
-            if cores < (os.cpu_count() or cores):
-                threads = max(1, cores // max(1, int(getattr(worker, "nthreads", 1))))
-            else:
-                slots = threads_per_host.get(get_address_host(worker.address))
-                threads = max(1, cores // slots) if slots else None
-        except (ImportError, ValueError):
-            threads = None
-    return run_task(sc, category, out, cache_dir, use_cache, resume, threads, pause)
 
 
 # ----------------------------------------------------------------------------------------------- table
@@ -371,7 +383,8 @@ def sweep_table(sweep: Sweep, results: dict) -> pd.DataFrame:
 
     Columns: config_id, dataset, the varied fields, category, the metrics, then provenance per row: images,
     method, encoder, weights (as asked), pretrained (False = random weights), git_commit (of the code that
-    computed the row; the mean row lists each distinct commit).
+    computed the row; the mean row lists each distinct commit), torch_threads (the torch threads the task ran
+    with, likewise).
     """
     from fiseclip_lib.evaluation.run import METRIC_NAMES, metrics_frame
 
@@ -385,6 +398,8 @@ def sweep_table(sweep: Sweep, results: dict) -> pd.DataFrame:
         df = metrics_frame(res, enc, sc.config["method"]).drop(columns=varied, errors="ignore")
         commits = [r.get("git_commit", "unknown") for r in res]
         df["git_commit"] = commits + [" ".join(sorted(set(commits)))]
+        threads = [str(r.get("torch_threads", "unknown")) for r in res]  # results of older code: unknown
+        df["torch_threads"] = threads + [" ".join(sorted(set(threads)))]
         if len(res) < len(sc.categories):  # a mean over some categories would rank beside complete ones
             df = df.iloc[:-1]
         df.insert(0, "config_id", sc.config_id)
@@ -466,11 +481,15 @@ def _connect(scheduler: str | None, workers: int, timeout: float, progress: bool
         raise FiseclipError("--executor dask needs Dask: pip install 'dask[distributed]'") from None
     if scheduler:
         try:
+            _handshake(scheduler, timeout)
             client = Client(scheduler, timeout=timeout)
         except Exception as e:  # refused, timed out, malformed address, or something that is not a scheduler
             why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
             if isinstance(e, MemoryError):
                 why = "the reply is not Dask's protocol"
+            if isinstance(e, TimeoutError) and "handshake" in str(e):
+                why = "it accepts connections but never answers as Dask does: is it the scheduler's own port " \
+                      "(8786 by default), not its dashboard's or another service's?"
             raise FiseclipError(f"cannot reach the Dask scheduler at {scheduler} within {timeout:g} s ({why}); "
                                 f"start it (dask scheduler / dask-jobqueue, see README, Sweeps) or drop --scheduler "
                                 f"for a local cluster") from None
@@ -485,6 +504,33 @@ def _connect(scheduler: str | None, workers: int, timeout: float, progress: bool
         link = client.dashboard_link if _has_dashboard() else "none (pip install bokeh for the dashboard)"
         print(f"dask: scheduler {client.scheduler.address}, dashboard {link}", flush=True)
     return client, cluster
+
+
+def _handshake(address: str, timeout: float) -> None:
+    """Open and close one Dask connection to `address` within `timeout` seconds, or raise.
+
+    distributed's `Client(address, timeout=...)` bounds the TCP connect but then waits without limit for the
+    peer's handshake: a port that accepts and never speaks (another service, a half-dead proxy) would hang the
+    sweep forever. The probe runs in its own thread and event loop, so it also works where a loop is running
+    (Jupyter), and the deadline cancels the pending read.
+    """
+    import asyncio
+    import concurrent.futures
+
+    from distributed.comm import connect
+
+    async def probe():
+        comm = await connect(address, timeout=timeout)  # the TCP connect itself, with distributed's retries
+        await comm.close()
+
+    async def bounded():
+        try:
+            await asyncio.wait_for(probe(), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no handshake from {address} within {timeout:g} s") from None
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, bounded()).result()
 
 
 def _has_dashboard() -> bool:
@@ -518,7 +564,8 @@ def _finish_config(out: Path, sc: SweepConfig, sweep: Sweep, results: dict, prov
 
 def run_sweep(grid, out, executor: str = "local", scheduler: str | None = None, workers: int | None = None,
               resume: bool = False, cache_dir=None, use_cache: bool = True, progress: bool = True,
-              connect_timeout: float = CONNECT_TIMEOUT_S, base_dir=None, pause: dict | None = None) -> pd.DataFrame:
+              connect_timeout: float = CONNECT_TIMEOUT_S, base_dir=None, pause: dict | None = None,
+              threads: int | None = None) -> pd.DataFrame:
     """Run every task of a grid and write the sweep folder (see the module doc); return the table.
 
     Args:
@@ -526,12 +573,15 @@ def run_sweep(grid, out, executor: str = "local", scheduler: str | None = None, 
         out: the sweep folder (one writer at a time; a second sweep into it stops at once).
         executor: `local` (in this process) or `dask`.
         scheduler: a Dask scheduler address (tcp://host:port); None starts a LocalCluster of `workers`.
-        workers: LocalCluster worker processes (default: cores, at most 4).
+        workers: LocalCluster worker processes (default: cores // threads, at most 4).
         resume: reuse finished tasks whose content key matches.
         cache_dir, use_cache: the feature cache, shared by all tasks and workers.
         connect_timeout: seconds to reach `scheduler` before a one-line error.
         base_dir: relative roots are resolved against it (default: the current folder).
         pause: test hook, see `run_task`.
+        threads: torch threads of every task, on any executor, so that the table does not depend on where
+            tasks ran (None: the grid's `task_threads`, else TASK_THREADS; with a running scheduler, size its
+            workers' task slots so that slots x threads fit the cores).
     Returns:
         the table written to sweep.csv.
     """
@@ -547,6 +597,8 @@ def run_sweep(grid, out, executor: str = "local", scheduler: str | None = None, 
         raise FiseclipError("--workers sets the size of a local Dask cluster: add --executor dask")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise FiseclipError(f"--workers {workers} must be a whole number >= 1")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise FiseclipError(f"threads {threads!r} (torch threads per sweep task) must be a whole number >= 1")
     if scheduler and workers is not None:
         raise FiseclipError("--workers sets the size of a local cluster; with --scheduler the cluster's own "
                             "workers run the tasks (drop one of them)")
@@ -556,17 +608,22 @@ def run_sweep(grid, out, executor: str = "local", scheduler: str | None = None, 
         sweep = expand_grid(grid, "grid", base_dir)
     else:
         sweep = expand_grid(load_grid(grid), f"grid file {grid}", base_dir)
+    threads = threads or sweep.threads
     out = ensure_writable(out)
     if cache_dir is not None:  # workers may run in another folder: give them the same absolute path
         cache_dir = str(Path(cache_dir).expanduser().resolve())
     with output_lock(out, command=f"fiseclip sweep ({sweep.source}, {len(sweep.tasks)} tasks)"):
         client = cluster = None
         if executor == "dask":  # connect before writing anything: an unreachable scheduler leaves no trace
-            workers = workers or (None if scheduler else min(4, usable_cpus()))
+            workers = workers or (None if scheduler else max(1, min(4, usable_cpus() // threads)))
             client, cluster = _connect(scheduler, workers, connect_timeout, progress)
         try:
-            return _run_locked(sweep, out, executor, client, scheduler, workers, resume, cache_dir, use_cache,
-                               progress, pause, provenance(), write_csv)
+            with staged_output(out, key="sweep", owns=OUTPUTS) as stage:
+                table = _run_locked(sweep, out, executor, client, scheduler, workers, threads, resume, cache_dir,
+                                    use_cache, progress, pause, provenance(), write_csv)
+                _publish(out / PARTIAL, stage, sweep)
+            shutil.rmtree(out / PARTIAL, ignore_errors=True)
+            return table
         finally:
             if client is not None:
                 client.close()
@@ -574,21 +631,23 @@ def run_sweep(grid, out, executor: str = "local", scheduler: str | None = None, 
                 cluster.close()
 
 
-def _run_locked(sweep, out, executor, client, scheduler, workers, resume, cache_dir, use_cache, progress,
-                pause, prov, write_csv):
+def _run_locked(sweep, out, executor, client, scheduler, workers, threads, resume, cache_dir, use_cache,
+                progress, pause, prov, write_csv):
     t0 = time.time()
     tasks = sweep.tasks
     record = {"grid": sweep.grid, "source": sweep.source, "varied": sweep.varied, "executor": executor,
-              "scheduler": scheduler, "workers": workers,
+              "scheduler": scheduler, "workers": workers, "task_threads": threads,
               "configs": [dataclasses.asdict(c) for c in sweep.configs], "tasks": len(tasks), **prov}
+    final, out = out, _start_attempt(out, sweep, resume)  # from here on, `out` is the attempt's folder
     write_json_atomic(out / "sweep.json", {**record, "status": "running"})
-    (out / "sweep.csv").unlink(missing_ok=True)  # never leave a table that this sweep does not describe
+    (out / "sweep.csv").unlink(missing_ok=True)  # never leave a table that this attempt does not describe
     for sc in sweep.configs:
         write_json_atomic(task_dir(out, sc.config_id) / "config.json",
                           {**_config_record(sc, sweep, prov), "status": "running"})
     if progress:
         print(f"sweep: {len(sweep.configs)} configurations x categories = {len(tasks)} tasks "
-              f"({executor}); varied: {', '.join(sweep.varied) or 'nothing'}", flush=True)
+              f"({executor}, {threads} torch thread{'s' * (threads > 1)} per task); varied: "
+              f"{', '.join(sweep.varied) or 'nothing'}", flush=True)
     results, failures, reused = {}, [], 0
 
     def collect(i, outcome):
@@ -613,11 +672,11 @@ def _run_locked(sweep, out, executor, client, scheduler, workers, resume, cache_
     if executor == "local":
         for i, (sc, cat) in enumerate(tasks, 1):
             try:
-                collect(i, run_task(sc, cat, out, cache_dir, use_cache, resume, None, pause))
+                collect(i, run_task(sc, cat, out, cache_dir, use_cache, resume, threads, pause))
             except FiseclipError as e:
                 fail(i, sc, cat, e)
     else:
-        _run_dask(sweep, out, client, scheduler, workers, resume, cache_dir, use_cache, pause, collect, fail)
+        _run_dask(sweep, out, client, resume, cache_dir, use_cache, threads, pause, collect, fail)
     for sc in sweep.configs:
         if all((sc.config_id, c) in results for c in sc.categories):
             _finish_config(out, sc, sweep, results, prov)
@@ -631,12 +690,48 @@ def _run_locked(sweep, out, executor, client, scheduler, workers, resume, cache_
         order = {(sc.config_id, cat): i for i, (sc, cat) in enumerate(tasks)}
         sc, cat, e = min(failures, key=lambda f: order[(f[0].config_id, f[1])])  # the first in grid order
         raise FiseclipError(f"{len(failures)} of {len(tasks)} sweep tasks failed, first {sc.config_id} "
-                            f"({sc.varied or sc.config['method']}) category {cat}: {e}; the finished tasks are "
-                            f"kept in {out}: fix it and rerun with --resume")
+                            f"({sc.varied or sc.config['method']}) category {cat}: {e}; the finished tasks and "
+                            f"their table are kept in {out} ({final} is unchanged): fix it and rerun with --resume")
     return table
 
 
-def _run_dask(sweep, out, client, scheduler, workers, resume, cache_dir, use_cache, pause, collect, fail):
+def _start_attempt(out: Path, sweep: Sweep, resume: bool) -> Path:
+    """The folder an attempt writes into, DIR/partial/: emptied first unless resuming; when resuming it also
+    offers DIR's finished tasks of this grid (hard links: a result file is only ever replaced by a rename, never
+    edited, so the two names cannot diverge). `run_category` then checks each one's content key."""
+    stage = out / PARTIAL
+    if not resume and stage.exists():
+        try:
+            shutil.rmtree(stage)
+        except OSError as e:
+            raise FiseclipError(f"cannot clear {stage} ({e.strerror}); remove it by hand or rerun with "
+                                f"--resume") from None
+    if resume and stage.is_dir():  # temporary files of a killed attempt (we hold the lock, no task runs yet)
+        remove_debris(stage, *(d for c in sorted((stage / "configs").glob("*")) for d in (c, c / "categories")))
+    for sc in sweep.configs if resume else []:
+        src, dst = task_dir(out, sc.config_id) / "categories", task_dir(stage, sc.config_id) / "categories"
+        for f in sorted(src.glob("*.json")) if src.is_dir() else []:
+            if not (dst / f.name).exists():
+                dst.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(f, dst / f.name)
+                except OSError:  # a file system without hard links
+                    shutil.copy2(f, dst / f.name)
+    stage.mkdir(exist_ok=True)
+    return stage
+
+
+def _publish(partial: Path, stage: Path, sweep: Sweep) -> None:
+    """Move a complete attempt's outputs (this grid's configurations only) into staged_output's folder."""
+    keep = {sc.config_id for sc in sweep.configs}
+    for d in (partial / "configs").iterdir():
+        if d.name not in keep:  # a configuration of an earlier failed attempt's grid
+            shutil.rmtree(d)
+    for name in OUTPUTS:
+        os.replace(partial / name, stage / name)
+
+
+def _run_dask(sweep, out, client, resume, cache_dir, use_cache, threads, pause, collect, fail):
     """Submit every task to the cluster; collect results as they finish (a task lost with its worker is
     rerun by the scheduler; one that kills workers repeatedly or raises is a failure of that task only)."""
     from distributed import as_completed
@@ -645,17 +740,12 @@ def _run_dask(sweep, out, client, scheduler, workers, resume, cache_dir, use_cac
         from distributed.scheduler import KilledWorker
     except ImportError:  # pragma: no cover
         KilledWorker = ()
-    threads_per_host = collections.Counter()
-    if scheduler:  # an existing cluster: this host's cores // the task slots Dask runs on that host
-        for w in client.scheduler_info(n_workers=-1)["workers"].values():
-            threads_per_host[w["host"]] += int(w.get("nthreads", 1))
-    default = max(1, usable_cpus() // workers) if not scheduler else None
     out_abs = str(Path(out).resolve())  # workers of a local cluster or on a shared file system see this path
     futures = {}
     for sc, cat in sweep.tasks:
         key = f"fiseclip-{sc.config_id}-{hashlib.sha1(cat.encode()).hexdigest()[:8]}-{time.time_ns()}"
-        f = client.submit(_dask_task, sc, cat, out_abs, cache_dir, use_cache, resume, dict(threads_per_host),
-                          default, pause, key=key, pure=False)
+        f = client.submit(run_task, sc, cat, out_abs, cache_dir, use_cache, resume, threads, pause, key=key,
+                          pure=False)
         futures[f] = (sc, cat)
     for i, f in enumerate(as_completed(list(futures)), 1):
         sc, cat = futures[f]

@@ -123,7 +123,10 @@ def check_claim(record: dict) -> str | None:
     numbers = record.get("numbers") or {}
     if any(isinstance(v, float) and not math.isfinite(v) for v in numbers.values()):
         return f"claim {record.get('text')!r} rests on a non-finite number"
-    expected = CLAIMS[kind](**numbers)
+    try:
+        expected = CLAIMS[kind](**numbers)
+    except (TypeError, ValueError) as e:  # numbers that do not fit the kind: a broken record, said in one line
+        return f"claim {record.get('text')!r} cannot be re-derived from its numbers ({e})"
     if expected != record.get("text"):
         return f"stated {record.get('text')!r} but its numbers say {expected!r}"
     return None

@@ -5,7 +5,12 @@ row, or per batch where the method compares a batch on one scale) and row and co
 fractions in [0, 1] everywhere and the axes say so; counts get integer ticks; lines of a comparison differ in
 colour, marker and dash, so equal results stay visible; patch-level maps are drawn over the image extent, so
 they overlay the image they belong to at any resolution; figures from randomly initialised encoders carry a
-"(random weights)" mark in their titles.
+"(random weights)" mark in their titles (`weights_mark`).
+
+Names are data: a `$` in a category or file name must show as a dollar sign, not start mathtext. That is settled
+per text object (`literal_text`: titles, axis labels, legends, colour-bar labels, and tick labels made from names
+get `parse_math=False` or an escaping formatter), never by a global switch: importing this module changes no
+matplotlib setting, so numeric tick formatters (a log axis' $2^{2}$) keep their mathtext.
 """
 from __future__ import annotations
 
@@ -13,13 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-import matplotlib
-
 RANDOM_MARK = " (random weights)"
-# Our figures use no mathtext, and their texts quote user data (category and file names, also through seaborn
-# legends and tick labels): a `$` in a name must show as a dollar sign, not switch on math mode. Set once for
-# every figure of a notebook that imports this module.
-matplotlib.rcParams["text.parse_math"] = False
 FRACTION = " (fraction, 0-1)"
 
 
@@ -29,8 +28,113 @@ def _plt():
     return plt
 
 
-def weights_mark(pretrained: bool) -> str:
-    return "" if pretrained else RANDOM_MARK
+def is_random_source(source) -> bool:
+    """Whether one source of numbers is a randomly initialised encoder.
+
+    Args:
+        source: a bool (the `pretrained` flag), an encoder (its `.pretrained`), an `workbench.encoder_record`
+            dict, or a str (a label such as "SIMULATED text map": not an encoder, so not random weights).
+    Returns:
+        True for random weights.
+    """
+    if isinstance(source, (bool, np.bool_)):
+        return not bool(source)
+    if isinstance(source, str):
+        return False
+    if isinstance(source, dict):
+        return source.get("kind") != "simulated" and source.get("pretrained") is False
+    return not bool(getattr(source, "pretrained", True))
+
+
+def weights_mark(*sources) -> str:
+    """The tag for a figure title or table caption: " (random weights)" when any of the numbers it shows come
+    from a randomly initialised encoder, else "".
+
+    Args:
+        sources: what the figure's numbers come from: `pretrained` flags, encoders, `encoder_record` dicts or
+            labels (see `is_random_source`); `weights_mark(encoder.pretrained)` and `weights_mark(cnn, clip)` both
+            work.
+    Returns:
+        RANDOM_MARK or "".
+    """
+    return RANDOM_MARK if any(is_random_source(s) for s in sources) else ""
+
+
+def tex_escape(text) -> str:
+    """A name as matplotlib text that shows literally also where mathtext is on (`$` -> `\\$`)."""
+    return str(text).replace("$", "\\$")
+
+
+def _text_objects(fig):
+    """The text objects of `fig` whose content we or seaborn set from names (not from numeric tick formatters)."""
+    texts = [t for t in (getattr(fig, "_suptitle", None), getattr(fig, "_supxlabel", None),
+                         getattr(fig, "_supylabel", None)) if t is not None]
+    texts += list(fig.texts)
+    for leg in fig.legends:
+        texts += [*leg.get_texts(), leg.get_title()]
+    for ax in fig.axes:
+        texts += [ax.title, getattr(ax, "_left_title", None), getattr(ax, "_right_title", None),
+                  ax.xaxis.label, ax.yaxis.label, *ax.texts]
+        leg = ax.get_legend()
+        if leg is not None:
+            texts += [*leg.get_texts(), leg.get_title()]
+    return [t for t in texts if t is not None]
+
+
+def literal_text(fig):
+    """Make every name-bearing text of `fig` literal: titles, axis and colour-bar labels, legends and free texts
+    get `parse_math=False`; an axis whose tick labels are category names gets a formatter that escapes `$`.
+    Numeric tick labels keep their mathtext (a log axis shows 2², not raw TeX). Call it after the figure is
+    complete (the figure functions here do); returns `fig`.
+
+    Args:
+        fig: a matplotlib Figure.
+    Returns:
+        The same figure.
+    """
+    from matplotlib.category import StrCategoryFormatter
+    from matplotlib.ticker import FixedFormatter, FuncFormatter
+
+    for t in _text_objects(fig):
+        t.set_parse_math(False)
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            fmt = axis.get_major_formatter()
+            if isinstance(fmt, (StrCategoryFormatter, FixedFormatter)):
+                axis.set_major_formatter(FuncFormatter(lambda x, pos, f=fmt: tex_escape(f(x, pos))))
+    return fig
+
+
+def figure_texts(fig) -> list[dict]:
+    """Every text a reader sees on `fig`, as drawn: titles, axis labels, tick labels, legends, colour bars.
+
+    Args:
+        fig: a matplotlib Figure (laid out here without rendering pixels, so tick labels are current).
+    Returns:
+        [{"text": the string as matplotlib draws it, "math": whether it is typeset as mathtext}]; a text that is
+        not math but holds TeX markup shows that markup raw (`report_checks.tex_leaks`).
+    """
+    from matplotlib.text import Text
+
+    fig.draw_without_rendering()
+    all_ticks, drawn = set(), set()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            for tick in axis.majorTicks + axis.minorTicks:
+                all_ticks.update((id(tick.label1), id(tick.label2)))
+            try:
+                shown_ticks = axis._update_ticks()  # the ticks that are drawn (others keep stale labels)
+            except AttributeError:  # pragma: no cover - a future matplotlib: count every tick label
+                shown_ticks = axis.majorTicks + axis.minorTicks
+            drawn.update(id(t) for tick in shown_ticks for t in (tick.label1, tick.label2))
+    seen, out = set(), []
+    for t in fig.findobj(Text):
+        if id(t) in seen or not t.get_visible() or not t.get_text() or (id(t) in all_ticks and id(t) not in drawn):
+            continue
+        seen.add(id(t))
+        shown, math = t._preprocess_math(t.get_text())  # what Text.draw renders
+        out.append({"text": shown, "math": bool(math)})
+    return out
 
 
 def as_rgb(img, size=None):
@@ -80,7 +184,7 @@ def show_maps(images: Sequence, maps: np.ndarray, masks: np.ndarray | None = Non
     cb.set_label(label, fontsize=8)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
-    return fig
+    return literal_text(fig)
 
 
 def show_patch_maps(images: Sequence, grids: dict[str, np.ndarray], size: int, suptitle: str = "", cmap="magma",
@@ -121,7 +225,7 @@ def show_patch_maps(images: Sequence, grids: dict[str, np.ndarray], size: int, s
         _clean(ax)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
-    return fig
+    return literal_text(fig)
 
 
 def show_attention(image, size: int, grid: tuple[int, int], patches: dict[str, tuple[int, int]],
@@ -157,7 +261,7 @@ def show_attention(image, size: int, grid: tuple[int, int], patches: dict[str, t
         _clean(ax)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
-    return fig
+    return literal_text(fig)
 
 
 def show_keep(images: Sequence, keep: np.ndarray, size: int, masks: np.ndarray | None = None, suptitle: str = "",
@@ -181,7 +285,7 @@ def show_keep(images: Sequence, keep: np.ndarray, size: int, masks: np.ndarray |
         _clean(ax)
     if suptitle:
         fig.suptitle(suptitle + "\nred: dropped reference patches; cyan: ground truth", fontsize=9)
-    return fig
+    return literal_text(fig)
 
 
 def _metric_label(name: str) -> str:
@@ -200,7 +304,7 @@ def bar_metrics(df, x: str, y: str, hue: str | None = None, title: str = "", yli
     ax.set_ylabel(ylabel or _metric_label(y))
     if hue:
         ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", title=hue)
-    return fig
+    return literal_text(fig)
 
 
 def line_metrics(df, x: str, y: str, hue: str | None = None, title: str = "", logx: bool = False, ylabel=None,
@@ -225,7 +329,7 @@ def line_metrics(df, x: str, y: str, hue: str | None = None, title: str = "", lo
         ax.set_xlabel(xlabel)
     if ylim:
         ax.set_ylim(*ylim)
-    return fig
+    return literal_text(fig)
 
 
 def show_reference_distances(panels: dict[str, tuple[np.ndarray, np.ndarray]], k: int, suptitle: str = ""):
@@ -258,4 +362,4 @@ def show_reference_distances(panels: dict[str, tuple[np.ndarray, np.ndarray]], k
     axes[0, -1].legend(handles=handles, fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
-    return fig
+    return literal_text(fig)

@@ -21,6 +21,14 @@ copy to vendor next to it), and only Markdown cells are converted: a `$` in an o
 in a table or result line) is never typeset, because nothing typesets outputs. In JupyterLab the notebooks use
 its bundled MathJax, which also works offline; tables the workbench shows are marked for MathJax to ignore.
 
+Labels that tell the truth: each page has one random-weights banner, in its header, decided by what the result
+record says the numbers come from (`page_banner`); the notebook's provenance block shows none in reports. No
+request leaves a page: besides MathJax, the template drops nbconvert's widget-manager loader (it fetches
+@jupyter-widgets/html-manager from unpkg whenever a notebook carries widget state) and the executed notebook
+keeps no widget state (headless, widgets are static views). What a careful reader would catch
+(`report_checks`: a figure without its image, raw TeX in figure texts, a claim against its numbers, a
+duplicated banner or provenance block, a remote reference) fails the notebook, with the findings in its row.
+
 Writing is atomic (temporary name, then rename); at start, under the output folder's lock, temporary files of
 our own naming that a killed run left behind (`.NAME.XXXXXXXX.tmp.SUFFIX`) are removed.
 """
@@ -44,6 +52,7 @@ from fiseclip_lib.plumbing.files import atomic_path, output_lock, remove_debris,
 from fiseclip_lib.encoder import is_random_weights
 from fiseclip_lib.errors import FiseclipError
 from fiseclip_lib.plumbing.provenance import banner_html, provenance
+from fiseclip_lib.notebook.report_checks import check_html, check_notebook
 from fiseclip_lib.notebook.workbench import HEADLESS_ENV, IGNORE_MATH_CLASS, RESULT_MIME
 
 PATH_PARAMS = ("root", "run_dir", "sweep_dir")  # parameters that are paths: made absolute before reaching the notebooks
@@ -118,9 +127,10 @@ def result_record(nb) -> dict:
 def weights_badge(numbers_from: list[dict], pretrained_param: bool) -> dict:
     """{"text", "level"}: which kinds of weights the notebook's numbers come from. level: 'pretrained' (all
     pretrained), 'random' (all random), 'mixed'."""
-    if not numbers_from:
-        return {"text": "pretrained weights" if pretrained_param else "random weights",
-                "level": "pretrained" if pretrained_param else "random"}
+    if not numbers_from:  # the notebook did not say (or failed first): the `pretrained` parameter, named as such
+        state = "pretrained" if pretrained_param else "random"
+        return {"text": f"{state} weights (by the `pretrained` parameter; the notebook names no sources)",
+                "level": state}
     parts, levels = [], set()
     for src in numbers_from:
         if src.get("kind") == "simulated":
@@ -136,6 +146,27 @@ def weights_badge(numbers_from: list[dict], pretrained_param: bool) -> dict:
 BADGE_COLOURS = {"pretrained": "#1b7f3b", "random": "#b00020", "mixed": "#b35c00"}
 
 
+def page_banner(badge: dict) -> str:
+    """The page's one random-weights banner, from what its numbers come from (`weights_badge`): none when all
+    are pretrained (or simulated), the red banner when any is random; for a mixed page it says which numbers,
+    since its figures and tables from random weights carry a "(random weights)" tag (`plots.weights_mark`).
+
+    Args:
+        badge: the `weights_badge` of the page.
+    Returns:
+        HTML ("" for none).
+    """
+    if badge["level"] == "pretrained":
+        return ""
+    banner = banner_html(False)
+    if badge["level"] == "mixed":
+        random_parts = [p for p in badge["text"].split(" + ") if p.startswith("random")]
+        note = (f"Only part of this page: {', '.join(random_parts)}. Figures and tables from it are tagged "
+                f"\u201c(random weights)\u201d; the others show real features.")
+        banner = banner.replace("</div>", f"<br><span style='font-weight:normal'>{html.escape(note)}</span></div>")
+    return banner
+
+
 def _rel(path: str, out: Path) -> str:
     try:
         return Path(os.path.relpath(Path(path).resolve(), out.resolve())).as_posix()
@@ -144,12 +175,15 @@ def _rel(path: str, out: Path) -> str:
 
 
 def _header(name: str, status: str, error: str, wall: float, params: dict, prov: dict, badge: dict) -> str:
+    """The report page's header: the page's one random-weights banner (`page_banner`) and the run's provenance."""
     pretrained = not is_random_weights(params.get("pretrained", ""))
+    clip = (f"{params.get('model', '?')} / weights {params.get('pretrained', '?')} / {params.get('image_size', '?')} px"
+            f" ({'pretrained' if pretrained else 'random initialisation'})")
+    # The page's numbers come from the encoders its result record names (a notebook may use only the CNN, or
+    # load CLIP only in the classroom setting): those lead; the CLIP parameters are shown as parameters.
     rows = [("notebook", name), ("status", status + (f" ({error})" if error else "")), ("wall time", f"{wall:.1f} s"),
-            ("encoder", f"{params.get('model', '?')} / weights {params.get('pretrained', '?')} / "
-                        f"{params.get('image_size', '?')} px"),
-            ("pretrained weights", "yes" if pretrained else "NO (random initialisation)"),
             ("numbers from", badge["text"]),
+            ("CLIP parameters (model / weights / size)", clip),
             ("dataset", f"{params.get('dataset', '?')} at {params.get('root', '?')}"),
             ("seed", params.get("seed", "?")), ("git commit", prov["git_commit"]),
             ("versions", ", ".join(f"{k} {v}" for k, v in prov["versions"].items())),
@@ -157,14 +191,16 @@ def _header(name: str, status: str, error: str, wall: float, params: dict, prov:
     body = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(str(k))}</th>"
                    f"<td><code>{html.escape(str(v))}</code></td></tr>" for k, v in rows)
     return (f'<div id="fiseclip-provenance" class="{IGNORE_MATH_CLASS}" style="font-family:sans-serif;'
-            f'border:1px solid #999;padding:8px;margin:8px">{banner_html(pretrained)}'
+            f'border:1px solid #999;padding:8px;margin:8px">{page_banner(badge)}'
             f'<b>fiseclip report: {html.escape(name)}</b>'
             f'<table style="font-size:12px">{body}</table><a href="index.html">all reports</a></div>')
 
 
-# nbconvert's lab template with nothing fetched from the network: no MathJax (math is MathML), no require.js
-# (the reports hold no widgets), no mermaid loader.
+# nbconvert's lab template with nothing fetched from the network: no MathJax (math is MathML), no require.js,
+# no widget manager (its loader fetches @jupyter-widgets/html-manager from unpkg whenever the notebook carries
+# widget state; the reports show static views instead of widgets), no mermaid loader.
 _TEMPLATE = ("{%- extends 'lab/index.html.j2' -%}\n"
+             "{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}\n"
              "{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}\n"
              "{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}\n"
              "{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}\n")
@@ -178,6 +214,7 @@ def _to_html(nb, header: str) -> str:
     from nbconvert import HTMLExporter
 
     nb = copy.deepcopy(nb)
+    nb.metadata.pop("widgets", None)
     for cell in nb.cells:
         if cell.cell_type == "markdown":
             cell.source = markdown_math_to_mathml(cell.source)
@@ -573,19 +610,30 @@ def _run_one(book: Path, out: Path, parameters: tuple[dict, dict], notebooks_dir
         if not tmp.exists() or tmp.stat().st_size == 0:
             nbformat.write(nbformat.read(str(book), as_version=4), str(tmp))
         nb = nbformat.read(str(tmp), as_version=4)
+        # Widgets created in headless mode were never displayed (static views stand in): their saved state would
+        # only make a viewer fetch a widget manager.
+        nb.metadata.pop("widgets", None)
         wall = time.time() - t0
         found = result_record(nb)
         pretrained = not is_random_weights(effective.get("pretrained", ""))
         badge = weights_badge(found.get("numbers_from", []), pretrained)
+        # What a careful reader would catch (report_checks): a finding fails the notebook; its page is still
+        # written, to be looked at, with the finding in its header.
+        page = _to_html(nb, _header(name, status, error, wall, effective, prov, badge))
+        checks = check_notebook(nb) + check_html(page)
+        if checks and status == "ok":
+            status = "failed"
+            error = f"report check: {checks[0]}" + (f" (+{len(checks) - 1} more)" if len(checks) > 1 else "")
+            page = _to_html(nb, _header(name, status, error, wall, effective, prov, badge))
         record = {"name": name, "status": status, "error": error, "wall_s": round(wall, 2), "run_date": run_date,
                   "result": found.get("text", ""), "pretrained": badge["level"] == "pretrained", "badge": badge,
                   "numbers_from": found.get("numbers_from", []),
                   "params": {k: effective.get(k) for k in INDEX_PARAMS},
                   "links": {"html": f"{name}.html", "ipynb": f"{name}.ipynb",
                             "tables": {k: _rel(v, out) for k, v in found.get("tables", {}).items()}},
-                  "git_commit": prov["git_commit"]}
+                  "git_commit": prov["git_commit"], "checks": checks}
         nb.metadata["fiseclip"] = {**record, "parameters": effective, "result_record": found}
         nbformat.write(nb, str(tmp))
-    write_text_atomic(out / f"{name}.html", _to_html(nb, _header(name, status, error, wall, effective, prov, badge)))
+    write_text_atomic(out / f"{name}.html", page)
     say(f"[report] {name}: {status} in {wall:.0f} s" + (f" ({error})" if error else ""))
     return record

@@ -204,3 +204,123 @@ def composition_spread(per_image: pd.DataFrame) -> pd.DataFrame:
         out.append({"variant": name, "batch_size": bs,
                     "relative_spread": float(spread.median() / gap) if gap > 0 and len(spread) else float("nan")})
     return pd.DataFrame(out)
+
+
+# ------------------------------------------------------------------------------------------ offline lessons
+# Small pieces the lessons 01 and 03 compute offline with numbers that mean something: attention built from REAL
+# CNN features (notebook 01) and a text filter applied to the SIMULATED text map (notebook 03).
+
+def uniform_attention_distance(grid: tuple[int, int]) -> float:
+    """The mean attention distance (patches) of an operator that attends uniformly to every patch (itself
+    included): the exact mean Euclidean distance over all ordered patch pairs of the grid. An operator near this
+    value is not local at all (for a g x g grid it is about 0.52 g).
+
+    Args:
+        grid: the patch grid `(h, w)`.
+    Returns:
+        The distance in patches.
+    """
+    h, w = grid
+    if h < 1 or w < 1:
+        raise FiseclipError(f"grid {grid} must have at least one patch")
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], 1).double()
+    return float(torch.cdist(pos, pos).mean())
+
+
+def feature_attention(layers, patch: int, temperature: float = 0.1) -> np.ndarray:
+    """Self-similarity attention of one patch on given features: softmax over patches q of
+    cos(f_patch, f_q) / temperature, averaged over layers. It is the q q^T attention of SCLIP / ClearCLIP with
+    the features themselves as queries, so on REAL (pretrained) features it shows where such an operator looks.
+
+    Args:
+        layers: `[P, C]` features of one image, or a dict of such (or of `[1, P, C]`) per layer.
+        patch: the query patch's row-major index.
+        temperature: the softmax temperature (lower: more peaked).
+    Returns:
+        `[P]` float attention weights summing to 1.
+    """
+    if temperature <= 0:
+        raise FiseclipError(f"temperature {temperature} must be > 0")
+    feats = list(layers.values()) if isinstance(layers, dict) else [layers]
+    out = []
+    for f in feats:
+        f = torch.as_tensor(f).float().reshape(-1, torch.as_tensor(f).shape[-1])
+        if not 0 <= patch < len(f):
+            raise FiseclipError(f"patch {patch} is outside the {len(f)} patches of the features")
+        f = torch.nn.functional.normalize(f, dim=-1)
+        out.append(torch.softmax(f @ f[patch] / temperature, dim=0))
+    return torch.stack(out).mean(0).numpy()
+
+
+def keep_stats(keep, labels) -> dict:
+    """How a reference filter's keep mask treats defect and normal patches.
+
+    Args:
+        keep: `[N, P]` (or `[N, h, w]`) bool, True = kept as a reference patch.
+        labels: same shape, True = defect patch (`patch_labels`).
+    Returns:
+        {"kept_fraction", "defect_dropped" (share of defect patches dropped: what the filter is for),
+        "normal_dropped" (share of normal patches dropped: references lost for nothing)}; NaN where a class is
+        absent.
+    """
+    keep = np.asarray(keep, bool).reshape(len(keep), -1)
+    labels = np.asarray(labels, bool).reshape(len(labels), -1)
+    if keep.shape != labels.shape:
+        raise FiseclipError(f"keep {keep.shape} and labels {labels.shape} must have the same shape")
+    drop = ~keep
+    return {"kept_fraction": float(keep.mean()),
+            "defect_dropped": float(drop[labels].mean()) if labels.any() else float("nan"),
+            "normal_dropped": float(drop[~labels].mean()) if (~labels).any() else float("nan")}
+
+
+def threshold_keep(text_map, theta: float, min_keep: float = 0.1) -> np.ndarray:
+    """The reference filter of the option `filter=threshold` (`filtering.reference_keep`) on a given text map:
+    keep = A_T < theta, every image keeping at least ceil(min_keep * P) of its least abnormal patches.
+
+    Args:
+        text_map: `[N, P]` A_T in [0, 1] (e.g. `simulated_text_map`). theta: the threshold.
+        min_keep: the least share of patches every reference keeps.
+    Returns:
+        `[N, P]` bool, True = kept as a reference patch.
+    """
+    from fiseclip_lib.core.filtering import reference_keep
+
+    keep, _ = reference_keep(torch.as_tensor(np.asarray(text_map), dtype=torch.float32), "threshold",
+                             theta=float(theta), min_keep=min_keep)
+    return keep.numpy()
+
+
+def filter_sweep(text_map, labels, thetas: Sequence[float], min_keep: float = 0.1) -> pd.DataFrame:
+    """The threshold filter (`filtering.reference_keep`, with its per-image minimum) at each theta on a text map.
+
+    Args:
+        text_map: `[N, P]` A_T in [0, 1] (e.g. `simulated_text_map`). labels: `[N, P]` bool defect patches.
+        thetas: thresholds. min_keep: the least share of patches every reference keeps.
+    Returns:
+        A row per theta: theta and the `keep_stats` columns.
+    """
+    return pd.DataFrame([{"theta": float(th), **keep_stats(threshold_keep(text_map, th, min_keep), labels)}
+                         for th in thetas])
+
+
+def attention_share(attention, labels, exclude: int | None = None) -> float:
+    """The share of one patch's attention that lands on labelled (e.g. defect) patches; attention spread
+    uniformly would give the labelled patches' share of the grid.
+
+    Args:
+        attention: `[P]` or `[h, w]` non-negative weights. labels: same size, bool.
+        exclude: a patch index left out of both (the query itself: its weight on itself says nothing about
+            where else it looks), the rest renormalised.
+    Returns:
+        sum(attention on labelled) / sum(attention); 0 when all weight is on the excluded patch (identity).
+    """
+    a = np.asarray(attention, float).ravel().copy()
+    m = np.asarray(labels, bool).ravel()
+    if a.shape != m.shape or a.sum() <= 0:
+        raise FiseclipError(f"attention ({a.size} weights, sum {a.sum():.3g}) and labels ({m.size}) do not match")
+    if exclude is not None:
+        a[exclude] = 0.0
+        if a.sum() <= 0:  # identity attention: it looks at no other patch, defect or not
+            return 0.0
+    return float(a[m].sum() / a.sum())

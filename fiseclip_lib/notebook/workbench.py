@@ -33,11 +33,54 @@ from fiseclip_lib.evaluation.run import eval_masks, prepare_dataset, score_and_e
 HEADLESS_ENV = "FISECLIP_HEADLESS"  # set by `fiseclip report`: widgets become static views, no progress bars
 RESULT_MIME = "application/vnd.fiseclip.result+json"  # the notebook's result record, read by `fiseclip report`
 IGNORE_MATH_CLASS = "tex2jax_ignore"  # JupyterLab's MathJax skips elements of this class: names are data
+# Inside `fiseclip report` every figure shown also carries the texts a reader sees on it (titles, labels, tick
+# labels, legends: `plots.figure_texts`) under this type, beside its PNG: the report checks look for raw TeX
+# there (a PNG's pixels cannot be searched). Nothing renders this type; JupyterLab never gets it.
+FIGURE_TEXT_MIME = "application/vnd.fiseclip.figure-texts+json"
+PROVENANCE_CLASS = "fiseclip-provenance"  # the notebook's provenance block: one per page (a later call replaces it)
+PROVENANCE_DISPLAY_ID = "fiseclip-provenance"
 
 
 def headless() -> bool:
     """True inside `fiseclip report` (no frontend: no widgets, no progress bars)."""
     return bool(os.environ.get(HEADLESS_ENV))
+
+
+def record_figure_texts() -> bool:
+    """Inside `fiseclip report` (and an IPython kernel), add `FIGURE_TEXT_MIME` to every displayed figure: the
+    texts drawn on it. Changes no plotting state (no backend, no rcParams); idempotent. Returns whether it is on.
+    """
+    if not headless():
+        return False
+    try:
+        from IPython import get_ipython
+        from IPython.core.formatters import JSONFormatter
+        from traitlets import Unicode
+    except ImportError:  # pragma: no cover - plain Python
+        return False
+    ip = get_ipython()
+    if ip is None or not hasattr(ip, "display_formatter"):
+        return False
+    from matplotlib.figure import FigureBase  # a class only: importing it changes no plotting state
+
+    formatters = ip.display_formatter.formatters
+    if FIGURE_TEXT_MIME in formatters:
+        return True
+
+    class FigureTexts(JSONFormatter):
+        format_type = Unicode(FIGURE_TEXT_MIME)
+
+    def texts(fig):
+        from fiseclip_lib.notebook.plots import figure_texts
+
+        return {"texts": figure_texts(fig)}
+
+    f = FigureTexts(parent=ip.display_formatter)
+    # Registered for FigureBase, not Figure: the inline backend removes every formatter's Figure printer when
+    # it is set up (at the first `import matplotlib.pyplot`, which may come after this).
+    f.for_type(FigureBase, texts)
+    formatters[FIGURE_TEXT_MIME] = f  # after image/png: the figure is already drawn when this runs
+    return True
 
 
 def _display(obj, **kw):
@@ -72,12 +115,21 @@ def note(text: str) -> None:
     _display_markdown(markdown_escape(text))
 
 
-def table(df: pd.DataFrame, digits: int = 3, caption: str = "") -> None:
+def table(df: pd.DataFrame, digits: int = 3, caption: str = "", numbers_from: Sequence = ()) -> None:
     """Display a DataFrame rounded to `digits`, inside an element MathJax ignores (a `$` in a category name
-    stays a dollar sign in JupyterLab too). Returns None, so the table shows once."""
+    stays a dollar sign in JupyterLab too). Returns None, so the table shows once.
+
+    Args:
+        df: the table. digits: rounding (None: as is). caption: a line above it.
+        numbers_from: what its numbers come from (encoders, `pretrained` flags, labels: `plots.weights_mark`);
+            the caption gets the " (random weights)" tag when any is a randomly initialised encoder.
+    """
     from IPython.display import HTML
 
+    from fiseclip_lib.notebook.plots import weights_mark
+
     shown = df.round(digits) if digits is not None else df
+    caption = (caption + weights_mark(*numbers_from)).strip()
     cap = f"<p><i>{html.escape(caption)}</i></p>" if caption else ""
     plain_index = isinstance(shown.index, pd.RangeIndex)  # row numbers say nothing: leave them out
     _display(HTML(f'<div class="{IGNORE_MATH_CLASS}">{cap}{shown.to_html(index=not plain_index, na_rep="–")}</div>'))
@@ -110,7 +162,19 @@ def encoder_record(encoder, role: str = "") -> dict:
 
 def show_provenance(dataset: str, root, seed: int, encoders: Sequence, config: FiseConfig | None = None,
                     **extra) -> dict:
-    """Display (and return) what this notebook's numbers depend on; a red banner for random weights."""
+    """Display (and return) what this notebook's numbers depend on.
+
+    One block per page: a second call (a notebook that loads more encoders after `setup`) replaces the first
+    block where it stands (same display id) instead of printing another. The red random-weights banner is shown
+    here only in JupyterLab; in `fiseclip report` the page header carries the page's one banner, decided by what
+    the result record says the numbers come from (`report.weights_badge`), so it is never printed twice.
+
+    Args:
+        dataset, root, seed: the data. encoders: the encoders loaded. config: the resolved config.
+        extra: any other JSON-able facts to list.
+    Returns:
+        The facts shown (with versions and git commit).
+    """
     from IPython.display import HTML
 
     info = {
@@ -123,9 +187,23 @@ def show_provenance(dataset: str, root, seed: int, encoders: Sequence, config: F
         for k, v in info.items() if k != "config")
     cfg = (f"<details><summary>resolved config</summary><pre>{html.escape(json.dumps(info['config'], indent=1))}"
            f"</pre></details>") if config is not None else ""
-    _display(HTML(f'<div class="{IGNORE_MATH_CLASS}">{banner_html(all(e.pretrained for e in encoders))}'
-                  f"<table>{rows}</table>{cfg}</div>"))
+    banner = "" if headless() else banner_html(all(e.pretrained for e in encoders))
+    block = HTML(f'<div class="{IGNORE_MATH_CLASS} {PROVENANCE_CLASS}">{banner}<table>{rows}</table>{cfg}</div>')
+    global _PROVENANCE_SHOWN
+    if _PROVENANCE_SHOWN and headless():  # a report page: replace; in JupyterLab a rerun cell shows its own
+        try:
+            from IPython.display import update_display
+
+            update_display(block, display_id=PROVENANCE_DISPLAY_ID)
+            return info
+        except ImportError:  # pragma: no cover
+            pass
+    _display(block, display_id=PROVENANCE_DISPLAY_ID)
+    _PROVENANCE_SHOWN = True
     return info
+
+
+_PROVENANCE_SHOWN = False  # this kernel showed a provenance block (a later one replaces it)
 
 
 def result(text: str, numbers_from: Sequence = (), tables: dict | None = None, notebook: str = "",
@@ -556,3 +634,6 @@ def distance_panels(detector: Detector, batch: Sequence[D.Sample], masks: np.nda
         others = [j for j in range(len(batch)) if j != i]
         panels[name] = (d[others, i, p].cpu().numpy(), np.array([batch[j].label == 1 for j in others]))
     return panels, interval_count(len(batch) - 1, detector.config.topmin_max), layer
+
+
+record_figure_texts()  # inside `fiseclip report` only (see FIGURE_TEXT_MIME)

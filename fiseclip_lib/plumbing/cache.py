@@ -29,6 +29,39 @@ CACHE_VERSION = 2  # bump when preprocessing or the stored layout changes
 FORMAT = "fiseclip-features"
 _ENTRY_NAME = re.compile(r"^[0-9a-f]{64}\.safetensors$")
 _TMP_NAME = re.compile(r"^\.[0-9a-f]{64}\..*\.tmp\.safetensors$")
+_WRITE_WARNED: set = set()  # (cache kind, folder): a failing cache folder is reported once per process
+
+
+def cache_write_errors() -> tuple:
+    """The exceptions a failed cache write raises: OSError, and safetensors' own SafetensorError (which wraps
+    the OS error, e.g. a full disk, and is not an OSError)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - older safetensors
+        return (OSError,)
+    return (OSError, SafetensorError)
+
+
+def warn_cache_write(kind: str, folder, error: BaseException) -> None:
+    """Report a failed cache write once per cache folder, in one line; the caller carries on without caching
+    (a cache only saves time: its result was computed and is used).
+
+    Args:
+        kind: the cache's name in the message ("feature cache", "text embedding cache").
+        folder: the cache folder (named in the message, and the once-only key).
+        error: the OSError or SafetensorError raised by the write.
+    """
+    if (kind, str(folder)) in _WRITE_WARNED:
+        return
+    _WRITE_WARNED.add((kind, str(folder)))
+    if isinstance(error, OSError) and error.strerror:
+        reason = error.strerror
+    else:  # SafetensorError: "Error while serializing: I/O error: No space left on device (os error 28) at ..."
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        m = re.search(r"I/O error: ([^(]+?)\s*\(os error", text)
+        reason = m.group(1) if m else text[:160]
+    warnings.warn(f"{kind} {folder} cannot be written ({reason}); carrying on without caching (results are "
+                  f"unchanged, only slower): free disk space or point FISECLIP_FEATURE_CACHE elsewhere")
 
 
 def default_cache_dir() -> Path:
@@ -170,7 +203,8 @@ class FeatureCache:
                         dense=tensors["dense"][None] if "dense" in tensors else None)
 
     def put(self, key: str, feats: Features, index: int) -> None:
-        """Store image `index` of a batch of features (atomically; a full or read-only disk costs speed only)."""
+        """Store image `index` of a batch of features (atomically; a full or read-only disk costs speed only:
+        one warning per cache folder, `warn_cache_write`)."""
         from safetensors.torch import save_file
 
         tensors = {f"layer.{l}": t[index].contiguous().cpu() for l, t in feats.layers.items()}
@@ -184,7 +218,8 @@ class FeatureCache:
         try:
             with atomic_path(path) as tmp:
                 save_file(tensors, str(tmp), metadata=meta)
-        except OSError:
+        except cache_write_errors() as e:
+            warn_cache_write("feature cache", self.root, e)
             return
         try:
             self._added += path.stat().st_size

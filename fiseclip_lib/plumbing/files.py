@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -54,7 +55,11 @@ def atomic_path(path: str | os.PathLike):
     022), not the 0600 of `mkstemp`: outputs are meant to be read by others.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file where a folder must be: name it, not a traceback
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
+        raise FiseclipError(f"cannot write {path}: {blocker} is a file, not a folder; choose another path") from None
     # the temp name keeps the real suffix (tools such as papermill check it) and starts with a dot
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
@@ -127,6 +132,9 @@ def output_lock(folder: str | os.PathLike, command: str = "fiseclip"):
     path = folder / LOCK_NAME
     if not folder.is_dir():  # filelock would create it; a missing --out folder is the caller's error, as before
         raise FiseclipError(f"output folder {folder} is not writable (no such folder); choose another --out")
+    if path.is_dir() and not path.is_symlink() or path.is_symlink() and path.resolve().is_dir():
+        raise FiseclipError(f"lock file {path} is a folder, not a file: remove it (fiseclip creates it) or "
+                            f"choose another --out")
     record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     held = {}
@@ -242,6 +250,8 @@ def read_yaml_mapping(path: str | os.PathLike, kind: str = "params file", empty:
 def ensure_writable(out) -> Path:
     """Create the output folder if needed and check that files can be written there (a one-line error if not)."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FiseclipError(f"output folder {out} is not writable: it is a file, not a folder; choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -266,3 +276,163 @@ def write_csv_atomic(path: str | os.PathLike, table, float_format: str = "%.6f")
     """A DataFrame as CSV without its index, atomically; floats with 6 decimals, NaN as `nan` (the format of
     every result table: byte-identical on reruns)."""
     write_text_atomic(path, table.to_csv(index=False, float_format=float_format, na_rep="nan"))
+
+
+# ------------------------------------------------------------------------------------------ staged outputs
+
+STAGING_PREFIX = ".fiseclip-staging-"  # + command key: the folder a run writes into
+_TRASH_PREFIX = ".fiseclip-trash-"  # + key: the previous outputs while they are being swapped out
+_JOURNAL_PREFIX = ".fiseclip-swap-"  # + key + ".json": a swap in progress (rolled forward by the next run)
+_MANIFEST_PREFIX = ".fiseclip-outputs-"  # + key + ".json": the top-level names the last complete run wrote
+
+
+def _staging_names(key: str) -> tuple[str, str, str, str]:
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        raise ValueError(f"staged_output key {key!r}: use letters, digits, '-' or '_'")
+    return (STAGING_PREFIX + key, _TRASH_PREFIX + key, f"{_JOURNAL_PREFIX}{key}.json",
+            f"{_MANIFEST_PREFIX}{key}.json")
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a file, a link or a folder; read-only entries are made writable first (a copied read-only input)."""
+    import shutil
+    import stat
+
+    def retry(func, p, _exc):
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(p), stat.S_IRWXU)
+            func(p)
+
+    if path.is_symlink() or path.is_file():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    elif path.is_dir():
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(path, onexc=retry)
+        else:
+            shutil.rmtree(path, onerror=retry)
+
+
+def _read_names(path: Path) -> list[str]:
+    """The `names` list of a manifest / journal ([] when missing or unreadable: nothing is then removed)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    names = data.get("names", []) if isinstance(data, dict) else []
+    # only plain top-level names: an edited manifest can never point outside the folder
+    return [n for n in names if isinstance(n, str) and n not in ("", ".", "..") and "/" not in n and "\\" not in n]
+
+
+def _finish_swap(out: Path, key: str) -> None:
+    """Carry out (or, after a kill, complete) the swap recorded in the journal: idempotent."""
+    staging_name, trash_name, journal_name, manifest_name = _staging_names(key)
+    staging, trash, journal = out / staging_name, out / trash_name, out / journal_name
+    try:
+        data = json.loads(journal.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # a journal is written atomically: unreadable means never written
+        data = {}
+    new = [n for n in data.get("names", []) if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")]
+    drop = [n for n in data.get("drop", []) if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")]
+    trash.mkdir(exist_ok=True)
+    for name in new:
+        src = staging / name
+        if not os.path.lexists(src):  # already swapped in before a kill
+            continue
+        dst = out / name
+        if os.path.lexists(dst):
+            _remove_tree(trash / name)
+            os.replace(dst, trash / name)
+        os.replace(src, dst)
+    for name in drop:
+        if os.path.lexists(out / name):
+            _remove_tree(trash / name)
+            os.replace(out / name, trash / name)
+    undeclared = sorted(set(new) - set(data.get("owned", [])))
+    if undeclared:  # names `owns` does not cover: remembered, so that the next run can remove them if stale
+        write_json_atomic(out / manifest_name, {"names": undeclared})
+    else:  # everything is declared: no hidden file to leave behind
+        (out / manifest_name).unlink(missing_ok=True)
+    journal.unlink(missing_ok=True)
+    _remove_tree(trash)
+    _remove_tree(staging)
+
+
+@contextlib.contextmanager
+def staged_output(out: str | os.PathLike, key: str = "fiseclip", owns=(), seed: bool = False):
+    """Write a run's outputs into a hidden staging folder and swap them into `out` only if the block succeeds.
+
+    After any run, `out` holds exactly one run's outputs of this command: all of the last complete run's, none
+    of an earlier run's (a rerun that writes fewer files removes the stale ones), and a run that fails, is
+    interrupted or killed leaves the previous run's outputs untouched. Call it inside `output_lock(out)`: the
+    lock makes this run the only writer, so leftovers of a killed run are cleaned here on entry.
+
+    Layout inside `out` (hidden names, so folder walks and `remove_debris` ignore them):
+      .fiseclip-staging-<key>/       the folder yielded to the block; outputs go here, with the same
+                                     relative paths they will have in `out` (same filesystem: renames).
+      .fiseclip-outputs-<key>.json   the top-level names the last complete run wrote that `owns` does not
+                                     cover (the manifest; absent when `owns` covers every output).
+      .fiseclip-swap-<key>.json      a swap in progress; .fiseclip-trash-<key>/ the outputs being replaced.
+
+    The swap: a journal naming the new entries is written atomically; then, one rename each, every previous
+    entry of the same name (or named in the previous manifest, or matching `owns`) is moved to the trash and
+    the staged entry renamed into its place; then the manifest is written and the trash removed. Each entry
+    is replaced atomically (a reader of predictions.csv sees the old file or the new one, never a half-written
+    one); the set of entries is not (a reader that opens two files during the few milliseconds of the swap
+    may see one old, one new). A run killed during the swap is completed by the next run from the journal:
+    the staged outputs were complete before the journal was written.
+
+    Files in `out` that this command did not write are kept (a user's notes, the lock, other commands'
+    outputs): an --out pointed at a shared folder never loses anything but this command's own outputs.
+
+    Args:
+        out: the output folder (created if missing); the caller holds `output_lock(out)`.
+        key: the command's name in the hidden file names ("predict", "sweep", "report"): letters, digits,
+            '-' and '_'. Two commands sharing a folder each replace only their own outputs (give each its key).
+        owns: top-level names (fnmatch patterns, e.g. "overlays", "*.csv") that belong to this command: every
+            existing entry matching them is replaced by each run (also outputs of runs made before staging
+            existed). Declare every output here and no manifest file is left in `out`.
+        seed: start the staging folder as a copy of the current outputs of this command (manifest and `owns`
+            entries), for commands that update their outputs in part (resume, reuse); a copy, never a link,
+            so writing into the staging folder never alters the previous run's files.
+    Yields:
+        the staging folder (a Path): write every output under it.
+    """
+    import fnmatch
+    import shutil
+
+    out = Path(out)
+    staging_name, trash_name, journal_name, manifest_name = _staging_names(key)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / staging_name
+    if (out / journal_name).exists():  # a swap killed half-way: its staged outputs were complete
+        _finish_swap(out, key)
+    _remove_tree(out / trash_name)
+    _remove_tree(staging)  # a run killed before its swap: discard what it staged
+
+    def current() -> set[str]:
+        names = set(_read_names(out / manifest_name))
+        if owns:
+            for p in out.iterdir():
+                if not p.name.startswith(".") and any(fnmatch.fnmatch(p.name, pat) for pat in owns):
+                    names.add(p.name)
+        return {n for n in names if os.path.lexists(out / n)}
+
+    staging.mkdir()
+    try:
+        if seed:
+            for name in sorted(current()):
+                src = out / name
+                if src.is_dir() and not src.is_symlink():
+                    shutil.copytree(src, staging / name, symlinks=True)
+                else:
+                    shutil.copy2(src, staging / name, follow_symlinks=False)
+        yield staging
+    except BaseException:
+        _remove_tree(staging)
+        raise
+    new = sorted(p.name for p in staging.iterdir())
+    drop = sorted(current() - set(new))
+    owned = [n for n in new if any(fnmatch.fnmatch(n, pat) for pat in owns)]
+    write_json_atomic(out / journal_name, {"names": new, "drop": drop, "owned": owned})
+    _finish_swap(out, key)
