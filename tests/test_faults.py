@@ -685,25 +685,16 @@ dcase("predict: references are the images", 2, "is also an image to score")(
     lambda t, i: P(t, i, "--reference-dir", str(i)))
 
 
-@dcase("predict: a reference is a copy of an image", 2, "good.png")
-def _(t, i):
-    image_folder(t / "refs", 2, seed=100)
-    shutil.copy(i / "001.png", t / "refs" / "good.png")
-    return P(t, i, "--reference-dir", str(t / "refs"))
+def _reference_made_by(make):
+    def case(t, i):
+        image_folder(t / "refs", 2, seed=100)
+        make(i / "001.png", t / "refs" / "good.png")
+        return P(t, i, "--reference-dir", str(t / "refs"))
+    return case
 
 
-@dcase("predict: a reference is a hard link to an image", 2, "good.png")
-def _(t, i):
-    image_folder(t / "refs", 2, seed=100)
-    os.link(i / "001.png", t / "refs" / "good.png")
-    return P(t, i, "--reference-dir", str(t / "refs"))
-
-
-@dcase("predict: a reference is a symlink to an image", 2, "good.png")
-def _(t, i):
-    image_folder(t / "refs", 2, seed=100)
-    os.symlink(i / "001.png", t / "refs" / "good.png")
-    return P(t, i, "--reference-dir", str(t / "refs"))
+for _how, _make in (("a copy of", shutil.copy), ("a hard link to", os.link), ("a symlink to", os.symlink)):
+    dcase(f"predict: a reference is {_how} an image", 2, "good.png")(_reference_made_by(_make))
 
 
 @dcase("predict: an unreadable reference", 2, "bad.png")
