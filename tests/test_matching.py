@@ -448,3 +448,127 @@ def _kernel_on_ones() -> float:
     _match_kernel.block_maxima(S, (2, 2), np.array([1]), np.ones((1, 4), np.float32), np.ones((1, 8), np.float32),
                                np.ones(4, np.bool_), np.zeros(8, np.float32), oc, orow, 2, 1)
     return float(oc[0, 0, 0])
+
+
+# ---------------------------------------------------------------------- the box route against external references
+
+def _external(nq, nr, grid, c=20, seed=0, keep=True):
+    """Queries' raw tokens, references' raw tokens and their filter: about half the patches kept, one reference
+    keeping none (it then uses all of them, with a warning), some patch kept everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    p = grid[0] * grid[1]
+    shift = torch.randn(1, 1, c, generator=g)  # a shared component: cosines spread over (-1, 1), not all near 0
+    layers = {l: torch.randn(nq, p, c, generator=g) + shift for l in (2, 5)}
+    ref_raw = {l: torch.randn(nr, p, c, generator=g) + shift for l in (2, 5)}
+    ref_keep = None
+    if keep:
+        ref_keep = torch.rand(nr, p, generator=g) > 0.5
+        ref_keep[:, p // 2] = True
+        ref_keep[0] = False
+    return layers, ref_raw, ref_keep
+
+
+def _bank_inputs(ref_raw, grid, degrees):
+    from fiseclip_lib.core.matching import layer_norm_tokens, reference_window_norms
+    references = {(l, r): lnamd(t, grid, r) for l, t in ref_raw.items() for r in degrees}
+    tokens = {l: layer_norm_tokens(t) for l, t in ref_raw.items()}
+    norms = {(l, r): n for l, x in tokens.items() for r, n in reference_window_norms(x, grid, degrees).items()}
+    return references, tokens, norms
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (3, 5), (6, 4), (7, 7)])
+@pytest.mark.parametrize("k", [1, 2, 16])
+@pytest.mark.parametrize("engine", engines("box-torch", "box-compiled"))
+def test_box_route_against_references_equals_cross_distances(grid, k, engine):
+    """`_box_cross_distances` (one GEMM per layer and block of references, degrees by box filters) == the
+    per-degree `cross_distances` on lnamd features within 1e-5, with keep-masks, for every degree; and the whole
+    visual_map_against == the per-degree engine and the float64 reference engine."""
+    from fiseclip_lib.core.matching import (_box_cross_distances, _layer_norm, _usable_keep, cross_distances,
+                                            visual_map_against)
+    degrees = (1, 3, 5)
+    layers, ref_raw, ref_keep = _external(2, k, grid, seed=k + grid[1])
+    references, tokens, norms = _bank_inputs(ref_raw, grid, degrees)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reference that keeps nothing
+        keep = _usable_keep(ref_keep, k, grid[0] * grid[1], torch.device("cpu"))
+        for l, t in layers.items():
+            for given_norms in ({r: norms[(l, r)] for r in degrees}, None):
+                box = _box_cross_distances(_layer_norm(t), tokens[l], given_norms, grid, list(degrees), keep,
+                                           torch.float32, 4096, compiled=engine == "box-compiled")
+                for r in degrees:
+                    want = cross_distances(lnamd(t, grid, r), references[(l, r)], ref_keep)
+                    assert box[r].shape == want.shape == (k, 2, grid[0] * grid[1])
+                    torch.testing.assert_close(box[r], want, rtol=0, atol=1e-5)
+        kw = dict(keep=ref_keep, mutual=False)
+        got = visual_map_against(layers, grid, references, degrees, engine=engine, ref_tokens=tokens, ref_norms=norms,
+                                 **kw)
+        per_degree = visual_map_against(layers, grid, references, degrees, engine="per-degree", **kw)
+        oracle = reference_visual_map(layers, grid, degrees, references, False, ref_keep=ref_keep)
+    torch.testing.assert_close(got, per_degree, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, oracle, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("engine", engines("box-torch", "box-compiled"))
+def test_box_route_against_references_small_blocks_mutual_bf16_and_penalty(engine, monkeypatch):
+    """References split over several blocks (BOX_CHUNK small), mutual queries beside the bank, bf16 within its
+    tolerance; with a penalty (no box term for it) the route is cross_distances: equal to the oracle."""
+    from fiseclip_lib.core import matching
+    grid, degrees = (5, 3), (3, 1, 5)
+    layers, ref_raw, ref_keep = _external(3, 7, grid, seed=3)
+    references, tokens, norms = _bank_inputs(ref_raw, grid, degrees)
+    monkeypatch.setattr(matching, "BOX_CHUNK", 2 * 15)  # two references per block: 4 blocks, the last narrower
+    pen = torch.rand(7, 15, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for mutual in (True, False):
+            for penalty in (None, pen):
+                kw = dict(references=references, mutual=mutual, ref_keep=ref_keep, ref_penalty=penalty)
+                want = match(layers, grid, degrees, engine="reference", **kw)
+                got = match(layers, grid, degrees, engine=engine, ref_tokens=tokens, ref_norms=norms, **kw)
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+                bf = match(layers, grid, degrees, engine=engine, ref_tokens=tokens, ref_norms=norms,
+                           dtype=torch.bfloat16, **kw)
+                assert (bf - want).abs().max() < 0.03  # BF16_TOLERANCE
+
+
+def test_box_route_against_references_is_taken_and_checks_the_queries(monkeypatch):
+    """A box engine with the references' tokens runs `_box_cross_distances` (not cross_distances); without the
+    tokens, or on the per-degree engine, cross_distances; non-finite query tokens are a one-line error."""
+    from fiseclip_lib.core import matching
+    from fiseclip_lib.errors import FiseclipError
+    grid, degrees = (4, 4), (1, 3)
+    layers, ref_raw, _ = _external(1, 3, grid, keep=False)
+    references, tokens, norms = _bank_inputs(ref_raw, grid, degrees)
+    calls = []
+    real = matching.cross_distances
+    monkeypatch.setattr(matching, "cross_distances", lambda *a, **k: calls.append(1) or real(*a, **k))
+    match(layers, grid, degrees, references=references, mutual=False, engine="box-torch", ref_tokens=tokens,
+          ref_norms=norms)
+    assert not calls
+    match(layers, grid, degrees, references=references, mutual=False, engine="box-torch")
+    match(layers, grid, degrees, references=references, mutual=False, engine="per-degree", ref_tokens=tokens)
+    assert len(calls) == 2 * 2 * len(degrees)
+    bad = {l: t.clone() for l, t in layers.items()}
+    bad[2][0, 3, 1] = float("nan")
+    with pytest.raises(FiseclipError, match="NaN or inf"):
+        match(bad, grid, degrees, references=references, mutual=False, engine="box-torch", ref_tokens=tokens)
+
+
+def test_cross_distances_trusts_a_bank_checked_once():
+    """ref_unit (a bank's features checked once, `checked_unit`) gives the bytes of the per-call checks; a wrong
+    claim of unit rows on non-unit features changes the result (the flag is really used), NaN is caught once."""
+    from fiseclip_lib.core.matching import checked_unit, cross_distances
+    grid = (4, 4)
+    g = torch.Generator().manual_seed(4)
+    Zq = lnamd(torch.randn(1, 16, 6, generator=g), grid, 3)
+    Zr = lnamd(torch.randn(5, 16, 6, generator=g), grid, 3)
+    keep = torch.rand(5, 16, generator=g) > 0.4
+    assert checked_unit(Zr) is True
+    assert torch.equal(cross_distances(Zq, Zr, keep, ref_unit=True), cross_distances(Zq, Zr, keep))
+    raw = torch.randn(5, 16, 6, generator=g)
+    assert checked_unit(raw) is False
+    assert torch.equal(cross_distances(Zq, raw, ref_unit=False), cross_distances(Zq, raw))
+    assert not torch.allclose(cross_distances(Zq, raw, ref_unit=True), cross_distances(Zq, raw))
+    bad = Zr.clone()
+    bad[1, 2, 0] = float("nan")
+    assert checked_unit(bad) is None  # not trusted: the per-call check names the error

@@ -92,3 +92,52 @@ def test_bank_entries_record_the_content_hash_of_their_image(small_demo, tiny_en
     assert [e.digest for e in bank.entries] == [naive, image_hash(paths[1]), naive, naive, image_hash(pil)]
     assert len({bank.entries[1].digest, bank.entries[4].digest}) == 2  # pixels and file bytes are hashed apart
     assert BankEntry(features={}).digest is None  # hand-built entries: unknown, never matched
+
+
+def test_box_inputs_of_a_bank_score_like_the_aggregated_features(small_demo, tiny_encoder):
+    """A bank that keeps the layer-normed tokens (box_inputs) is matched by the box engines with one GEMM per layer:
+    the same scores as the bank without them (per-degree `cross_distances`) up to rounding; the tokens and
+    window norms are those of the matching module (LayerNorm, `_window_norms`), bit for bit."""
+    from fiseclip_lib.core.matching import _window_norms, layer_norm_tokens
+    for engine in ("auto", "box-torch"):
+        det = Detector(FiseConfig(**TINY, method="musc", match_engine=engine), encoder=tiny_encoder)
+        paths = _paths(small_demo, 7)
+        plain = ReferenceBank.from_images(det, paths[4:], "textile")
+        boxed = ReferenceBank.from_images(det, paths[4:], "textile", box_inputs=True)
+        assert plain.stacked_tokens() == (None, None)
+        tokens, norms = boxed.stacked_tokens()
+        assert set(tokens) == set(boxed.entries[0].feats.layers) and set(norms) == set(boxed.entries[0].features)
+        for e in boxed.entries:
+            for l, t in e.feats.layers.items():
+                torch.testing.assert_close(e.tokens[l], layer_norm_tokens(t), rtol=0, atol=0)
+                for r in det.config.degrees:
+                    torch.testing.assert_close(e.norms[(l, r)], _window_norms(e.tokens[l], e.grid, r), rtol=0, atol=0)
+        feats = det.encode(paths[:4])
+        a = det.score_features(feats, "textile", references=plain, mutual=False)
+        b = det.score_features(feats, "textile", references=boxed, mutual=False)
+        np.testing.assert_allclose(b.scores, a.scores, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(b.maps, a.maps, rtol=0, atol=1e-5)
+
+
+def test_non_finite_reference_tokens_are_refused_once_when_stacked():
+    z = {(1, 1): torch.nn.functional.normalize(torch.randn(1, 4, 3), dim=-1)}
+    tok = torch.randn(1, 4, 3)
+    good = BankEntry(features=z, tokens={1: tok}, norms={(1, 1): tok.norm(dim=-1)}, path="good.png")
+    bad_tok = tok.clone()
+    bad_tok[0, 2, 1] = float("inf")
+    bad = BankEntry(features=z, tokens={1: bad_tok}, norms={(1, 1): tok.norm(dim=-1)}, path="bad.png")
+    assert ReferenceBank([good]).stacked_tokens()[0][1].shape == (1, 4, 3)
+    with pytest.raises(FiseclipError, match="bad.png"):
+        ReferenceBank([good, bad]).stacked_tokens()
+    assert ReferenceBank([good, BankEntry(features=z)]).stacked_tokens() == (None, None)  # hand-built: no box route
+
+
+def test_unit_flags_are_checked_once_per_entry(small_demo, tiny_encoder):
+    """Entries made by `reference_entry` record, per (layer, degree), that their features are finite unit vectors
+    (no per-query check); a hand-built entry has none, so the bank's features are checked at every query."""
+    det = Detector(FiseConfig(**TINY, method="musc"), encoder=tiny_encoder)
+    bank = ReferenceBank.from_images(det, _paths(small_demo, 3), "textile")
+    flags = bank.unit_flags()
+    assert flags is not None and set(flags) == set(bank.entries[0].features) and all(flags.values())
+    z = {k: v.clone() for k, v in bank.entries[0].features.items()}
+    assert ReferenceBank(bank.entries + [BankEntry(features=z)]).unit_flags() is None

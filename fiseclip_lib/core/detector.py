@@ -25,7 +25,7 @@ import torch
 from fiseclip_lib.config import FiseConfig
 from fiseclip_lib.core.filtering import reference_keep
 from fiseclip_lib.core.fusion import fuse, fuse_text_only
-from fiseclip_lib.core.matching import lnamd, match
+from fiseclip_lib.core.matching import checked_unit, match, reference_features
 from fiseclip_lib.core.postprocess import gaussian_smooth, image_scores, pool_embedding, upsample
 from fiseclip_lib.core.references import BankEntry, ReferenceBank
 from fiseclip_lib.core.text import text_embeddings, text_map, text_score
@@ -237,10 +237,12 @@ class Detector:
                 q_keep, q_pen = reference_keep(a_t, cfg.filter, cfg.filter_theta, cfg.filter_ratio,
                                                cfg.filter_min_keep)
             refs, r_keep, r_pen = bank.stacked()
+            r_tokens, r_norms = bank.stacked_tokens() if len(bank) else (None, None)
             t0 = time.perf_counter()
             a_v = match(feats.layers, grid, cfg.degrees, references=refs, mutual=mutual, keep=q_keep, penalty=q_pen,
                         ref_keep=r_keep, ref_penalty=r_pen, topmin_max=cfg.topmin_max, dtype=self.match_dtype,
-                        engine=cfg.match_engine)
+                        engine=cfg.match_engine, ref_tokens=r_tokens, ref_norms=r_norms,
+                        ref_unit=bank.unit_flags() if len(bank) else None)
             self.costs["match_s"] += time.perf_counter() - t0
             patch = a_v if not spec.text else per_group(
                 lambda v, t_: fuse(v, t_, cfg.fusion, cfg.alpha, cfg.gate_tau, cfg.fusion_norm), a_v, a_t)
@@ -251,16 +253,24 @@ class Detector:
         return torch.bfloat16 if self.config.match_dtype == "bf16" else torch.float32
 
     def reference_entry(self, feats: Features, class_name: str, filtered: bool, path: str | None = None,
-                        score: float | None = None) -> BankEntry:
+                        score: float | None = None, box_inputs: bool = True) -> BankEntry:
         """A bank entry from the Features of one image: LNAMD per (layer, degree), and the method's text filter
-        when `filtered` (a stream's admitted images; known-good references are not filtered)."""
+        when `filtered` (a stream's admitted images; known-good references are not filtered); with `box_inputs`
+        also the layer-normed tokens and window norms that the box engines match (`BankEntry.tokens`, `norms`)."""
         cfg = self.config
         keep = penalty = None
         if filtered and cfg.spec.text_filter and feats.dense is not None:
             a_t = text_map(feats.dense, self.text_embedding(class_name), cfg.text_temperature).cpu()
             keep, penalty = reference_keep(a_t, cfg.filter, cfg.filter_theta, cfg.filter_ratio, cfg.filter_min_keep)
-        z = {(l, r): lnamd(feats.layers[l], feats.grid, r).cpu() for l in feats.layers for r in cfg.degrees}
-        return BankEntry(features=z, keep=keep, penalty=penalty, path=path, score=score, grid=tuple(feats.grid))
+        z, tokens, norms = {}, {}, {}
+        for l, t in feats.layers.items():  # the box engines match the layer-normed tokens (one GEMM per layer)
+            agg, tokens[l], n_ = reference_features(t, feats.grid, cfg.degrees)
+            tokens[l] = tokens[l].cpu()
+            z.update({(l, r): agg[r].cpu() for r in cfg.degrees})
+            norms.update({(l, r): n_[r].cpu() for r in cfg.degrees})
+        return BankEntry(features=z, keep=keep, penalty=penalty, path=path, score=score, grid=tuple(feats.grid),
+                         tokens=tokens if box_inputs else None, norms=norms if box_inputs else None,
+                         unit={k: checked_unit(v) for k, v in z.items()})  # checked once, not per query
 
     def leave_one_out_scores(self, bank: ReferenceBank, class_name: str) -> list[float]:
         """Each reference's score against the other references (per-image normalisation, as streaming scores):

@@ -35,8 +35,10 @@ Engines (one setting, `FiseConfig.match_engine`, passed as `engine` to `match` /
     box-compiled  `_box_filtered_distances` with the numba kernel (CPU; an error where numba is missing)
     reference     `matching_reference.reference_visual_map`: short, slow, reads like the paper (the tests' oracle)
 A soft penalty (filter `soft`), or a window whose mean is zero, takes the per-degree route whatever the box engine
-(the box filters have no penalty term). With external references every fast engine runs `visual_map_against`
-(`cross_distances`, plus the per-degree route for the queries among themselves): the engines differ in-batch only.
+(the box filters have no penalty term). With external references, `visual_map_against` runs the box route against
+them (`_box_cross_distances`: one GEMM per query, layer and block of references) when the engine resolves to a box
+engine (`_cross_route`: auto takes box-compiled on the CPU from 256 channels) and the references come with their
+layer-normed tokens; else `cross_distances` per degree. The queries among themselves take the per-degree route.
 """
 from __future__ import annotations
 
@@ -100,20 +102,47 @@ def _route(engine: str, degrees: list[int], channels: int, penalty, device) -> s
     return engine
 
 
+CROSS_BOX_MIN_CHANNELS = 256  # engine "auto" against external references on the CPU: box-compiled from this many
+# channels on. Measured (2 CPU cores, quiet, 1 query vs K = 16, 3 degrees, no mask; per-degree / box-compiled ms):
+# P = 256: C = 40-112 17 / 24, C = 256 26 / 19, C = 512 63 / 31; P = 64: C = 64 5.1 / 4.9, C = 256 3.8 / 2.6;
+# P = 576, C = 768: 236 / 96. box-torch only pays from about C = 512 (the in-batch rule).
+
+
+def _cross_route(engine: str, degrees: list[int], channels: int, penalty, device) -> str:
+    """`_route` against external references: "auto" on the CPU with numba takes box-compiled from
+    CROSS_BOX_MIN_CHANNELS (one query against K references: no second direction shares a per-degree GEMM)."""
+    if (engine == "auto" and penalty is None and device.type == "cpu" and len(set(degrees)) >= 2
+            and channels >= CROSS_BOX_MIN_CHANNELS and _match_kernel.available()):
+        return "box-compiled"
+    return _route(engine, degrees, channels, penalty, device)
+
+
 def _layer_norm(tokens: torch.Tensor) -> torch.Tensor:
     """LayerNorm over (C, H, W) per image, no affine: the same as over (P, C) of `[N, P, C]`, without a transpose."""
     x = tokens.float()
     return F.layer_norm(x, x.shape[1:])
 
 
+def layer_norm_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over (P, C) of each image's `[N, P, C]` tokens, no affine, float32 (LNAMD's first step).
+
+    Args:
+        tokens: `[N, P, C]` patch tokens.
+    Returns:
+        float32 `[N, P, C]`.
+    """
+    return _layer_norm(tokens)
+
+
 def _aggregate(x: torch.Tensor, grid: tuple[int, int], r: int, order: torch.Tensor | None = None,
-               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, bool]:
+               dtype: torch.dtype = torch.float32, norms: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
     """r x r neighbourhood mean of layer-normed `[N, P, C]` and L2 normalisation -> (contiguous `[N, P, C]`, unit).
 
     order `[N, P]` (optional): return the patches of image i in the order order[i]. The result is allocated
     once, in `dtype`; slices of about AGG_ELEMENTS are pooled, reordered and normalised into it, so the
     temporaries stay bounded (few large ops: each op costs a thread wake-up on a busy machine). unit is False
-    when some window mean is (almost) zero, so that its output is not a unit vector.
+    when some window mean is (almost) zero, so that its output is not a unit vector. norms `[N, P]` (optional,
+    order None): receives the window norms (`_window_norms`, the same values).
     """
     n, p, c = x.shape
     h, w = grid
@@ -130,6 +159,8 @@ def _aggregate(x: torch.Tensor, grid: tuple[int, int], r: int, order: torch.Tens
             xs = img.permute(0, 2, 3, 1).reshape(b - a, p, c)  # a view when the pool kept channels_last
         norm = torch.linalg.vector_norm(xs, dim=-1, keepdim=True)
         smallest.append(norm.amin())
+        if norms is not None:
+            norms[a:b] = norm[..., 0]
         if order is not None:
             rows = torch.arange(b - a, device=x.device)[:, None]
             xs, norm = xs[rows, order[a:b]], norm[rows, order[a:b]]
@@ -153,6 +184,33 @@ def lnamd(tokens: torch.Tensor, grid: tuple[int, int], r: int) -> torch.Tensor:
     _check_degree(r)
     _check_grid(tokens.shape[1], grid)
     return _aggregate(_layer_norm(tokens), grid, r)[0]
+
+
+def reference_features(tokens: torch.Tensor, grid: tuple[int, int], degrees) -> tuple[dict, torch.Tensor, dict]:
+    """What a reference bank keeps of an image, each step once: `lnamd` per degree, and for the box engines the
+    layer-normed tokens and their window norms (`visual_map_against`'s ref_tokens / ref_norms).
+
+    Args:
+        tokens: `[N, P, C]` raw patch tokens of one layer; grid: (h, w); degrees: odd degrees r.
+    Returns:
+        ({r: `[N, P, C]` = lnamd(tokens, grid, r)}, `[N, P, C]` layer-normed tokens, {r: `[N, P]` window norms}).
+    """
+    _check_grid(tokens.shape[1], grid)
+    x = _layer_norm(tokens)
+    feats, norms = {}, {}
+    for r in dict.fromkeys(degrees):
+        _check_degree(r)
+        norms[r] = torch.empty(x.shape[:2], dtype=torch.float32, device=x.device)
+        feats[r] = _aggregate(x, grid, r, norms=norms[r])[0]
+    return feats, x, norms
+
+
+def checked_unit(Z: torch.Tensor) -> bool | None:
+    """Once per bank entry: None when Z holds NaN or inf (the per-call check then names the error), else whether
+    its rows are unit vectors (`cross_distances`' ref_unit)."""
+    if not bool(torch.isfinite(Z).all()):
+        return None
+    return _is_unit(Z)
 
 
 def interval_count(n_refs: int, topmin_max: float) -> int:
@@ -575,7 +633,7 @@ def _block_maxima(y: torch.Tensor, u: torch.Tensor, ex_rows, ex_cols, work: torc
 
 def cross_distances(Zq: torch.Tensor, Zr: torch.Tensor, keep: torch.Tensor | None = None,
                     penalty: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-                    block: int = 1 << 22) -> torch.Tensor:
+                    block: int = 1 << 22, ref_unit: bool | None = None) -> torch.Tensor:
     """d[j, i, p]: distance from patch p of query image i to its nearest (kept) patch of reference image j.
 
     All references are multiplied in one GEMM per block of query patches; patches that are not kept are masked
@@ -588,6 +646,8 @@ def cross_distances(Zq: torch.Tensor, Zr: torch.Tensor, keep: torch.Tensor | Non
         penalty: `[Nr, Pr]` or None, added to the distance of each reference patch (the soft filter).
         dtype: GEMM dtype (float32 or bfloat16).
         block: elements of one similarity block (query patches x Nr * Pr); bounds the extra memory.
+        ref_unit: None: Zr is checked here (finite) and tested for unit rows; True / False: the caller checked Zr
+            once (a bank, when the entry was made: `BankEntry.unit`) and says whether its rows are unit vectors.
 
     Returns:
         float32 `[Nr, Nq, P]`; `[0, Nq, P]` when there is no reference.
@@ -597,12 +657,14 @@ def cross_distances(Zq: torch.Tensor, Zr: torch.Tensor, keep: torch.Tensor | Non
     nr = Zr.shape[0]
     if nr == 0:
         return torch.empty(0, nq, p, dtype=torch.float32, device=Zq.device)
-    _check_features(Zr)
+    if ref_unit is None:
+        _check_features(Zr)
     pr = Zr.shape[1]
     keep = _usable_keep(keep, nr, pr, Zr.device)
     q = Zq.reshape(nq * p, c)
     refs = Zr.reshape(nr * pr, c)
-    fast = penalty is None and _is_unit(Zq) and _is_unit(Zr)  # nearest patch = most similar one
+    # nearest patch = most similar one
+    fast = penalty is None and _is_unit(Zq) and (_is_unit(Zr) if ref_unit is None else ref_unit)
     drop = None if keep is None else ~keep.reshape(1, nr * pr)
     pen = None if penalty is None else penalty.reshape(1, nr * pr).float().to(Zq.device)
     sq_q = None if fast else torch.linalg.vector_norm(q.float(), dim=-1).pow(2)
@@ -629,6 +691,115 @@ def cross_distances(Zq: torch.Tensor, Zr: torch.Tensor, keep: torch.Tensor | Non
     return out.view(nr, nq, p)
 
 
+def reference_window_norms(x: torch.Tensor, grid: tuple[int, int], degrees) -> dict:
+    """{r: ||boxmean_r(x)(p)|| `[N, P]`} of layer-normed tokens x `[N, P, C]` (what the box route needs of a
+    reference besides x; a bank computes it once per entry, `Detector.reference_entry`)."""
+    return {r: _window_norms(x, grid, r) for r in sorted(set(degrees))}
+
+
+def _box_cross_distances(xq: torch.Tensor, xr: torch.Tensor, norms_r: dict | None, grid: tuple[int, int],
+                         degrees: list[int], keep: torch.Tensor | None, dtype: torch.dtype, chunk: int,
+                         compiled: bool) -> dict | None:
+    """d_r[j, i, p] of query patches against external references for every degree r from ONE GEMM per query and
+    block of references (`_box_filtered_distances` for external references: the same filters, only the maxima
+    over the references' kept columns); None when some window mean is (almost) zero (use `cross_distances`).
+
+    Args:
+        xq: `[Nq, P, C]` layer-normed query tokens; xr: `[Nr, P, C]` layer-normed reference tokens.
+        norms_r: {r: `[Nr, P]`} window norms of xr (`reference_window_norms`), or None (computed here).
+        keep: bool `[Nr, P]` after `_usable_keep`, or None.
+    Returns:
+        {r: float32 `[Nr, Nq, P]`} or None.
+    """
+    nq, p, c = xq.shape
+    nr = xr.shape[0]
+    h, w = grid
+    inv_q, inv_r = {}, {}
+    for r in degrees:
+        nq_r = _window_norms(xq, grid, r)
+        nr_r = norms_r[r] if norms_r is not None and r in norms_r else _window_norms(xr, grid, r)
+        if not (bool(nq_r.min() > 1e-6) and bool(nr_r.min() > 1e-6)):
+            return None
+        # as in _box_filtered_distances: rows 1/||.||, columns 1/(r^2 ||.||) (the block holds column window sums)
+        inv_q[r] = (nq_r.reciprocal(), nq_r.mul(r * r).reciprocal())
+        inv_r[r] = nr_r.mul(r * r).reciprocal()
+    Aq = xq.to(dtype).contiguous()
+    Ar = xr.to(dtype).contiguous()
+    group = max(1, min(nr, chunk // p))
+    if compiled:
+        nd = len(degrees)
+        ks = np.array([r // 2 for r in degrees], dtype=np.int64)
+        fac_q = torch.stack([inv_q[r][1] for r in degrees]).contiguous()  # [D, Nq, P]
+        fac_r = torch.stack([inv_r[r] for r in degrees]).contiguous()  # [D, Nr, P]
+        bias = (torch.zeros(nr, p) if keep is None
+                else torch.where(keep, 0.0, float(_match_kernel.NEG)).to(torch.float32))
+        all_rows = np.ones(p, dtype=np.bool_)
+        cos = np.empty((nd, nr, nq, p), dtype=np.float32)
+        s1 = torch.empty(p * group * p, dtype=dtype)
+        out_c = np.empty(nd * group * p, dtype=np.float32)  # the references' maxima: computed, not needed
+        out_r = np.empty_like(out_c)
+        threads = torch.get_num_threads()
+        for i in range(nq):
+            a = fac_q[:, i].contiguous().numpy()
+            for g0 in range(0, nr, group):
+                g1 = min(nr, g0 + group)
+                g = g1 - g0
+                blk = s1[:p * g * p].view(p, g * p)
+                torch.mm(Aq[i], Ar[g0:g1].reshape(g * p, c).T, out=blk)
+                oc, orow = out_c[:nd * g * p].reshape(nd, g, p), out_r[:nd * g * p].reshape(nd, g, p)
+                b = fac_r[:, g0:g1].reshape(nd, g * p).contiguous().numpy()
+                raw = blk.numpy() if blk.dtype == torch.float32 else blk.view(torch.uint16).numpy()
+                _match_kernel.block_maxima(raw, grid, ks, a, b, all_rows, bias[g0:g1].reshape(-1).numpy(), oc, orow,
+                                           threads)
+                cos[:, g0:g1, i] = orow
+        d = torch.from_numpy(cos)
+        return {r: _to_distance_(d[di]) for di, r in enumerate(degrees)}
+    width = group * p
+    s1b, hsb, qsb = (torch.empty(p * width, dtype=torch.float32, device=xq.device) for _ in range(3))
+    cos = {r: torch.empty(nr, nq, p, dtype=torch.float32, device=xq.device) for r in degrees}
+    wide = sorted(r for r in degrees if r > 1)
+    for i in range(nq):
+        for g0 in range(0, nr, group):
+            g1 = min(nr, g0 + group)
+            g = g1 - g0
+            s1, hs, qs = (b[:p * g * p].view(p, g * p) for b in (s1b, hsb, qsb))
+            prod = torch.mm(Aq[i], Ar[g0:g1].reshape(g * p, c).T, out=s1 if dtype == torch.float32 else None)
+            if prod is not s1:
+                s1.copy_(prod)  # bf16 GEMM, box filters and maxima in float32
+                del prod
+            drop = None if keep is None else ~keep[g0:g1].reshape(1, g * p)
+            s1v, hsv, qsv = s1.view(p * g, h, w), hs.view(p * g, h, w), qs.view(p * g, h, w)
+
+            def row_maxima(y, r):
+                # i's patches against each reference j: over j's kept patches (columns), then the row factor
+                if drop is not None:
+                    y.masked_fill_(drop, -math.inf)
+                rm = y.view(p, g, p).amax(dim=2)  # [P, g]
+                cos[r][g0:g1, i] = (rm * inv_q[r][0][i][:, None]).T
+
+            k_done = 0
+            for r in wide:
+                k = r // 2
+                if k_done == 0:
+                    hs.copy_(s1)
+                for dd in range(k_done + 1, k + 1):  # vertical sums over the reference window, grown in place
+                    hsv[:, dd:].add_(s1v[:, :-dd])
+                    hsv[:, :-dd].add_(s1v[:, dd:])
+                k_done = k
+                qs.copy_(hs)
+                for dd in range(1, k + 1):  # horizontal sums
+                    qsv[:, :, dd:].add_(hsv[:, :, :-dd])
+                    qsv[:, :, :-dd].add_(hsv[:, :, dd:])
+                qs.mul_(inv_r[r][g0:g1].reshape(1, g * p))
+                y = F.avg_pool2d(qs.view(1, h, w, g * p).permute(0, 3, 1, 2), (r, 1), 1, (k, 0), count_include_pad=True)
+                y = F.avg_pool2d(y, (1, r), 1, (0, k), count_include_pad=True).permute(0, 2, 3, 1).reshape(p, g * p)
+                row_maxima(y, r)
+                del y
+            if 1 in degrees:  # last: s1 is scaled in place (inv_r[1] = 1 / ||.||)
+                row_maxima(s1.mul_(inv_r[1][g0:g1].reshape(1, g * p)), 1)
+    return {r: _to_distance_(cos[r]) for r in degrees}
+
+
 def interval_mean(d: torch.Tensor, n_refs: int, topmin_max: float) -> torch.Tensor:
     """Mean of the K smallest of d `[R, Nq, P]` over the references (K = interval_count(n_refs)); entries that
     are +inf (an image as its own reference) are never among them as long as n_refs >= 1."""
@@ -640,7 +811,8 @@ def visual_map_against(layers: dict[int, torch.Tensor], grid: tuple[int, int], r
                        degrees=(1, 3, 5), keep: torch.Tensor | None = None, penalty: torch.Tensor | None = None,
                        mutual: bool = True, query_keep: torch.Tensor | None = None,
                        query_penalty: torch.Tensor | None = None, topmin_max: float = 0.3,
-                       dtype: torch.dtype = torch.float32, engine: str = "auto") -> torch.Tensor:
+                       dtype: torch.dtype = torch.float32, engine: str = "auto", ref_tokens: dict | None = None,
+                       ref_norms: dict | None = None, ref_unit: dict | None = None) -> torch.Tensor:
     """A_V of query images whose references are other images: an external set, and (mutual) each other.
 
     Args:
@@ -653,8 +825,14 @@ def visual_map_against(layers: dict[int, torch.Tensor], grid: tuple[int, int], r
         mutual: the queries are also references of each other (a batch plus a bank), filtered by
             query_keep / query_penalty `[Nq, P]` (as `reference_distances`).
         topmin_max: as in `mutual_scores`; K counts every reference of a query (Nr, plus Nq - 1 when mutual).
-        engine: one of ENGINES; every fast engine runs the same route here (`cross_distances`, and the per-degree
-            route among the queries), "reference" runs `reference_visual_map`.
+        engine: one of ENGINES, "reference" runs `reference_visual_map`. Against the external references, a box
+            engine (as `_route` resolves it: no penalty) with ref_tokens runs `_box_cross_distances` (one GEMM per
+            layer for all degrees); otherwise, and among the queries, each degree runs `cross_distances` /
+            `reference_distances`.
+        ref_tokens: {layer: `[Nr, P, C]` layer-normed reference tokens} (`ReferenceBank.stacked_tokens`) or None.
+        ref_norms: {(layer, r): `[Nr, P]`} their window norms (`reference_window_norms`) or None (computed here).
+        ref_unit: {(layer, r): bool} the references' features were checked when they entered the bank and are unit
+            vectors (`ReferenceBank.unit_flags`), or None: `cross_distances` checks them per call.
 
     Returns:
         float32 `[Nq, P]`; zeros with a warning when a query has no reference at all.
@@ -672,14 +850,28 @@ def visual_map_against(layers: dict[int, torch.Tensor], grid: tuple[int, int], r
     if n_refs == 0:
         warnings.warn("no reference image: mutual scores are zero")
         return torch.zeros(nq, p, dtype=torch.float32, device=first.device)
+    degrees = list(degrees)
+    route = "per-degree"
+    if nr and ref_tokens and all(l in ref_tokens for l in layers):
+        route = _cross_route(engine, degrees, first.shape[2], penalty, first.device)
+    if route != "per-degree":
+        keep = _usable_keep(keep, nr, p, first.device)  # once for every layer (cross_distances: per call)
     total, count = None, 0
     for l, tokens in layers.items():
         _check_grid(tokens.shape[1], grid)
+        box = None
+        if route != "per-degree":
+            _check_features(tokens)  # the references were checked when they entered the bank
+            norms = None if ref_norms is None else {r: ref_norms[(l, r)] for r in degrees if (l, r) in ref_norms}
+            box = _box_cross_distances(_layer_norm(tokens), ref_tokens[l], norms, grid, sorted(set(degrees)), keep,
+                                       dtype, BOX_CHUNK, compiled=route == "box-compiled")
         for r in degrees:
-            Zq = lnamd(tokens, grid, r)
+            Zq = lnamd(tokens, grid, r) if box is None or (mutual and nq > 1) else None
             parts = []
             if nr:
-                parts.append(cross_distances(Zq, references[(l, r)], keep, penalty, dtype))
+                unit = None if ref_unit is None else ref_unit.get((l, r))
+                parts.append(box[r] if box is not None else cross_distances(Zq, references[(l, r)], keep, penalty,
+                                                                             dtype, ref_unit=unit))
             if mutual and nq > 1:
                 parts.append(reference_distances(Zq, query_keep, query_penalty, dtype=dtype))
             s = interval_mean(torch.cat(parts) if len(parts) > 1 else parts[0], n_refs, topmin_max)
@@ -693,7 +885,8 @@ def visual_map_against(layers: dict[int, torch.Tensor], grid: tuple[int, int], r
 def match(layers: dict[int, torch.Tensor], grid: tuple[int, int], degrees=(1, 3, 5), references: dict | None = None,
           mutual: bool = True, keep: torch.Tensor | None = None, penalty: torch.Tensor | None = None,
           ref_keep: torch.Tensor | None = None, ref_penalty: torch.Tensor | None = None, topmin_max: float = 0.3,
-          dtype: torch.dtype = torch.float32, engine: str = "auto") -> torch.Tensor:
+          dtype: torch.dtype = torch.float32, engine: str = "auto", ref_tokens: dict | None = None,
+          ref_norms: dict | None = None, ref_unit: dict | None = None) -> torch.Tensor:
     """A_V of query images against their references: each other (mutual), an external set, or both.
 
     Args:
@@ -710,6 +903,9 @@ def match(layers: dict[int, torch.Tensor], grid: tuple[int, int], degrees=(1, 3,
             "per-degree", "box-torch", "box-compiled" (the fast engines: `visual_map` for a batch alone,
             `visual_map_against` with external references) or "reference" (`reference_visual_map`, short and
             slow, reads like the paper).
+        ref_tokens, ref_norms: the external references' layer-normed tokens and window norms (`visual_map_against`:
+            the box engines' route against them), or None.
+        ref_unit: {(layer, r): bool} checked once per bank (`visual_map_against`), or None.
     Returns:
         float32 `[N, P]` on the CPU.
     """
@@ -723,4 +919,5 @@ def match(layers: dict[int, torch.Tensor], grid: tuple[int, int], degrees=(1, 3,
                           dtype=dtype, engine=engine).cpu()  # .cpu() waits for a GPU
     return visual_map_against({l: t.cpu() for l, t in layers.items()}, grid, references or {}, degrees, ref_keep,
                               ref_penalty, mutual=mutual, query_keep=keep, query_penalty=penalty,
-                              topmin_max=topmin_max, dtype=dtype, engine=engine).cpu()
+                              topmin_max=topmin_max, dtype=dtype, engine=engine, ref_tokens=ref_tokens,
+                              ref_norms=ref_norms, ref_unit=ref_unit).cpu()

@@ -48,6 +48,11 @@ class BankEntry:
     feats: object = None  # the image's Features (kept for known-good references: their leave-one-out scores)
     grid: tuple[int, int] | None = None
     digest: str | None = None  # content hash of the image (plumbing.cache.image_hash); None: unknown
+    # the box engines' route (core.matching._box_cross_distances): {layer: `[1, P, C]`} layer-normed tokens and
+    # {(layer, r): `[1, P]`} their window norms; None: that route is not taken for a bank holding this entry
+    tokens: dict | None = None
+    norms: dict | None = None
+    unit: dict | None = None  # {(layer, r): features finite and unit rows}, checked once (matching.checked_unit)
 
     def patch_grid(self) -> tuple[int, int]:
         if self.grid is not None:
@@ -71,6 +76,7 @@ class ReferenceBank:
         self.grid = grid
         self.identity = identity
         self._stacked = None
+        self._stacked_tokens = None
         for e in entries:
             self.add(e)
 
@@ -83,7 +89,7 @@ class ReferenceBank:
 
     @classmethod
     def from_images(cls, detector, images: Sequence, class_name: str = "object",
-                    filtered: bool = False) -> "ReferenceBank":
+                    filtered: bool = False, box_inputs: bool = False) -> "ReferenceBank":
         """Encode reference images once (the feature cache is used) and aggregate them.
 
         Args:
@@ -91,6 +97,9 @@ class ReferenceBank:
             images: paths, PIL images or arrays.
             class_name: the text prompt's class (used only when filtered).
             filtered: apply the method's text filter to these references (False for known-good images).
+            box_inputs: keep the layer-normed tokens too (`BankEntry.tokens`): the box engines then match the
+                bank with one GEMM per layer (a `Streamer` given reference paths does this; its rolling entries
+                always carry them); scores equal up to rounding (~1e-6), not bit for bit, those of entries without.
         Returns:
             The bank (empty when `images` is empty).
         """
@@ -99,7 +108,7 @@ class ReferenceBank:
             return bank
         for i, one in enumerate(detector.encode_each(list(images))):
             path = str(images[i]) if isinstance(images[i], (str, os.PathLike)) else None
-            entry = detector.reference_entry(one, class_name, filtered, path)
+            entry = detector.reference_entry(one, class_name, filtered, path, box_inputs=box_inputs)
             entry.feats = one
             entry.digest = image_hash(images[i])
             bank.add(entry)
@@ -113,6 +122,7 @@ class ReferenceBank:
         self.grid = tuple(grid)
         self.entries.append(entry)
         self._stacked = None
+        self._stacked_tokens = None
 
     def leave_one_out_scores(self, detector, class_name: str) -> list[float]:
         """Each reference's score against the others (`Detector.leave_one_out_scores`)."""
@@ -156,6 +166,36 @@ class ReferenceBank:
         if self._stacked is None:
             self._stacked = stack_entries(self.entries)
         return self._stacked
+
+
+    def unit_flags(self) -> dict | None:
+        """{(layer, r): every entry's features checked finite and unit} (`cross_distances`' ref_unit: no per-query
+        check), or None when some entry was not checked (hand-built) or is not finite."""
+        if not self.entries or any(e.unit is None or None in e.unit.values() for e in self.entries):
+            return None
+        return {k: all(e.unit[k] for e in self.entries) for k in self.entries[0].unit}
+
+    def stacked_tokens(self):
+        """(tokens {layer: `[R, P, C]`}, norms {(layer, r): `[R, P]`}) of the box engines' route, stacked once and
+        checked once (finite); (None, None) when some entry lacks them (hand-built entries)."""
+        if self._stacked_tokens is None:
+            self._stacked_tokens = stack_tokens(self.entries)
+        return self._stacked_tokens
+
+
+def stack_tokens(entries: Sequence[BankEntry]):
+    """Entries -> (tokens {layer: `[R, P, C]`}, norms {(layer, r): `[R, P]`}), or (None, None) when some entry has
+    none; non-finite tokens are an error here, once, instead of at every query."""
+    if not entries or any(e.tokens is None or e.norms is None for e in entries):
+        return None, None
+    tokens = {l: torch.cat([e.tokens[l] for e in entries]) for l in entries[0].tokens}
+    norms = {k: torch.cat([e.norms[k] for e in entries]) for k in entries[0].norms}
+    for l, t in tokens.items():
+        if not bool(torch.isfinite(t).all()):
+            bad = [e.path or str(i) for i, e in enumerate(entries) if not bool(torch.isfinite(e.tokens[l]).all())]
+            raise FiseclipError(f"reference features contain NaN or inf ({', '.join(bad)}); check those images and "
+                                f"the encoder precision")
+    return tokens, norms
 
 
 def stack_entries(entries: Sequence[BankEntry]):

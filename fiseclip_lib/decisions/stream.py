@@ -123,7 +123,9 @@ class _Stack:
         self.slots: list[BankEntry | None] = [None] * k
         self.filled = self.next = 0
         self.feats = self.keep = self.penalty = None
+        self.tokens = self.norms = None  # the box engines' route (BankEntry.tokens / norms), when every entry has them
         self.has_keep = self.has_pen = False
+        self.has_tokens = True
         for i, e in enumerate(self.fixed):
             self._write(i, e)
 
@@ -136,6 +138,20 @@ class _Stack:
             self.penalty = torch.zeros(n, p)
         for key, t in self.feats.items():
             t[row] = e.features[key][0]
+        tokens, norms = e.tokens, e.norms
+        self.has_tokens &= tokens is not None and norms is not None
+        if self.has_tokens:
+            if self.tokens is None:
+                n = len(self.fixed) + self.k
+                self.tokens = {l: torch.empty((n,) + tuple(t.shape[1:]), dtype=t.dtype) for l, t in tokens.items()}
+                self.norms = {key: torch.empty((n,) + tuple(t.shape[1:])) for key, t in norms.items()}
+            for l, t in self.tokens.items():
+                if not bool(torch.isfinite(tokens[l]).all()):  # checked once here, not at every query
+                    raise FiseclipError(f"reference features of {e.path or 'an image'} contain NaN or inf; check the "
+                                        f"image and the encoder precision")
+                t[row] = tokens[l][0]
+            for key, t in self.norms.items():
+                t[row] = norms[key][0]
         # entries without a filter keep all their patches with no penalty (references.stack_entries)
         self.keep[row] = True if e.keep is None else e.keep[0]
         self.penalty[row] = 0.0 if e.penalty is None else e.penalty[0]
@@ -163,6 +179,9 @@ class _Stack:
         pick = (lambda t: t[:len(entries)]) if len(rows) == len(entries) else (lambda t: t[rows])  # noqa: E731
         bank._stacked = ({key: pick(t) for key, t in self.feats.items()}, pick(self.keep) if self.has_keep else None,
                          pick(self.penalty) if self.has_pen else None)
+        bank._stacked_tokens = ((None, None) if not self.has_tokens else
+                                ({l: pick(t) for l, t in self.tokens.items()},
+                                 {key: pick(t) for key, t in self.norms.items()}))
         return bank
 
 
@@ -215,7 +234,8 @@ class Streamer:
         if references is None or isinstance(references, ReferenceBank):
             self.references = references if references is not None else ReferenceBank()
         else:
-            self.references = ReferenceBank.from_images(detector, list(references), class_name, filtered=False)
+            self.references = ReferenceBank.from_images(detector, list(references), class_name, filtered=False,
+                                                        box_inputs=True)
         if isinstance(threshold, Threshold):
             threshold = threshold.value
         if threshold is not None and not np.isfinite(float(threshold)):
@@ -450,7 +470,8 @@ def false_alarm_study(detector: Detector, normal_images: Sequence, class_name: s
 
     target = DEFAULT_FALSE_ALARM_RATE if false_alarm_rate is None else float(false_alarm_rate)
     if isinstance(references, (list, tuple)):  # encode the known-good images once for all rules
-        references = ReferenceBank.from_images(detector, list(references), class_name, filtered=False)
+        references = ReferenceBank.from_images(detector, list(references), class_name, filtered=False,
+                                               box_inputs=True)
     rows = []
     for rule in rules:
         s = Streamer(detector, class_name, bank_size, references, None, false_alarm_rate=target, rule=rule,
