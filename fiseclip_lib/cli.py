@@ -152,8 +152,8 @@ def _add_predict(sub):
                                                     "are the new normal after a change; when the first arrives, the "
                                                     "rolling bank and score history are reset to them")
     p.add_argument("--threshold", metavar="FILE_OR_NUMBER",
-                   help="threshold.json from fiseclip calibrate, or a number (default: the unsupervised rule over "
-                        "this run's scores)")
+                   help="threshold.json from fiseclip calibrate, or a number (default: robust_z over the known-good "
+                        "bank's scores when --reference-dir allows it, else over this run's scores)")
     p.add_argument("--false-alarm-rate", type=float, help="target of the unsupervised rule (default 0.01)")
     p.add_argument("--force-threshold", action="store_true",
                    help="apply a threshold calibrated for another config with a warning instead of stopping")

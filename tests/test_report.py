@@ -6,6 +6,8 @@ from datetime import datetime
 import nbformat
 import pytest
 
+from fiseclip_lib.errors import FiseclipError
+
 from fiseclip_lib.cli import main
 from fiseclip_lib.notebook.report import (clean_debris, list_notebooks, markdown_math_to_mathml, result_record, run_reports,
                                  weights_badge)
@@ -191,6 +193,18 @@ def test_only_selects_and_rejects_unknown(tmp_path):
     assert [b.stem for b in list_notebooks(books, "00,02_widget")] == ["00_ok", "02_widget"]
     with pytest.raises(Exception, match="no such notebook"):
         list_notebooks(books, "07")
+    for empty in (",", " , ", ""):  # a list that names nothing is a mistake, not "every notebook"
+        with pytest.raises(FiseclipError, match="names no notebook"):
+            list_notebooks(books, empty)
+
+
+@pytest.mark.parametrize("timeout", [0, -5, float("nan"), float("inf")])
+def test_a_cell_timeout_that_allows_nothing_is_refused_before_any_work(tmp_path, timeout):
+    from fiseclip_lib.notebook.report import run_reports
+
+    with pytest.raises(FiseclipError, match="positive number of seconds"):
+        run_reports(tmp_path / "out", {}, timeout=timeout, verbose=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_shipped_notebooks_are_lessons_without_copies():

@@ -69,8 +69,11 @@ def list_notebooks(notebooks_dir: Path, only: str | None = None) -> list[Path]:
     books = sorted(p for p in Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb"))
     if not books:
         raise FiseclipError(f"no numbered notebooks (NN_name.ipynb) in {notebooks_dir}; pass --notebooks DIR")
-    if only:
+    if only is not None:
         wanted = [w.strip() for w in only.split(",") if w.strip()]
+        if not wanted:
+            raise FiseclipError(f"--only {only!r} names no notebook; give comma-separated names or number prefixes, "
+                                f"e.g. 00,03")
         chosen = [b for b in books if any(b.stem == w or b.stem.startswith(w) for w in wanted)]
         unknown = [w for w in wanted if not any(b.stem == w or b.stem.startswith(w) for b in books)]
         if unknown:
@@ -496,6 +499,9 @@ def run_reports(out, params: dict | None = None, only: str | None = None, notebo
     """
     from fiseclip_lib.plumbing.files import ensure_writable
 
+    if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
+        raise FiseclipError(f"--timeout {timeout}: give a positive number of seconds allowed per cell (default "
+                            f"{CELL_TIMEOUT_S})")
     timeout = timeout or CELL_TIMEOUT_S
     out = ensure_writable(out)
     with output_lock(out, command="fiseclip report"), _terminate_cleanly():
