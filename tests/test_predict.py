@@ -189,6 +189,9 @@ def test_default_threshold_is_robust_z_of_the_bank_scores_else_of_the_run():
     run_value, run_rec = default_threshold(run, 0.01, bank[:4])  # too few bank scores: this run's rule
     assert run_value == pytest.approx(naive(run)) and run_rec["n_scores"] == 45 and "this run" in run_rec["method"]
     assert caught > 0.9 > (run[20:] > run_value).mean()  # the contaminated run's own rule misses most defects
+    tight = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.5])  # MAD 0: robust_z alone would be 1.0
+    floor_value, floor_rec = default_threshold(run, 0.01, tight)
+    assert floor_value == 1.5 and "maximum" in floor_rec["method"]  # no known-good score is ever flagged
 
 
 def test_bank_scores_as_queries_are_on_the_run_scale(small_demo, tiny_encoder, tmp_path):

@@ -370,7 +370,8 @@ def default_threshold(scores, far: float, normal_scores=None) -> tuple[float, di
     With a known-good bank (`normal_scores` from `bank_query_scores`, at least 5): robust_z over those scores,
     median + z * 1.4826 * MAD of known-normal images only, so that a run with many defects (which shifts the
     run's median and inflates its MAD: 1 of 5 visible defects caught in an outside trial) keeps the threshold
-    of a clean line. Without a bank: robust_z over this run's scores, valid while fewer than half of them are
+    of a clean line; never below the highest of those scores (few scores give a noisy MAD; above the highest of
+    n exchangeable normal scores the false-alarm rate is at most 1/(n + 1) on average). Without a bank: robust_z over this run's scores, valid while fewer than half of them are
     anomalous. Either way z = Phi^-1(1 - far); the expected false-alarm rate is `far` if normal scores were
     Gaussian, usually somewhat higher (image scores are maxima, skewed right; a bank of a few images gives a
     noisy MAD).
@@ -388,6 +389,13 @@ def default_threshold(scores, far: float, normal_scores=None) -> tuple[float, di
         value, rule = robust_threshold(normal, far), "robust_z over the known-good bank scored as queries"
         n = int(normal.size)
         summary = f"robust_z over {n} known-good bank scores (target false alarms {far:g})"
+        if value < normal.max():
+            # a few bank scores give a noisy MAD (near 0 when some agree): never flag a score a known-good image
+            # reached. Above the highest of n exchangeable normal scores, the false-alarm rate is at most
+            # 1/(n + 1) on average, whatever their distribution.
+            value = float(normal.max())
+            summary = (f"robust_z over {n} known-good bank scores, raised to their maximum (target false alarms "
+                       f"{far:g}; at most 1/{n + 1} on average)")
     else:
         value, rule = robust_threshold(scores, far), "robust_z over this run's scores"
         n = int(np.isfinite(np.asarray(scores, dtype=np.float64)).sum())
