@@ -68,11 +68,17 @@ def flip_byte(p, offset=-100):
 CASES: dict[str, tuple] = {}
 
 
-def case(name, expect, text=""):
-    def register(fn):
-        CASES[name] = (fn, expect, text)
-        return fn
-    return register
+def _registrar(table: dict):
+    """A decorator factory that files a fault case under its name in `table`."""
+    def case(name, expect, text=""):
+        def register(fn):
+            table[name] = (fn, expect, text)
+            return fn
+        return register
+    return case
+
+
+case = _registrar(CASES)
 
 
 # --- config values (each is one line naming the field)
@@ -550,13 +556,7 @@ CLI_TINY = ["--model", "fiseclip-tiny", "--pretrained", "none", "--image-size", 
             "--no-progress", "--no-feature-cache"]
 N_IMAGES = 6
 DCASES: dict[str, tuple] = {}
-
-
-def dcase(name, expect, text=""):
-    def register(fn):
-        DCASES[name] = (fn, expect, text)
-        return fn
-    return register
+dcase = _registrar(DCASES)
 
 
 def png(path, seed=0, size=(32, 32)):
