@@ -281,7 +281,7 @@ def _run_locked(dataset, root, config, out, categories, save_maps, resume, progr
         "damaged": detector.cache.damaged}
     cost = run_costs(detector, costs0, memory0)
     if cost["images_scored"]:
-        print(f"cost: {cost['summary']}", flush=True)
+        print(f"cost ({config.method}, {config.model}): {cost['summary']}", flush=True)
     return write_outputs(out, results, enc, {**record, "status": "finished", "notes": notes,
                                               "feature_cache": feature_cache, "cost": cost,
                                               "wall_time_s": round(time.time() - t0, 3)})
