@@ -325,10 +325,10 @@ def bank_scale_mismatch(cfg) -> str | None:
     CLIP) per-image normalised bank scores sat below the run's normal scores and flagged 11 of 44 normal images.
     """
     if cfg.use_rscin:
-        return "RsCIN re-scores min-max over this run's images (--set rscin=false to anchor on the bank)"
+        return "RsCIN re-scores min-max over this run's images (--set rscin=false gives a scale that stays put)"
     if cfg.spec.visual and cfg.spec.text and cfg.fusion_norm != "none":
         return (f"fusion normalises each branch over the images scored together (fusion_norm={cfg.fusion_norm}; "
-                f"--set fusion_norm=none to anchor on the bank)")
+                f"--set fusion_norm=none gives a scale that stays put)")
     return None
 
 
@@ -479,9 +479,9 @@ def predict(images, class_name: str, out=None, config=None, detector: Detector |
     if thr is not None:  # decided in the mode the scores will have: a reference bank moves batch scores
         thr.check(detector, "bank" if reference_dir and not stream else mode, force=force_threshold,
                   class_name=class_name)
-        if not stream and detector.config.use_rscin:
-            warnings.warn("RsCIN re-scores min-max over the images of each run, so a fixed threshold means "
-                          "something else on every run; use --set rscin=false for thresholds that carry over")
+        moving = None if stream else bank_scale_mismatch(detector.config)
+        if moving:  # e.g. an all-good batch is spread over the same range as a batch with defects
+            warnings.warn(f"{moving}, so a fixed threshold means something else in every batch")
     far = DEFAULT_FALSE_ALARM_RATE if false_alarm_rate is None else float(false_alarm_rate)
     if out is None:
         return _predict(paths, base, class_name, None, detector, ref_paths, stream, bank_size, thr, far, save_maps,
