@@ -52,7 +52,7 @@ from fiseclip_lib.plumbing.files import atomic_path, output_lock, remove_debris,
 from fiseclip_lib.encoder import is_random_weights
 from fiseclip_lib.errors import FiseclipError
 from fiseclip_lib.plumbing.provenance import banner_html, provenance
-from fiseclip_lib.notebook.report_checks import check_html, check_notebook
+from fiseclip_lib.notebook.report_checks import check_html, check_notebook, mime_records
 from fiseclip_lib.notebook.workbench import HEADLESS_ENV, IGNORE_MATH_CLASS, RESULT_MIME
 
 PATH_PARAMS = ("root", "run_dir", "sweep_dir")  # parameters that are paths: made absolute before reaching the notebooks
@@ -117,14 +117,8 @@ def markdown_math_to_mathml(source: str) -> str:
 
 def result_record(nb) -> dict:
     """The notebook's result record (the last `RESULT_MIME` output), {} when there is none."""
-    found = {}
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            data = out.get("data", {}) if out.get("output_type") in ("display_data", "execute_result") else {}
-            if RESULT_MIME in data:
-                rec = data[RESULT_MIME]
-                found = json.loads(rec) if isinstance(rec, str) else dict(rec)
-    return found
+    records = [rec for _, _, rec in mime_records(nb, RESULT_MIME)]
+    return records[-1] if records else {}
 
 
 def weights_badge(numbers_from: list[dict], pretrained_param: bool) -> dict:

@@ -43,6 +43,21 @@ def _outputs(cell) -> list[dict]:
     return [o for o in cell.get("outputs", []) if o.get("output_type") in ("display_data", "execute_result")]
 
 
+def mime_records(nb, mime: str):
+    """Every record of one MIME type the notebook displayed, decoded: (cell index, cell, dict) in order.
+
+    Args:
+        nb: an executed notebook; mime: e.g. `claims.CLAIM_MIME`.
+    Returns:
+        A generator of (i, cell, record); a record stored as JSON text is parsed.
+    """
+    for i, cell in enumerate(nb["cells"]):
+        for o in _outputs(cell):
+            rec = o.get("data", {}).get(mime)
+            if rec is not None:
+                yield i, cell, json.loads(rec) if isinstance(rec, str) else dict(rec)
+
+
 def _source(cell) -> str:
     src = cell.get("source", "")
     return "".join(src) if isinstance(src, list) else src
@@ -113,15 +128,12 @@ def tex_leaks(nb) -> list[str]:
     Returns:
         One line per leaking text.
     """
-    found = []
+    found = [f"{_cell_label(i, cell)}: figure text shows raw TeX {t['text']!r}"
+             for i, cell, rec in mime_records(nb, FIGURE_TEXT_MIME) for t in rec.get("texts", [])
+             if not t.get("math") and _TEX.search(t.get("text", ""))]
     for i, cell in enumerate(nb["cells"]):
         for o in _outputs(cell):
             data = o.get("data", {})
-            rec = data.get(FIGURE_TEXT_MIME)
-            rec = json.loads(rec) if isinstance(rec, str) else rec
-            for t in (rec or {}).get("texts", []):
-                if not t.get("math") and _TEX.search(t.get("text", "")):
-                    found.append(f"{_cell_label(i, cell)}: figure text shows raw TeX {t['text']!r}")
             for kind in ("text/plain", "image/svg+xml"):
                 text = data.get(kind, "")
                 text = "".join(text) if isinstance(text, list) else str(text)
@@ -138,17 +150,8 @@ def claim_failures(nb) -> list[str]:
     Returns:
         One line per failing claim.
     """
-    found = []
-    for i, cell in enumerate(nb["cells"]):
-        for o in _outputs(cell):
-            rec = o.get("data", {}).get(CLAIM_MIME)
-            if rec is None:
-                continue
-            rec = json.loads(rec) if isinstance(rec, str) else dict(rec)
-            problem = check_claim(rec)
-            if problem:
-                found.append(f"{_cell_label(i, cell)}: {problem}")
-    return found
+    return [f"{_cell_label(i, cell)}: {problem}" for i, cell, rec in mime_records(nb, CLAIM_MIME)
+            if (problem := check_claim(rec))]
 
 
 def check_notebook(nb) -> list[str]:
