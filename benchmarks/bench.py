@@ -23,6 +23,12 @@ of the per-repeat values are reported, so a load spike on a shared machine hits 
             K = 16). The stream runs as a line would (`Streamer.run`: the encoder takes `encode_batch` images per
             call, decisions stay one at a time, the bank stays stacked); `--stream-ks`, `--stream-images`,
             `--stream-models` pick the shapes
+  tiles     large images and aligned parts (issue 22) on the demo's procedural categories (board: an aligned part;
+            wafer: a large image; texture categories when those are missing), efficientnet-lite0 (ImageNet) with
+            method musc: tiles 1 / 4 / 16 (2x2, 4x4) and match_window unset / 1 / 2 / 4, each against the
+            untiled, global run of the same round (interleaved): time per image, peak memory, pixel and image
+            AUROC; and the matching alone, windowed vs global at one grid: measured time ratio beside
+            (2r + 1)^2 / P, the share of the P x P products a window of radius r computes
 
     python benchmarks/bench.py --quick     # tiny model, small shapes, no sweep: < 60 s (CI smoke run)
     python benchmarks/bench.py             # paper setting: ViT-L-14-336 at 336 and 518 px (hours on 2 CPU cores)
@@ -408,28 +414,37 @@ def bench_stream(specs, ks, n_images, repeats):
             for k in ks:
                 warm = random_images(k, size, seed=1000 + k)
                 images = random_images(n_images, size, seed=k)
-                stream_s, batch_s = [], []
+                stream_s, batch_s, stream_m, batch_m = [], [], [], []
                 for _ in range(repeats):  # interleaved: a load spike hits both sides
                     s = Streamer(det, "object", bank_size=k, threshold=1e9, text_gate=None)
                     for _ in s.run(warm):  # fill the bank (not timed)
                         pass
                     sync()
-                    t0 = time.perf_counter()
+                    m0, t0 = det.costs["match_s"], time.perf_counter()
                     for _ in s.run(images):  # encoder batched, decisions one image at a time
                         pass
                     sync()
                     stream_s.append(time.perf_counter() - t0)
-                    t0 = time.perf_counter()
+                    stream_m.append((det.costs["match_s"] - m0) / n_images)
+                    m0, t0 = det.costs["match_s"], time.perf_counter()
                     for b in range(0, n_images, k + 1):
                         chunk = (images + warm)[b:b + k + 1]
                         det.score_batch(chunk, "object")
                     sync()
                     n_batch = sum(len((images + warm)[b:b + k + 1]) for b in range(0, n_images, k + 1))
                     batch_s.append((time.perf_counter() - t0) * n_images / n_batch)
+                    batch_m.append((det.costs["match_s"] - m0) / n_batch)
                 tag = dict(model=spec, device=device, K=k, images=n_images)
                 record_series("stream", "stream images/s", [n_images / t for t in stream_s], "img/s", **tag)
                 record_series("stream", "batch (N = K + 1) images/s", [n_images / t for t in batch_s], "img/s", **tag)
                 record_series("stream", "stream / batch throughput", [b / s_ for s_, b in zip(stream_s, batch_s)],
+                              "ratio", **tag)
+                # why the ratio stays below 1 (issue 20): a batch multiplies each pair of images once and reads the
+                # product both ways, N (N - 1) / 2 products for N (N - 1) image-reference relations, i.e. K / 2 per
+                # image; a stream needs K products per image (its references never score it back)
+                record_series("stream", "matching s per image, stream", stream_m, "s", **tag)
+                record_series("stream", "matching s per image, batch", batch_m, "s", **tag)
+                record_series("stream", "matching stream / batch", [a / b for a, b in zip(stream_m, batch_m)],
                               "ratio", **tag)
             del det
 
@@ -470,6 +485,91 @@ def bench_dask_sweep(repeats, n_images=24, size=64):
         record_series("dask", "dask sweep (2 workers) s", t["dask"], "s", **tag)
         record_series("dask", "dask / serial wall time", [b / a for a, b in zip(t["serial"], t["dask"])], "ratio",
                       **tag)
+
+
+TILE_CONFIGS = {"tiles 1, window unset": {}, "tiles 4 (2x2)": {"tiles": "2x2"}, "tiles 16 (4x4)": {"tiles": "4x4"},
+                "window 1": {"match_window": 1}, "window 2": {"match_window": 2}, "window 4": {"match_window": 4}}
+
+
+def _release_freed_memory():
+    """Hand memory freed by earlier runs back to the system and stop glibc from keeping it (a fixed mmap
+    threshold: large tensors are mapped and unmapped), so that the next run's peak RSS counts its own memory."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD = 128 KiB, no longer raised by frees
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peak can only over-report
+        pass
+
+
+def bench_tiles(size, n_good, n_defect, repeats, match_shape):
+    """Section `tiles` (module doc). size: the demo's side (the wafer is demo.LARGE_FACTOR times larger) and the
+    encoder's input side; match_shape: (N, grid side, C, layers) of the matching-only rows."""
+    from fiseclip_lib.core.matching import windowed_visual_map
+    from fiseclip_lib.evaluation import demo
+    from fiseclip_lib.evaluation.data import load_dataset
+    from fiseclip_lib.evaluation.run import evaluate_category, score_category
+
+    parts = tuple(getattr(demo, "PART_CATEGORIES", ()))
+    cats = parts or ("textile",)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = demo.build_demo(Path(tmp) / "demo", categories=cats, n_good=n_good, n_defect=n_defect, n_train=0,
+                               size=size)
+        enc = load_encoder("efficientnet-lite0", "imagenet", size, "cpu")
+        base = FiseConfig(model="efficientnet-lite0", pretrained="imagenet", image_size=size, device="cpu",
+                          method="musc")
+        for cat in cats:
+            samples = load_dataset("demo", root, [cat])
+            dets = {name: Detector(base.replace(**o), encoder=enc) for name, o in TILE_CONFIGS.items()}
+            secs = {name: [] for name in dets}
+            mem = {name: [] for name in dets}
+            metrics = {}
+            for r in range(repeats + 1):  # round 0 warms every configuration up (not timed)
+                for name, det in dets.items():  # interleaved: a load spike hits every configuration
+                    _release_freed_memory()
+                    base_kb = _rss_reset_peak()
+                    t0 = time.perf_counter()
+                    rows, maps = score_category(det, samples, cat, progress=False, dataset="demo")
+                    dt = time.perf_counter() - t0
+                    peak = _rss_peak_kb() - base_kb
+                    if r:
+                        secs[name].append(dt / len(samples))
+                        mem[name].append(peak / 1024)
+                    else:
+                        metrics[name] = evaluate_category([x[0] for x in rows], np.array([x[1] for x in rows]), maps,
+                                                          True)
+            first = next(iter(dets))
+            for name in dets:
+                tag = dict(category=cat, config=name, size=size, images=len(samples), method="musc",
+                           model="efficientnet-lite0")
+                record_series("tiles", "s per image", secs[name], "s", **tag)
+                record_series("tiles", "peak extra memory", mem[name], "MB", **tag)
+                record("tiles", "image AUROC", metrics[name]["image_auroc"], "auroc", **tag)
+                record("tiles", "pixel AUROC", metrics[name]["pixel_auroc"], "auroc", **tag)
+                if name != first:
+                    record_series("tiles", "time / untiled global", [a / b for a, b in zip(secs[name], secs[first])],
+                                  "ratio", **tag)
+                    if min(mem[first]) >= 1:  # below 1 MB the baseline is allocator noise, not a scale
+                        record_series("tiles", "memory / untiled global",
+                                      [a / b for a, b in zip(mem[name], mem[first])], "ratio", **tag)
+                    record("tiles", "image AUROC - untiled global",
+                           metrics[name]["image_auroc"] - metrics[first]["image_auroc"], "abs", **tag)
+    n, h, c, n_layers = match_shape  # the matching alone: O(P^2) vs O(P r^2) per pair
+    g = torch.Generator().manual_seed(0)
+    layers = {l: torch.randn(n, h * h, c, generator=g) + torch.randn(1, 1, c, generator=g) for l in range(n_layers)}
+    fns = {"global": lambda: visual_map(layers, (h, h), (1, 3, 5))}
+    for r in (1, 2, 4):
+        fns[f"window {r}"] = lambda r=r: windowed_visual_map(layers, (h, h), r, (1, 3, 5))
+    t = interleaved(fns, repeats)
+    for r in (1, 2, 4):
+        tag = dict(N=n, P=h * h, C=c, layers=n_layers, degrees="1/3/5", window=r)
+        record_series("tiles", "matching s, window", t[f"window {r}"], "s", **tag)
+        record_series("tiles", "matching s, global (engine auto)", t["global"], "s", **tag)
+        record_series("tiles", "matching time window / global", [a / b for a, b in zip(t[f"window {r}"], t["global"])],
+                      "ratio", **tag)
+        record("tiles", "products computed: (2r + 1)^2 / P", (2 * r + 1) ** 2 / (h * h), "ratio", **tag)
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -538,6 +638,9 @@ def main(argv=None):
         bench_dask_sweep(repeats)
     if "musc" in sections:
         bench_musc(6 if quick else 16, 144 if quick else 576, 128 if quick else 1024, repeats)
+    if "tiles" in sections or (args.sections is None and not quick):  # large images, aligned parts (issue 22)
+        bench_tiles(128 if quick else 256, 12 if quick else 24, 8 if quick else 16, 1 if quick else repeats,
+                    (8, 24, 256, 2) if quick else (16, 37, 1024, 4))
     if "stream" in sections or args.sections is None:  # streaming throughput (issue 13), part of every default run
         stream_models = (args.stream_models.split(",") if args.stream_models else
                          ["efficientnet-lite0@128", "fiseclip-tiny@112"] if quick else

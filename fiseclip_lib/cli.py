@@ -85,7 +85,9 @@ def _add_run(sub):
 
     p = sub.add_parser("run", help="score a dataset with one method and write metrics.csv, scores.csv, config.json")
     p.add_argument("--params", help="YAML file of options (config fields plus dataset/root/categories/out)")
-    p.add_argument("--dataset", choices=DATASETS, default=None, help="dataset layout (default: demo)")
+    p.add_argument("--dataset", default=None, metavar="NAME",
+                   help=f"dataset layout: {', '.join(DATASETS)} or anomalib:<name> (anomalib's reader, the extra "
+                        f"fiseclip[anomalib]; docs/anomalib.md) (default: demo)")
     p.add_argument("--root", help=f"dataset root (default for demo: ./{DEFAULT_DEMO_ROOT}, built if missing)")
     p.add_argument("--categories", help="comma-separated subset of categories (\"\": all, as when left out)")
     _add_config_args(p)
@@ -117,11 +119,11 @@ def cmd_run(args) -> int:
     out = args.out or params.pop("out", None)
     for key in ("dataset", "root", "categories", "out"):
         params.pop(key, None)
-    check_dataset(dataset, source)
+    check_dataset(dataset, "--dataset" if args.dataset else source)
     if root is None:
         raise FiseclipError(f"--root is required for dataset {dataset}")
     config = _config_from_args(args, params, source)
-    out = out or f"runs/{dataset}-{config.method}"
+    out = out or f"runs/{dataset.replace(':', '-')}-{config.method}"
     cache = None if args.no_feature_cache else FeatureCache(args.feature_cache)
     df = run_benchmark(dataset, root, config, out, categories=cats, save_maps=args.save_maps,
                        resume=args.resume, progress=not args.no_progress, cache=cache)
@@ -388,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(sub).set_defaults(func=cmd_sweep)
     p = sub.add_parser("demo-data", help="build the offline demo dataset (MVTec layout)")
     p.add_argument("--out", default=DEFAULT_DEMO_ROOT)
-    p.add_argument("--categories", help="comma-separated: textile, brick, gravel (default textile,brick)")
+    p.add_argument("--categories", help="comma-separated: textile, brick, gravel, board (an aligned part), wafer (a "
+                                        "large image) (default textile,brick; `run --dataset demo --categories "
+                                        "board` adds board to an existing set)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing folder")
     p.set_defaults(func=cmd_demo_data)

@@ -1,7 +1,8 @@
 """One typed configuration object for the whole pipeline: the single source of truth for options.
 
 Every field carries metadata (`option(...)`): its help text, whether it changes scores (`scores`: the run's
-resume key, the threshold file's hash and the sweep's configuration id ignore the ones that do not), whether it
+resume key, the threshold file's hash and the sweep's configuration id ignore the ones that do not; options
+added later, `keyed_when_set`, enter them only when set away from their default), whether it
 only matters when images are scored in batches (`batch_only`: streaming ignores it), and where its default
 comes from (`source`: "paper" = stated in the abstract, "reconstruction" = our reading, "engineering" = a
 choice of the workbench that changes no method; as README's Options table). The allowed values of choice fields are the `Literal` types below; validation, the CLI's
@@ -36,15 +37,20 @@ FusionNorm = Literal["robust", "minmax", "none"]
 MatchDtype = Literal["fp32", "bf16"]
 MuscPool = Literal["category", "batch"]
 MatchEngine = Literal["auto", "per-degree", "box-torch", "box-compiled", "reference"]  # core/matching.py ENGINES
+TileMatch = Literal["same", "all"]  # core/tiling.py
+Align = Literal["none", "translation"]  # core/align.py
 
 METHODS = typing.get_args(Method)
 PRECISIONS = typing.get_args(Precision)
 
 
 def option(default=dataclasses.MISSING, help: str = "", *, scores: bool = True, batch_only: bool = False,
-           source: str = "reconstruction", factory=dataclasses.MISSING):
-    """A config field with its metadata (module doc)."""
-    meta = {"help": help, "scores": scores, "batch_only": batch_only, "source": source}
+           source: str = "reconstruction", factory=dataclasses.MISSING, keyed_when_set: bool = False):
+    """A config field with its metadata (module doc). keyed_when_set: an option added after runs, thresholds and
+    sweeps were keyed, whose default is the behaviour before it existed: it enters those keys only when set to
+    another value, so the keys of earlier runs stay valid (`scoring_fields`)."""
+    meta = {"help": help, "scores": scores, "batch_only": batch_only, "source": source,
+            "keyed_when_set": keyed_when_set}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -98,6 +104,23 @@ class FiseConfig:
                                        scores=False, source="engineering")
     musc_pool: MuscPool = option("category", "method musc: score the whole category as one pool (MuSc) or in "
                                              "batches", batch_only=True, source="reconstruction (MuSc)")
+    # large images and aligned parts (docs/method.md "Tiling, position-aware matching, alignment")
+    tiles: typing.Optional[str] = option(None, "cut each image into overlapping tiles scored at the encoder's input "
+                                               "size: RxC rows x columns (2x2, 4x4), auto (from the image size and "
+                                               "the input size); unset, 1 or none = the whole image resized",
+                                         source="engineering", keyed_when_set=True)
+    tile_overlap: float = option(0.25, "tiles: the share of a tile's side shared with its neighbour, in [0, 1)",
+                                 source="engineering", keyed_when_set=True)
+    tile_match: TileMatch = option("same", "tiles: tile t of an image is referenced by tile t of the others (same: "
+                                           "aligned parts) or by every tile of the others (all: textures)",
+                                   source="engineering", keyed_when_set=True)
+    match_window: typing.Optional[int] = option(None, "position-aware matching: a patch is compared only with "
+                                                      "reference patches within this many grid cells of its position "
+                                                      "(Chebyshev); unset = every patch (MuSc)",
+                                                source="engineering", keyed_when_set=True)
+    align: Align = option("none", "register each image to the batch (or the bank) before position-aware matching: "
+                                  "none or translation (phase correlation); needs match_window",
+                          source="engineering", keyed_when_set=True)
     # fusion (paper: "mutual filtering"; rule: reconstruction)
     fusion: Fusion = option("additive", "how A_V and A_T are fused (core/fusion.py)",
                             source="paper (rule: reconstruction)")
@@ -154,7 +177,22 @@ class FiseConfig:
             raise FiseclipError(f"rscin_ks {self.rscin_ks} must be integers >= 1, e.g. 1,2,3 (rscin=false turns RsCIN off)")
         if self.gate_tau <= 0:
             raise FiseclipError(f"gate_tau {self.gate_tau} must be > 0")
+        self._check_large_image_options()
         return self
+
+    def _check_large_image_options(self) -> None:
+        """tiles, tile_overlap, match_window and align (the tile size against the patch size is checked where the
+        image size is known: `core.tiling.tile_boxes`)."""
+        if self.tiles is not None and tile_grid_spec(self.tiles) is False:
+            raise FiseclipError(f"tiles {self.tiles!r} must be RxC (e.g. 2x2, 4x4; rows and columns >= 1), auto, 1 "
+                                f"or none")
+        if not 0 <= self.tile_overlap < 1:
+            raise FiseclipError(f"tile_overlap {self.tile_overlap} must be in [0, 1) (a share of the tile's side)")
+        if self.match_window is not None and self.match_window < 0:
+            raise FiseclipError(f"match_window {self.match_window} must be >= 0 grid cells (unset = every patch)")
+        if self.align != "none" and self.match_window is None:
+            raise FiseclipError(f"align={self.align} needs position-aware matching: set match_window (e.g. 2) or "
+                                f"align=none")
 
     @property
     def weights_tag(self) -> str:
@@ -324,16 +362,38 @@ def _coerce(name: str, value, hint):
         raise FiseclipError(f"option {name}={value!r} is not a valid {kind}") from None
 
 
+def tile_grid_spec(tiles: str | None):
+    """The `tiles` option parsed: None (untiled: unset, 1, none), "auto", or (rows, cols); False when malformed.
+
+    Args:
+        tiles: the option's value.
+    Returns:
+        None (also for a 1x1 grid), "auto", a (rows, cols) pair of ints >= 1, or False.
+    """
+    if tiles is None:
+        return None
+    t = str(tiles).strip().lower()
+    if t in ("", "1", "none", "1x1"):
+        return None
+    if t == "auto":
+        return "auto"
+    parts = t.split("x")
+    if len(parts) == 2 and all(p.isdigit() and int(p) >= 1 for p in parts):
+        return int(parts[0]), int(parts[1])
+    return False
+
+
 def default_rscin_ks(dataset: str | None) -> tuple[int, ...]:
     """MuSc's RsCIN k list for a dataset: VisA (1, 8, 9); MVTec AD, demo, folder and unknown (1, 2, 3) (MuSc's
-    own fallback for datasets other than VisA)."""
-    return (1, 8, 9) if (dataset or "").lower() == "visa" else (1, 2, 3)
+    own fallback for datasets other than VisA). anomalib's reader of VisA (`anomalib:visa`) is VisA."""
+    return (1, 8, 9) if (dataset or "").lower().removeprefix("anomalib:") == "visa" else (1, 2, 3)
 
 
 def _fields_where(key: str, value: bool) -> frozenset:
     return frozenset(f.name for f in dataclasses.fields(FiseConfig) if f.metadata[key] is value)
 
 
+_KEYED_WHEN_SET = {f.name: f.default for f in dataclasses.fields(FiseConfig) if f.metadata["keyed_when_set"]}
 SCORE_NEUTRAL_FIELDS = _fields_where("scores", False)  # change no score: resume keys, hashes and sweeps skip them
 BATCH_ONLY_FIELDS = _fields_where("batch_only", True)  # batch formation and pool re-scoring: streaming ignores them
 
@@ -341,7 +401,8 @@ BATCH_ONLY_FIELDS = _fields_where("batch_only", True)  # batch formation and poo
 def scoring_fields(config: dict, stream: bool = False) -> dict:
     """The fields of a config dict that change scores (streamed scores: also without the batch-only ones)."""
     drop = SCORE_NEUTRAL_FIELDS | (BATCH_ONLY_FIELDS if stream else frozenset())
-    return {k: v for k, v in config.items() if k not in drop}
+    return {k: v for k, v in config.items()
+            if k not in drop and not (k in _KEYED_WHEN_SET and v == _KEYED_WHEN_SET[k])}
 
 
 def field_help() -> dict[str, str]:

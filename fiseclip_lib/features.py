@@ -15,6 +15,8 @@ class Features:
     global_embedding: `[N, D]` L2-normalised image embedding (CLIP only).
     dense: `[N, P, D]` restored patch features in the joint text space, L2-normalised (CLIP only).
     attention: `[N, heads, L, L]` attention of the last restored block (when asked for).
+    windows: {scale: `[N, W, D]`} WinCLIP's window embeddings (encoder/windows.py), for methods whose spec has
+        window scales; None otherwise.
     """
 
     layers: dict[int, torch.Tensor]
@@ -22,6 +24,7 @@ class Features:
     global_embedding: torch.Tensor | None = None
     dense: torch.Tensor | None = None
     attention: torch.Tensor | None = None
+    windows: dict[int, torch.Tensor] | None = None
 
     def to(self, device) -> "Features":
         """The same features on another device (cached features live on the CPU).
@@ -34,4 +37,5 @@ class Features:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Features(layers={l: t.to(device) for l, t in self.layers.items()}, grid=self.grid,
                         global_embedding=move(self.global_embedding), dense=move(self.dense),
-                        attention=move(self.attention))
+                        attention=move(self.attention),
+                        windows=None if self.windows is None else {s: t.to(device) for s, t in self.windows.items()})

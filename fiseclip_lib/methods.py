@@ -10,6 +10,9 @@ and the sweeps. A spec says:
   sigma        default Gaussian smoothing of the maps in px (option `sigma`)
   rscin        default of RsCIN re-scoring over the whole pool (option `rscin`)
   category_pool  the option `musc_pool` applies: `category` scores the whole category as one batch (MuSc)
+  windows      window scales in patches: when given, the encoder also embeds every window of these sizes and
+               the method is WinCLIP's scoring (core/winclip.py) instead of the branches above: zero-shot
+               without references (the other batch images are not used), few-shot against a reference bank
 The patch scores are A_V alone (visual only), A_T alone (text only), or `fusion.fuse(A_V, A_T)` (both).
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ class MethodSpec:
     rscin: bool
     category_pool: bool
     about: str
+    windows: tuple[int, ...] = ()
 
     @property
     def fused(self) -> bool:
@@ -43,6 +47,9 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
                about="MuSc: batch referencing only; no smoothing and RsCIN as in MuSc's code"),
     MethodSpec("text", text=True, visual=False, text_filter=False, sigma=4.0, rscin=False, category_pool=False,
                about="the text branch alone (WinCLIP-style zero-shot without references)"),
+    MethodSpec("winclip", text=True, visual=False, text_filter=False, sigma=0.0, rscin=False, category_pool=False,
+               windows=(2, 3), about="WinCLIP: window embeddings and the compositional prompt ensemble, "
+                                     "few-shot with a reference bank (anomalib's scores; test_winclip.py)"),
 )}
 
 

@@ -176,7 +176,8 @@ ALT = {"method": "musc", "model": "efficientnet-lite0", "pretrained": "openai", 
        "class_names": {"wall": "brick wall"}, "filter": "soft", "filter_theta": 0.4, "filter_ratio": 0.2,
        "filter_min_keep": 0.2, "batch_size": 6, "shuffle": False, "seed": 1, "degrees": (1,), "topmin_max": 0.4,
        "match_dtype": "bf16", "musc_pool": "batch", "fusion": "gated", "alpha": 0.4, "gate_tau": 0.4,
-       "fusion_norm": "minmax", "sigma": 2.0, "beta": 0.1, "rscin": False, "rscin_ks": (2, 5)}
+       "fusion_norm": "minmax", "sigma": 2.0, "beta": 0.1, "rscin": False, "rscin_ks": (2, 5), "tiles": "2x2",
+       "tile_overlap": 0.5, "tile_match": "all", "match_window": 2, "align": "translation"}
 
 
 class _Det:
@@ -203,12 +204,13 @@ def test_every_score_changing_field_is_recorded_and_a_mismatch_names_it_with_bot
     base = FiseConfig(**{**TINY, "rscin": True})  # RsCIN on: its k list counts too
     rng = np.random.default_rng(0)
     t = calibrate(rng.normal(size=40), None, "robust_z", provenance=_record(base, ident))
-    assert set(t.config) == scoring and t.mode == "batch"
+    later = {f.name for f in dataclasses.fields(FiseConfig) if f.metadata["keyed_when_set"]}
+    assert set(t.config) == scoring - later and t.mode == "batch"  # options added later: recorded when set
     t.check(_Det(base, ident), "batch")  # itself: silent
     t.check(_Det(base.replace(device="cpu", encode_batch=1, match_engine="reference", cache_dir="/x"), ident),
             "batch")  # fields that change no score
     for name, alt in ALT.items():
-        other = base.replace(**{name: alt})
+        other = base.replace(**{name: alt}, **({"match_window": 1} if name == "align" else {}))
         b, o = (json.loads(json.dumps(c.resolved())) for c in (base, other))
         expected = {k for k in scoring if b[k] != o[k]}  # a naive comparison of the resolved configs
         assert name in expected  # (a method brings its own automatic values: musc smooths with sigma 0)
@@ -220,7 +222,7 @@ def test_every_score_changing_field_is_recorded_and_a_mismatch_names_it_with_bot
             t.check(_Det(other, ident), "batch")
     # a stream ignores batch formation and pool re-scoring: those fields are neither recorded nor compared
     s = calibrate(rng.normal(size=40), None, "robust_z", provenance=_record(base, ident, mode="stream"))
-    assert set(s.config) == scoring - BATCH_ONLY_FIELDS and s.mode == "stream"
+    assert set(s.config) == scoring - BATCH_ONLY_FIELDS - later and s.mode == "stream"
     for name in BATCH_ONLY_FIELDS:
         s.check(_Det(base.replace(**{name: ALT[name]}), ident), "stream")
     # without RsCIN its k list changes no score

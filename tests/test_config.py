@@ -47,8 +47,9 @@ def test_a_choice_outside_its_literal_is_one_line_naming_the_field_and_the_choic
                 make(bad)
             msg = str(err.value)
             assert "\n" not in msg and name in msg and all(c in msg for c in choices), msg
+    extra = ["match_window=1"] if name == "align" else []  # align needs position-aware matching
     for good in choices:  # and every choice is accepted (the names in the message are the valid ones)
-        assert getattr(FiseConfig().with_overrides([f"{name}={good}"]), name) == good
+        assert getattr(FiseConfig().with_overrides([f"{name}={good}"] + extra), name) == good
 
 
 def test_choices_are_exactly_what_the_stages_implement():
@@ -134,3 +135,12 @@ def test_resolved_replaces_every_auto_by_the_value_a_run_uses(method, dataset):
     assert json.loads(json.dumps(r)) == r and FiseConfig.from_dict(r).resolved(dataset) == r  # a fixed point
     explicit = FiseConfig(method=method, sigma=1.5, rscin=not spec.rscin, rscin_ks=(2, 3)).resolved(dataset)
     assert (explicit["sigma"], explicit["rscin"], explicit["rscin_ks"]) == (1.5, not spec.rscin, [2, 3])
+
+
+def test_options_added_later_key_runs_only_when_set():
+    # runs, thresholds and sweeps keyed before tiles / match_window / align existed keep their keys at the defaults
+    base = scoring_fields(FiseConfig().to_dict())
+    assert not {"tiles", "tile_overlap", "tile_match", "match_window", "align"} & set(base)
+    set_ = scoring_fields(FiseConfig(tiles="2x2", match_window=2, align="translation").to_dict())
+    assert {k: set_[k] for k in ("tiles", "match_window", "align")} == {"tiles": "2x2", "match_window": 2,
+                                                                       "align": "translation"}

@@ -10,7 +10,7 @@ import fiseclip_lib
 
 PACKAGE = Path(fiseclip_lib.__file__).parent
 RANK = {"errors": 0, "version": 0, "methods": 1, "config": 1, "features": 1, "plumbing": 2, "encoder": 3, "core": 4,
-        "evaluation": 5, "decisions": 6, "notebook": 7, "cli": 8, "__main__": 8, "__init__": 9}
+        "evaluation": 5, "decisions": 6, "notebook": 7, "integrations": 8, "cli": 9, "__main__": 9, "__init__": 10}
 STAGES = {"fiseclip_lib.core.text", "fiseclip_lib.core.filtering", "fiseclip_lib.core.matching",
           "fiseclip_lib.core.fusion", "fiseclip_lib.encoder.restore", "fiseclip_lib.core._match_kernel"}
 

@@ -82,7 +82,7 @@ CASES = [
     ("empty category", empty_category, [], "ok", "category bottle has no test images"),
     ("only normal images", lambda r: only(r, {"good"}), [], "ok", "only normal images"),
     ("only anomalous images", lambda r: only(r, {"crack", "hole"}), [], "ok", "only anomalous images"),
-    ("unknown dataset", None, ["--dataset", "kolektor"], "error", "invalid choice: 'kolektor'"),
+    ("unknown dataset", None, ["--dataset", "kolektor"], "error", "--dataset: unknown dataset 'kolektor'"),
     ("unknown category", None, ["--categories", "cable"], "error", "unknown categories ['cable']"),
     ("unknown model", None, ["--model", "ViT-Q-1"], "error", "unknown model 'ViT-Q-1'"),
     ("unknown method", None, ["--method", "patchcore"], "error", "unknown method 'patchcore'"),

@@ -529,6 +529,7 @@ def test_empty_categories_mean_all_as_in_run(data, tmp_path):
     grid.write_text(f"dataset: mvtec\nroot: {data}\ncategories: \"\"\n" + MODEL)
     assert [c.categories for c in expand_grid(load_grid(grid)).configs] == [["bottle", "screw"]]
     # one definition of the dataset kinds
-    assert not hasattr(S, "DATASET_KINDS") and DATASETS == ("mvtec", "visa", "folder", "demo")
-    with pytest.raises(FiseclipError, match=r"unknown dataset 'kolektor'; use mvtec, visa, folder or demo"):
+    assert not hasattr(S, "DATASET_KINDS") and DATASETS == ("mvtec", "visa", "folder", "metajson", "demo")
+    with pytest.raises(FiseclipError, match=r"unknown dataset 'kolektor' \(anomalib's: anomalib:kolektor\); use mvtec, "
+                                            r"visa, folder, metajson, demo or anomalib:<name>"):
         expand_grid({**base, "dataset": "kolektor"}, check_data=False)

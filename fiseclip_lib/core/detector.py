@@ -23,13 +23,17 @@ import numpy as np
 import torch
 
 from fiseclip_lib.config import FiseConfig
+from fiseclip_lib.core import tiling
+from fiseclip_lib.core.align import score_aligned
 from fiseclip_lib.core.filtering import reference_keep
 from fiseclip_lib.core.fusion import fuse, fuse_text_only
 from fiseclip_lib.core.matching import checked_unit, match, reference_features
 from fiseclip_lib.core.postprocess import gaussian_smooth, image_scores, pool_embedding, upsample
 from fiseclip_lib.core.references import BankEntry, ReferenceBank
-from fiseclip_lib.core.text import text_embeddings, text_map, text_score
+from fiseclip_lib.core.text import class_phrase, text_embeddings, text_map, text_score
+from fiseclip_lib.core.winclip import upsample as winclip_upsample, winclip_batch
 from fiseclip_lib.encoder import Encoder, load_encoder
+from fiseclip_lib.encoder.windows import window_embeddings
 from fiseclip_lib.errors import FiseclipError
 from fiseclip_lib.features import Features
 from fiseclip_lib.methods import METHODS
@@ -50,6 +54,7 @@ class BatchResult:
     text_scores: np.ndarray | None = None  # s_T per image
     embeddings: np.ndarray | None = None  # [N, D] class embeddings for RsCIN over a pool (postprocess.rscin)
     notes: list[str] = field(default_factory=list)
+    shifts: np.ndarray | None = None  # [N, 2] (dy, dx) px that registered each image (align=translation; core/align.py)
 
 
 def concat_features(parts: Sequence[Features]) -> Features:
@@ -61,6 +66,8 @@ def concat_features(parts: Sequence[Features]) -> Features:
         global_embedding=cat([p.global_embedding for p in parts]),
         dense=cat([p.dense for p in parts]),
         attention=cat([p.attention for p in parts]),
+        windows=None if parts[0].windows is None else {s: torch.cat([p.windows[s] for p in parts])
+                                                       for s in parts[0].windows},
     )
 
 
@@ -69,7 +76,8 @@ def split_features(feats: Features) -> list[Features]:
     n = next(iter(feats.layers.values())).shape[0]
     pick = lambda x, i: None if x is None else x[i:i + 1]  # noqa: E731
     return [Features(layers={l: t[i:i + 1] for l, t in feats.layers.items()}, grid=feats.grid,
-                     global_embedding=pick(feats.global_embedding, i), dense=pick(feats.dense, i))
+                     global_embedding=pick(feats.global_embedding, i), dense=pick(feats.dense, i),
+                     windows=None if feats.windows is None else {s: t[i:i + 1] for s, t in feats.windows.items()})
             for i in range(n)]
 
 
@@ -119,7 +127,8 @@ class Detector:
         """
         if len(images) == 0:
             raise FiseclipError("an empty batch cannot be scored")
-        use_cache = self.cache is not None and not return_attention
+        # the feature cache holds no window embeddings (WinCLIP): those methods encode every time
+        use_cache = self.cache is not None and not return_attention and not self.config.spec.windows
         per_image: list = [None] * len(images)
         keys = []
         if use_cache:
@@ -134,8 +143,10 @@ class Detector:
             idx = todo[s:s + step]
             chunk = [images[i] for i in idx]
             t0 = time.perf_counter()
-            feats = self.encoder(self.encoder.preprocess(chunk), layers=self.layers, restore=self.restore,
-                                 return_attention=return_attention)
+            pixels = self.encoder.preprocess(chunk)
+            feats = self.encoder(pixels, layers=self.layers, restore=self.restore, return_attention=return_attention)
+            if self.config.spec.windows:
+                feats.windows = window_embeddings(self.encoder, pixels, self.config.spec.windows)
             self.costs["encode_s"] += time.perf_counter() - t0
             self.costs["images_encoded"] += len(chunk)
             tensors = list(feats.layers.values()) + [t for t in (feats.dense, feats.global_embedding) if t is not None]
@@ -170,7 +181,28 @@ class Detector:
 
     def score(self, images: Sequence, class_name: str, references: ReferenceBank | None = None,
               mutual: bool = True) -> BatchResult:
-        """Encode images (PIL, arrays or paths) and score them (`score_features`)."""
+        """Encode images (PIL, arrays or paths) and score them (`score_features`): registered first with `align`
+        (`core.align`: maps returned in each image's frame), cut into tiles with `tiles` (`core.tiling`: maps at
+        the original size), whole otherwise."""
+        if self.config.align != "none":
+            return score_aligned(self, images, class_name, references=references, mutual=mutual)
+        return self.score_registered(images, class_name, references=references, mutual=mutual)
+
+    def score_registered(self, images: Sequence, class_name: str, references: ReferenceBank | None = None,
+                         mutual: bool = True) -> BatchResult:
+        """`score` after alignment: tile by tile when `tiles` gives more than one tile for these images."""
+        cfg = self.config
+        if cfg.tiles is not None:
+            arrays = [tiling.as_array(im) for im in images]
+            grid = tiling.resolve_grid(cfg.tiles, tiling.common_size(arrays), self.encoder.image_size,
+                                       cfg.tile_overlap, tuple(self.encoder.grid))
+            if grid is not None:
+                return tiling.score_tiled(self, arrays, class_name, grid, references=references, mutual=mutual)
+        return self.score_untiled(images, class_name, references=references, mutual=mutual)
+
+    def score_untiled(self, images: Sequence, class_name: str, references: ReferenceBank | None = None,
+                      mutual: bool = True) -> BatchResult:
+        """Encode whole images (or tiles) at the input size and score them (`score_features`)."""
         feats = self.encode(images)
         t0 = time.perf_counter()
         result = self.score_features(feats, class_name, references=references, mutual=mutual)
@@ -211,6 +243,13 @@ class Detector:
             raise FiseclipError(f"references have a {tuple(bank.grid)} patch grid, the images {grid}: use one encoder "
                                 f"and image size for both")
         notes: list[str] = []
+        if spec.windows:  # WinCLIP (core/winclip.py): zero-shot, or few-shot against the bank only
+            patch, scores = winclip_batch(self.encoder, feats, class_phrase(class_name, cfg.class_names),
+                                          [e.feats for e in bank.entries])
+            maps = gaussian_smooth(winclip_upsample(patch, self.encoder.image_size), cfg.smoothing_sigma)
+            return BatchResult(maps=maps.numpy().astype(np.float32), scores=scores.numpy().astype(np.float64),
+                               grid=grid, method=cfg.method, notes=notes,
+                               embeddings=pool_embedding(feats).cpu().numpy())
         a_v = q_keep = None
         a_t, s_t = self.text_branch(feats, class_name)
         n_refs = len(bank) + (n - 1 if mutual else 0)
@@ -242,7 +281,7 @@ class Detector:
             a_v = match(feats.layers, grid, cfg.degrees, references=refs, mutual=mutual, keep=q_keep, penalty=q_pen,
                         ref_keep=r_keep, ref_penalty=r_pen, topmin_max=cfg.topmin_max, dtype=self.match_dtype,
                         engine=cfg.match_engine, ref_tokens=r_tokens, ref_norms=r_norms,
-                        ref_unit=bank.unit_flags() if len(bank) else None)
+                        ref_unit=bank.unit_flags() if len(bank) else None, window=cfg.match_window)
             self.costs["match_s"] += time.perf_counter() - t0
             patch = a_v if not spec.text else per_group(
                 lambda v, t_: fuse(v, t_, cfg.fusion, cfg.alpha, cfg.gate_tau, cfg.fusion_norm), a_v, a_t)

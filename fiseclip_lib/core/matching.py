@@ -880,13 +880,142 @@ def visual_map_against(layers: dict[int, torch.Tensor], grid: tuple[int, int], r
     return total / count
 
 
+# ------------------------------------------------------------------------------ position-aware matching
+
+def window_offsets(grid: tuple[int, int], window: int) -> list[tuple[int, int]]:
+    """The grid offsets (dy, dx) of a Chebyshev window of radius `window` that land somewhere on the grid."""
+    h, w = grid
+    ry, rx = min(window, h - 1), min(window, w - 1)  # a larger window adds no reachable position
+    return [(dy, dx) for dy in range(-ry, ry + 1) for dx in range(-rx, rx + 1)]
+
+
+def windowed_distances(Zq: torch.Tensor, Zr: torch.Tensor, grid: tuple[int, int], window: int,
+                       keep: torch.Tensor | None = None, penalty: torch.Tensor | None = None,
+                       exclude_self: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """d[j, i, p]: distance from patch p of query i to the nearest (kept) patch of reference j within `window`
+    grid cells of p's position (Chebyshev: |dy| <= window and |dx| <= window).
+
+    The P x P block is never formed: for each of the (2 window + 1)^2 offsets, the query patches at p and the
+    reference patches at p + offset (contiguous slices of the row-major grid, no copy) are multiplied position
+    by position (one batched GEMM of `[Nq, C] x [C, Nr]` per position), so a pair costs O(P window^2 C) instead
+    of O(P^2 C). Distances are Euclidean whatever the norms
+    (sqrt(|a|^2 + |b|^2 - 2 a.b)), plus the reference patch's penalty. keep follows `cross_distances` (a reference
+    with no kept patch uses all of its patches, with a warning); a window holding no kept patch uses every patch
+    of the window, so that an excluded region does not score as missing.
+
+    Args:
+        Zq: `[Nq, P, C]` query features; Zr: `[Nr, P, C]` reference features on the same grid (as `lnamd` returns).
+        grid: (h, w) with h * w = P.
+        window: radius r >= 0 in grid cells.
+        keep: bool `[Nr, P]` or None; penalty: `[Nr, P]` or None.
+        exclude_self: Zr is Zq (the queries reference each other): d[i, i] = +inf.
+        dtype: GEMM dtype (float32 or bfloat16); the minima are float32.
+    Returns:
+        float32 `[Nr, Nq, P]`.
+    """
+    _check_features(Zq)
+    _check_features(Zr)
+    if window < 0:
+        raise FiseclipError(f"match_window {window} must be >= 0 grid cells")
+    nq, p, c = Zq.shape
+    nr = Zr.shape[0]
+    _check_grid(p, grid)
+    if Zr.shape[1] != p:
+        raise FiseclipError(f"position-aware matching needs references on the query grid {tuple(grid)}, got "
+                            f"{Zr.shape[1]} patches")
+    keep = _usable_keep(keep, nr, p, Zq.device)
+    # unit features without a penalty (what lnamd gives): the nearest patch is the most similar one, so the loop
+    # keeps similarities (one pass per offset) and converts once at the end, as cross_distances' fast path
+    fast = penalty is None and _is_unit(Zq) and _is_unit(Zr)
+    q_t = Zq.permute(1, 0, 2).to(dtype).contiguous()  # [P, Nq, C]: one small GEMM per position
+    r_t = Zr.permute(1, 2, 0).to(dtype).contiguous()  # [P, C, Nr]: no transposed copy per offset in bmm
+    sq_q = None if fast else torch.linalg.vector_norm(Zq.float(), dim=-1).pow(2).T[:, :, None]  # [P, Nq, 1]
+    sq_r = None if fast else torch.linalg.vector_norm(Zr.float(), dim=-1).pow(2).T[:, None, :]  # [P, 1, Nr]
+    pen = None if penalty is None else penalty.to(Zq.device).float().T[:, None, :]  # [P, 1, Nr]
+    drop = None if keep is None else (~keep.T)[:, None, :]  # [P, 1, Nr]
+    worst = -math.inf if fast else math.inf
+    better = torch.maximum if fast else torch.minimum
+    best = torch.full((p, nq, nr), worst, dtype=torch.float32, device=Zq.device)
+    best_any = torch.full_like(best, worst) if drop is not None else None  # the window fallback
+    h, w = grid
+    col = torch.arange(p, device=Zq.device) % w
+    for dy, dx in window_offsets(grid, window):
+        # row-major: the reference patch at p + (dy, dx) is p + o, so both sides are contiguous slices along P
+        # (no gather); positions whose column leaves the grid (a row wrap) are masked below
+        o = dy * w + dx
+        a, b = max(0, -o), min(p, p - o)
+        if a >= b:
+            continue
+        d = torch.bmm(q_t[a:b], r_t[a + o:b + o]).float()  # [m, Nq, Nr] similarities
+        if not fast:
+            d.mul_(-2.0).add_(sq_q[a:b]).add_(sq_r[a + o:b + o]).clamp_(min=0.0).sqrt_()
+            if pen is not None:
+                d.add_(pen[a + o:b + o])
+        if dx:
+            d.masked_fill_(((col[a:b] + dx < 0) | (col[a:b] + dx >= w))[:, None, None], worst)
+        if best_any is not None:
+            better(best_any[a:b], d, out=best_any[a:b])
+            d.masked_fill_(drop[a + o:b + o], worst)
+        better(best[a:b], d, out=best[a:b])
+    if best_any is not None:
+        best = torch.where(torch.isinf(best), best_any, best)
+    if fast:
+        best = _to_distance_(best)
+    out = best.permute(2, 1, 0).contiguous()  # [Nr, Nq, P]
+    if exclude_self:
+        out[torch.arange(min(nq, nr)), torch.arange(min(nq, nr))] = math.inf
+    return out
+
+
+def windowed_visual_map(layers: dict[int, torch.Tensor], grid: tuple[int, int], window: int, degrees=(1, 3, 5),
+                        references: dict | None = None, mutual: bool = True, keep: torch.Tensor | None = None,
+                        penalty: torch.Tensor | None = None, ref_keep: torch.Tensor | None = None,
+                        ref_penalty: torch.Tensor | None = None, topmin_max: float = 0.3,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A_V with position-aware matching (`match_window`): MSM over `windowed_distances` instead of the nearest
+    patch anywhere in a reference; the batch route (mutual) and the external-reference route, as `match`.
+
+    Args:
+        layers: {layer: `[N, P, C]` raw patch tokens} of the queries; grid: (h, w).
+        window: radius r >= 0 in grid cells; r >= max(h, w) - 1 equals global matching.
+        degrees: odd LNAMD degrees.
+        references: {(layer, r): `[R, P, C]` aggregated external references (`lnamd`)} or None.
+        mutual: the queries are references of each other, filtered by keep / penalty `[N, P]`.
+        ref_keep, ref_penalty: `[R, P]` filter of the external references.
+        topmin_max: MSM's interval (K counts every reference: R, plus N - 1 when mutual).
+        dtype: GEMM dtype.
+    Returns:
+        float32 `[N, P]` on the CPU; zeros with a warning when a query has no reference.
+    """
+    degrees = _check_layers(layers, grid, degrees)
+    first = next(iter(layers.values()))
+    n, p, _ = first.shape
+    nr = next(iter(references.values())).shape[0] if references else 0
+    n_refs = nr + (n - 1 if mutual else 0)
+    if n_refs == 0:
+        warnings.warn("no reference image: mutual scores are zero")
+        return torch.zeros(n, p, dtype=torch.float32)
+    total = torch.zeros(n, p, dtype=torch.float32, device=first.device)
+    for l, tokens in layers.items():
+        for r in degrees:
+            Zq = lnamd(tokens, grid, r)
+            parts = []
+            if nr:
+                parts.append(windowed_distances(Zq, references[(l, r)].to(Zq.device), grid, window, ref_keep,
+                                                ref_penalty, dtype=dtype))
+            if mutual and n > 1:
+                parts.append(windowed_distances(Zq, Zq, grid, window, keep, penalty, exclude_self=True, dtype=dtype))
+            total.add_(interval_mean(torch.cat(parts) if len(parts) > 1 else parts[0], n_refs, topmin_max))
+    return total.div_(len(layers) * len(degrees)).cpu()
+
+
 # ------------------------------------------------------------------------------ the one entry point
 
 def match(layers: dict[int, torch.Tensor], grid: tuple[int, int], degrees=(1, 3, 5), references: dict | None = None,
           mutual: bool = True, keep: torch.Tensor | None = None, penalty: torch.Tensor | None = None,
           ref_keep: torch.Tensor | None = None, ref_penalty: torch.Tensor | None = None, topmin_max: float = 0.3,
           dtype: torch.dtype = torch.float32, engine: str = "auto", ref_tokens: dict | None = None,
-          ref_norms: dict | None = None, ref_unit: dict | None = None) -> torch.Tensor:
+          ref_norms: dict | None = None, ref_unit: dict | None = None, window: int | None = None) -> torch.Tensor:
     """A_V of query images against their references: each other (mutual), an external set, or both.
 
     Args:
@@ -906,10 +1035,16 @@ def match(layers: dict[int, torch.Tensor], grid: tuple[int, int], degrees=(1, 3,
         ref_tokens, ref_norms: the external references' layer-normed tokens and window norms (`visual_map_against`:
             the box engines' route against them), or None.
         ref_unit: {(layer, r): bool} checked once per bank (`visual_map_against`), or None.
+        window: position-aware matching (`FiseConfig.match_window`): each query patch against the reference
+            patches within this many grid cells of its position (`windowed_visual_map`, whatever the engine);
+            None: every patch.
     Returns:
         float32 `[N, P]` on the CPU.
     """
     _check_engine(engine)
+    if window is not None:
+        return windowed_visual_map(layers, grid, window, degrees, references, mutual, keep, penalty, ref_keep,
+                                   ref_penalty, topmin_max, dtype)
     if engine == "reference":
         degrees = _check_layers(layers, grid, degrees)
         return reference_visual_map(layers, grid, degrees, references, mutual, keep, penalty, ref_keep, ref_penalty,

@@ -25,6 +25,8 @@ from fiseclip_lib.core.references import ReferenceBank
 from fiseclip_lib.plumbing.cache import image_hash
 
 MIN_LAST_BATCH = 5  # a last partial batch smaller than this is merged into the previous one
+# `align`: the shift (px) that registered each image, in scores.csv and predictions.csv
+SHIFT_COLUMNS = ["shift_y", "shift_x"]
 
 
 def make_batches(items: Sequence, batch_size: int | None, seed: int = 0, shuffle: bool = True,
@@ -55,7 +57,7 @@ def make_batches(items: Sequence, batch_size: int | None, seed: int = 0, shuffle
 
 
 def score_pool(detector, images: Sequence, class_name: str, references=None, dataset: str | None = None,
-               progress: bool = True):
+               progress: bool = True, shifts: dict | None = None):
     """Score a pool of images of one category batch by batch.
 
     Args:
@@ -65,6 +67,8 @@ def score_pool(detector, images: Sequence, class_name: str, references=None, dat
         references: a `ReferenceBank` of known-good images added to every batch (None: none).
         dataset: picks RsCIN's default k list (MuSc's per dataset).
         progress: show a progress bar.
+        shifts: a dict that receives {index into images: (dy, dx) px} when the config registers images
+            (`align`, core/align.py); None: not collected.
     Returns:
         (rows [(index into images, score, batch)], maps `[N, S, S]`), both sorted by path; an image identical to
         an earlier one (module doc) has that image's score, batch and map.
@@ -89,6 +93,8 @@ def score_pool(detector, images: Sequence, class_name: str, references=None, dat
         for i, score, m in zip(batch, res.scores, res.maps):
             rows.append((i, float(score), b))
             maps.append(m)
+        if shifts is not None and res.shifts is not None:
+            shifts.update({i: (float(s[0]), float(s[1])) for i, s in zip(batch, res.shifts)})
         embs.append(res.embeddings)
         if bar:
             bar.update(len(batch))
@@ -103,6 +109,8 @@ def score_pool(detector, images: Sequence, class_name: str, references=None, dat
             if r != i:
                 rows.append((i, rows[where[r]][1], rows[where[r]][2]))
                 maps.append(maps[where[r]])
+                if shifts is not None and r in shifts:
+                    shifts[i] = shifts[r]
     order = sorted(range(len(rows)), key=lambda k: str(images[rows[k][0]]))
     return [rows[k] for k in order], np.stack([maps[k] for k in order])
 

@@ -36,6 +36,7 @@ without RsCIN, `text`, or `fusion_norm=none`), which the tests check.
 from __future__ import annotations
 
 import glob as globlib
+import math
 import os
 import time
 import unicodedata
@@ -51,7 +52,7 @@ from fiseclip_lib.plumbing.images import IMAGE_EXTS, images_in, load_image
 from fiseclip_lib.plumbing.files import (atomic_path, display_path, ensure_writable, output_lock, staged_output,
                                           write_csv_atomic, write_json_atomic)
 from fiseclip_lib.core.detector import Detector
-from fiseclip_lib.core.pool import score_pool
+from fiseclip_lib.core.pool import SHIFT_COLUMNS, score_pool
 from fiseclip_lib.core.references import BankEntry, ReferenceBank  # noqa: F401 - the bank is part of predict's API
 from fiseclip_lib.errors import FiseclipError
 
@@ -329,6 +330,9 @@ def bank_scale_mismatch(cfg) -> str | None:
     if cfg.spec.visual and cfg.spec.text and cfg.fusion_norm != "none":
         return (f"fusion normalises each branch over the images scored together (fusion_norm={cfg.fusion_norm}; "
                 f"--set fusion_norm=none gives a scale that stays put)")
+    if cfg.tiles is not None or cfg.align != "none":  # bank queries are scored whole and unregistered
+        return (f"the run's images are cut into tiles or registered (tiles={cfg.tiles}, align={cfg.align}), the bank "
+                f"images would be scored whole")
     return None
 
 
@@ -533,13 +537,15 @@ def _predict(paths, base, class_name, out, detector, ref_paths, stream, bank_siz
                 items.append(streamer.push(p, keep_map=True))
             rows = [{"path": r.path, "score": r.score, "decision": r.decision, "batch": r.index,
                      "threshold": r.threshold, "state": r.state, "admitted": r.admitted,
-                     "references": r.references} for r in items]
+                     "references": r.references, **({} if r.shift is None else dict(zip(SHIFT_COLUMNS, r.shift)))}
+                    for r in items]
             maps = [r.map for r in items]
             thr_method = thr.method if thr is not None else f"robust_z online (false alarms {far:g})"
             thr_record = {"method": thr_method, "false_alarm_rate": far}
         else:
+            shifts = {} if detector.config.align != "none" else None
             scored, maps_arr = score_pool(detector, paths, class_name, references=bank if len(bank) else None,
-                                          progress=progress)
+                                          progress=progress, shifts=shifts)
             n_batch = {}
             for _, _, b in scored:
                 n_batch[b] = n_batch.get(b, 0) + 1
@@ -556,7 +562,9 @@ def _predict(paths, base, class_name, out, detector, ref_paths, stream, bank_siz
                 value, thr_method = thr.value, thr.method
             rows = [{"path": paths[i], "score": float(v), "batch": b, "threshold": value, "state": "batch",
                      "admitted": "", "references": n_batch[b] - 1 + len(bank),
-                     "decision": "anomalous" if v > value else "normal"} for i, v, b in scored]
+                     "decision": "anomalous" if v > value else "normal",
+                     **({} if shifts is None else dict(zip(SHIFT_COLUMNS, shifts.get(i, (math.nan, math.nan)))))}
+                    for i, v, b in scored]
             maps = list(maps_arr)
     notes = sorted({str(w.message) for w in caught})
     for n in notes:
@@ -570,7 +578,7 @@ def _predict(paths, base, class_name, out, detector, ref_paths, stream, bank_siz
             render_overlay(r["path"], m, r["score"], r["threshold"], r["decision"], out / r["overlay"])
     for r in rows:
         r["path"] = display_path(r["path"], base)
-    df = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
+    df = pd.DataFrame(rows, columns=PREDICTION_COLUMNS + (SHIFT_COLUMNS if rows and SHIFT_COLUMNS[0] in rows[0] else []))
     order = np.argsort(df["path"].to_numpy(), kind="stable")
     df = df.iloc[order].reset_index(drop=True)
     if out is None:

@@ -70,6 +70,7 @@ States (`StreamResult.state`):
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import time
 import warnings
@@ -79,7 +80,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from fiseclip_lib.core.detector import Detector, split_features
+from fiseclip_lib.core import align, tiling
+from fiseclip_lib.core.detector import Detector, concat_features, split_features
 from fiseclip_lib.core.references import BankEntry, ReferenceBank
 from fiseclip_lib.core.robust import MAD_TO_SIGMA, median_mad
 from fiseclip_lib.errors import FiseclipError
@@ -112,6 +114,7 @@ class StreamResult:
     text_score: float | None = None
     reference_paths: list = field(default_factory=list)
     map: np.ndarray | None = None
+    shift: tuple[float, float] | None = None  # align: the (dy, dx) px that registered the image
 
 
 class _Stack:
@@ -185,6 +188,78 @@ class _Stack:
         return bank
 
 
+class _Frames:
+    """How a stream with `tiles` or `align` sees an image (the batch's way: core/align.py, core/tiling.py).
+
+    An image is registered to the known-good references' median image (align: a fixed frame; a rolling template
+    would follow a drift), cut into the tiles of its size (tiles), and each tile is a unit: tile t is matched
+    against tile t of the references (tile_match same: one rolling stack per tile) or every unit against every
+    tile of them (all: one stack of K x T tiles). Maps are stitched at the image's size and shifted back to its
+    frame; the score is taken on the stitched map, as `Detector.score` does for a batch.
+    """
+
+    def __init__(self, detector: Detector, references: ReferenceBank, class_name: str):
+        cfg = detector.config
+        self.detector, self.class_name = detector, class_name
+        self.same = cfg.tile_match == "same"
+        self.template = None
+        if cfg.align != "none":
+            self.template = align.bank_template(references)
+            if self.template is None:
+                raise FiseclipError(f"align={cfg.align} in a stream registers each image to the median of the "
+                                    f"known-good references: give them as image paths (--reference-dir), or use "
+                                    f"align=none")
+        self.hw = self.grid = self.boxes = None
+        self.units = 1
+        self.fixed: list[list[BankEntry]] = [list(references.entries)]  # per unit: the known-good references' entries
+        if len(references):
+            self.set_size(tiling.as_array(references.entries[0].path).shape[:2] if references.entries[0].path
+                          else None, references)
+
+    def set_size(self, hw, references: ReferenceBank | None = None) -> None:
+        """The tile layout of images of this (H, W) size; the known-good references cut the same way."""
+        if hw is None:
+            raise FiseclipError("tiles in a stream: the known-good references must be given as image paths")
+        cfg = self.detector.config
+        self.hw = tuple(hw)
+        self.grid = tiling.resolve_grid(cfg.tiles, self.hw, self.detector.encoder.image_size, cfg.tile_overlap,
+                                        tuple(self.detector.encoder.grid))
+        if self.grid is None:
+            return
+        self.boxes = tiling.tile_boxes(self.hw, self.grid, cfg.tile_overlap)
+        self.units = len(self.boxes)
+        if references is not None and len(references):
+            banks = tiling.tile_banks(self.detector, references, self.class_name, self.grid, cfg.tile_overlap)
+            # a reference's tiles carry its path and content hash: a copy of an image never references it
+            self.fixed = [[dataclasses.replace(e, path=src.path, digest=src.digest)
+                           for e, src in zip(b.entries, references.entries)] for b in banks]
+
+    def stacks(self, k: int) -> list["_Stack"]:
+        if self.same:
+            return [_Stack(self.fixed[t] if t < len(self.fixed) else [], k) for t in range(self.units)]
+        return [_Stack([e for unit in self.fixed for e in unit], k * self.units)]
+
+    def encode(self, image):
+        """(one Features per unit, the shift that registered the image or None)."""
+        arr = tiling.as_array(image)
+        if self.hw is None:
+            self.set_size(arr.shape[:2])
+        elif arr.shape[:2] != self.hw:
+            raise FiseclipError(f"{_path_of(image) or 'an image'} is {arr.shape[1]}x{arr.shape[0]} px, the stream's "
+                                f"images {self.hw[1]}x{self.hw[0]}: a tiled or registered stream takes one size")
+        shift = None
+        if self.template is not None:
+            shift = align.estimate_shifts([align.to_gray(arr)], self.template)[0]
+            arr = align.moved_onto(arr, shift)
+        crops = tiling.cut(arr, self.boxes) if self.grid else [arr]
+        return split_features(self.detector.encode(crops)), shift
+
+
+def _digest(item) -> str | None:
+    """The content hash of a rolling item: a BankEntry, or the list of an image's unit entries."""
+    return (item[0] if isinstance(item, list) else item).digest
+
+
 def _path_of(image) -> str | None:
     return str(image) if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__") else None
 
@@ -253,8 +328,12 @@ class Streamer:
             warnings.warn(f"this stream can never be warm: bank size {self.bank_size} + {len(self.references)} "
                           f"reference(s) < the {self.min_references} references a decision needs, so every image "
                           f"stays undecided; use --bank-size {self.min_references} or more, or give --reference-dir")
-        self.rolling: collections.deque[BankEntry] = collections.deque(maxlen=self.bank_size)
-        self._stack = _Stack(self.references.entries, self.bank_size)
+        # rolling items: BankEntry, or with tiles / align (`_Frames`) the list of an image's unit entries
+        self.rolling: collections.deque = collections.deque(maxlen=self.bank_size)
+        self._frames = (_Frames(detector, self.references, class_name)
+                        if cfg.tiles is not None or cfg.align != "none" else None)
+        self._stack = _Stack(self.references.entries, self.bank_size) if self._frames is None else None
+        self._stacks = None if self._frames is None or self._frames.hw is None else self._frames.stacks(self.bank_size)
         self.normal_scores: collections.deque[float] = collections.deque(maxlen=int(history))
         self.drift_window, self.drift_rate = (None if drift_window is None else int(drift_window)), float(drift_rate)
         self.flags: collections.deque[bool] = collections.deque(maxlen=self.drift_window or 1)
@@ -270,12 +349,15 @@ class Streamer:
         if self.threshold is None:
             # known-good references scored against each other start the online rule (no calibrating phase when
             # there are at least min_history of them)
-            self.normal_scores.extend(detector.leave_one_out_scores(self.references, class_name))
+            self.normal_scores.extend(detector.leave_one_out_scores(self.references, class_name)
+                                      if self._frames is None else self._unit_loo_scores())
 
     @property
     def bank(self) -> ReferenceBank:
-        """The references of the next image: the fixed bank, then the rolling bank (oldest first)."""
-        return ReferenceBank(list(self.references.entries) + list(self.rolling))
+        """The references of the next image: the fixed bank, then the rolling bank (oldest first); with tiles or
+        align, the rolling images' first units (their paths and hashes name the images)."""
+        return ReferenceBank(list(self.references.entries)
+                             + [x[0] if isinstance(x, list) else x for x in self.rolling])
 
     def current_threshold(self) -> float | None:
         """The threshold the next decision uses (None while calibrating)."""
@@ -305,18 +387,86 @@ class Streamer:
         entry.feats = feats  # for the leave-one-out scores of a reset (confirm_normal, rebaseline)
         return entry
 
+    def _unit_entries(self, units, path, score, digest) -> list[BankEntry]:
+        """An image's entries, one per unit (tile), each carrying the image's path and content hash."""
+        return [self._entry(f, path, score, digest) for f in units]
+
+    def _admit(self, item) -> None:
+        """Into the rolling bank and its stacked tensors (each unit into its stack; `all`: one stack of tiles)."""
+        self.rolling.append(item)
+        if self._frames is None:
+            self._stack.push(item)
+        elif self._frames.same:
+            for stack, e in zip(self._stacks, item):
+                stack.push(e)
+        else:
+            for e in item:
+                self._stacks[0].push(e)
+
+    def _score_units(self, units, digest, shift=None):
+        """Score an image's units against their stacks, without any entry of the same content; the map stitched
+        and returned to the image's frame. Returns (score, s_T or None, map, reference images, their paths)."""
+        det, fr = self.detector, self._frames
+        maps, texts, paths, seen = [], [], [], set()
+        groups = [([u], s) for u, s in zip(units, self._stacks)] if fr.same else [(list(units), self._stacks[0])]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="no reference image")
+            for feats, stack in groups:
+                bank = stack.bank(exclude_digest=digest)
+                res = det.score_features(concat_features(feats), self.class_name, references=bank, mutual=False)
+                maps.extend(res.maps)
+                texts.extend([-math.inf] * len(feats) if res.text_scores is None else res.text_scores)
+                for e in bank.entries:
+                    seen.add(e.digest if e.digest is not None else id(e))
+                    paths.append(e.path)
+        if fr.grid is None:
+            image_map, score = maps[0], float(res.scores[0])
+            s_t = None if res.text_scores is None else float(res.text_scores[0])
+        else:
+            stitched, scores, st = tiling.stitch_scores([maps], fr.boxes, fr.hw, np.array([texts]),
+                                                        det.config.beta)
+            image_map, score, s_t = stitched[0], float(scores[0]), None if st is None else float(st[0])
+        if shift is not None:
+            image_map = align.unshift_maps(image_map[None], np.asarray(shift)[None], fr.hw)[0]
+        return score, s_t, image_map, len(seen), list(dict.fromkeys(paths))
+
+    def _unit_loo_scores(self, groups=None, digests=None) -> list[float]:
+        """Each image's score against the stacks without its own content: the known-good references (default:
+        their unit features and hashes) or the images of a reset. Empty when some hash or feature is unknown."""
+        if self._stacks is None:
+            return []
+        if groups is None:
+            refs = self.references.entries
+            if len(refs) < 2:
+                return []
+            per_unit = self._frames.fixed
+            groups = [[per_unit[t][i].feats for t in range(len(per_unit))] for i in range(len(refs))]
+            digests = [e.digest for e in refs]
+        out = []
+        for feats, d in zip(groups, digests):
+            if d is None or any(f is None for f in feats):
+                return []
+            score, _, _, n_refs, _ = self._score_units(feats, d)
+            if n_refs:
+                out.append(score)
+        return out
+
     def _reset(self, entries: Sequence[BankEntry]) -> None:
         """The rolling bank := entries (the last K), the score history := their leave-one-out scores."""
         entries = list(entries)[-self.bank_size:]
         self.rolling.clear()
-        self._stack.clear()
+        for s in ([self._stack] if self._frames is None else self._stacks or []):
+            s.clear()
         for e in entries:
-            self.rolling.append(e)
-            self._stack.push(e)
+            self._admit(e)
         self.normal_scores.clear()
         self.flags.clear()
         self.recent.clear()
         self.in_drift = False
+        if self._frames is not None:
+            self.normal_scores.extend(self._unit_loo_scores([[e.feats for e in g] for g in entries],
+                                                            [_digest(g) for g in entries]))
+            return
         bank = self._stack.bank()
         n_fixed = len(self.references)
         with warnings.catch_warnings():
@@ -334,6 +484,10 @@ class Streamer:
         images = list(images)
         if not images:
             raise FiseclipError("confirm_normal needs at least one image of the new normal")
+        if self._frames is not None:
+            self._reset([self._unit_entries(self._frames.encode(im)[0], _path_of(im), None, image_hash(im))
+                         for im in images])
+            return
         self._reset([self._entry(f, _path_of(im), None, image_hash(im))
                      for im, f in zip(images, self.detector.encode_each(images))])
 
@@ -352,15 +506,22 @@ class Streamer:
         if digest in self._confirm_digests:
             group, self.confirm, self._confirm_digests = self.confirm, None, set()
             self.confirm_normal(group)
-        if feats is None:
-            feats = det.encode([image])
-        bank = self._stack.bank(exclude_digest=digest)  # never a copy of the image itself
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="no reference image")
-            res = det.score_features(feats, self.class_name, references=bank, mutual=False)
-        score = float(res.scores[0])
-        s_t = None if res.text_scores is None else float(res.text_scores[0])
-        n_refs = len(bank)
+        shift = None
+        if self._frames is not None:  # tiles / align: units scored one stack each, the map stitched
+            units, shift = self._frames.encode(image)
+            if self._stacks is None:
+                self._stacks = self._frames.stacks(self.bank_size)
+            score, s_t, image_map, n_refs, ref_paths = self._score_units(units, digest, shift)
+        else:
+            if feats is None:
+                feats = det.encode([image])
+            bank = self._stack.bank(exclude_digest=digest)  # never a copy of the image itself
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="no reference image")
+                res = det.score_features(feats, self.class_name, references=bank, mutual=False)
+            score = float(res.scores[0])
+            s_t = None if res.text_scores is None else float(res.text_scores[0])
+            n_refs, ref_paths, image_map = len(bank), bank.paths, res.maps[0]
         thr = self.current_threshold()
         bound = None
         if n_refs < self.min_references:
@@ -374,7 +535,8 @@ class Streamer:
         admitted = text_ok and decision != "anomalous" and (bound is None or score <= bound)
         entry = None
         if admitted or self.on_drift == "rebaseline":
-            entry = self._entry(feats, path, score, digest)
+            entry = (self._entry(feats, path, score, digest) if self._frames is None else
+                     self._unit_entries(units, path, score, digest))
         if state == "warm" and self.drift_window:
             self.flags.append(decision == "anomalous")
             if self.on_drift == "rebaseline":
@@ -397,16 +559,16 @@ class Streamer:
                     self.in_drift = True
             else:
                 self.in_drift = False
-        if admitted and any(e.digest == digest for e in self.rolling):
+        if admitted and any(_digest(e) == digest for e in self.rolling):
             entry = None  # already in the bank (a confirmed image arriving): never twice
         if admitted and entry is not None:
-            self.rolling.append(entry)
-            self._stack.push(entry)
+            self._admit(entry)
             if state != "cold":
                 self.normal_scores.append(score)
         result = StreamResult(index=self.seen, path=path, score=score, decision=decision, state=state,
                               admitted=admitted, references=n_refs, threshold=thr, text_score=s_t,
-                              reference_paths=bank.paths, map=res.maps[0] if keep_map else None)
+                              reference_paths=ref_paths, map=image_map if keep_map else None,
+                              shift=None if shift is None else (float(shift[0]), float(shift[1])))
         self.seen += 1
         det.costs["images_scored"] += 1
         self.seconds += time.perf_counter() - t0
@@ -421,7 +583,8 @@ class Streamer:
             chunk = [im for _, im in zip(range(step), it)]
             if not chunk:
                 return
-            feats = split_features(self.detector.encode(chunk)) if len(chunk) > 1 else [None]
+            feats = (split_features(self.detector.encode(chunk)) if len(chunk) > 1 and self._frames is None
+                     else [None] * len(chunk))
             for im, f in zip(chunk, feats):
                 yield self.push(im, keep_map=keep_map, feats=f)
 

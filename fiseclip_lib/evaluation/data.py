@@ -16,11 +16,13 @@ from typing import Iterable, Sequence
 
 from fiseclip_lib.core.pool import MIN_LAST_BATCH, make_batches  # noqa: F401 - batches of samples
 from fiseclip_lib.errors import DatasetError, FiseclipError
+from fiseclip_lib.evaluation import anomalib_data as A  # anomalib's datasets and meta.json (anomalib imported lazily)
 from fiseclip_lib.plumbing.images import (IMAGE_EXTS, ConversionWarning, describe_mode, image_size_of, images_in,  # noqa: F401
                                          load_image, load_mask, mask_array, resize_mask)
 
-# The dataset layouts, defined once (`fiseclip run --dataset` choices, sweep grids, load_dataset).
-DATASETS = ("mvtec", "visa", "folder", "demo")
+# The dataset layouts read without anomalib, defined once (`fiseclip run --dataset`, params files, sweep grids,
+# load_dataset); `anomalib:<name>` reads anomalib's datasets (evaluation/anomalib_data.py, the extra).
+DATASETS = ("mvtec", "visa", "folder", "metajson", "demo")
 
 
 @dataclass(frozen=True)
@@ -166,20 +168,34 @@ def load_folder(root, categories: Sequence[str] | None = None) -> list[Sample]:
 
 
 def load_dataset(name: str, root, categories: Sequence[str] | None = None) -> list[Sample]:
-    """Dispatch by dataset name: mvtec, visa, folder, demo (the demo set has the MVTec layout)."""
+    """Dispatch by dataset name: mvtec, visa, folder, metajson, demo (the demo set has the MVTec layout), or
+    anomalib:<name> (anomalib's own reader of that dataset)."""
     loaders = {"mvtec": load_mvtec, "visa": load_visa, "folder": load_folder, "demo": load_mvtec}
     check_dataset(name)
-    samples = loaders[name](root, categories)
+    if name.startswith(A.PREFIX) or name == "metajson":
+        root = _require_root(root)
+        read = A.load_metajson if name == "metajson" else lambda r, pick: A.load_anomalib(name, r, pick)
+        samples = [Sample(*row) for row in read(root, lambda found: _select(found, categories, root))]
+    else:
+        samples = loaders[name](root, categories)
     if not samples:
         raise DatasetError(f"no test images found under {root} for dataset {name!r}")
     return samples
 
 
 def check_dataset(name, source: str = "") -> str:
-    """`name` if it is one of DATASETS, else a one-line error naming `source` and the choices."""
-    if name not in DATASETS:
-        raise FiseclipError(f"{source + ': ' if source else ''}unknown dataset {name!r}; use "
-                            f"{', '.join(DATASETS[:-1])} or {DATASETS[-1]}")
+    """`name` if it is one of DATASETS or `anomalib:<name>` of a dataset anomalib has, else a one-line error
+    naming `source` and the choices (anomalib need not be installed to check a name)."""
+    where = source + ": " if source else ""
+    if isinstance(name, str) and name.startswith(A.PREFIX):
+        try:
+            A.split_name(name)
+        except FiseclipError as e:
+            raise FiseclipError(where + str(e)) from None
+    elif name not in DATASETS:
+        hint = f" (anomalib's: {A.PREFIX}{name})" if isinstance(name, str) and name in A.ANOMALIB_DATASETS else ""
+        raise FiseclipError(f"{where}unknown dataset {name!r}{hint}; use {', '.join(DATASETS)} or "
+                            f"{A.PREFIX}<name> ({', '.join(sorted(A.ANOMALIB_DATASETS))})")
     return name
 
 

@@ -2,7 +2,8 @@
 
 Outputs in `out/`:
   metrics.csv   a row per category plus a `mean` row (unweighted mean over categories)
-  scores.csv    a row per image: path (relative to the root), category, label, defect, score, batch
+  scores.csv    a row per image: path (relative to the root), category, label, defect, score, batch (and, with
+                `align`, shift_y and shift_x: the translation in px that registered the image, core/align.py)
   config.json   the resolved config, dataset, versions, git commit, wall time
   categories/   one JSON per finished category (written atomically as each category ends; `--resume` reuses them)
   maps/         `<category>.npz` with float16 maps when `save_maps`
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import warnings
 from pathlib import Path
@@ -27,7 +29,7 @@ from fiseclip_lib.config import FiseConfig, scoring_fields
 from fiseclip_lib.errors import FiseclipError
 from fiseclip_lib.evaluation.metrics import image_metrics, pixel_metrics
 from fiseclip_lib.core.detector import Detector
-from fiseclip_lib.core.pool import score_pool
+from fiseclip_lib.core.pool import SHIFT_COLUMNS, score_pool
 from fiseclip_lib.plumbing.provenance import RANDOM_WEIGHTS_NOTE, provenance
 from fiseclip_lib.plumbing.resources import memory_increase_mb, memory_mark
 
@@ -37,15 +39,22 @@ SCORE_COLUMNS = ["path", "category", "label", "defect", "score", "batch"]
 
 
 def prepare_dataset(dataset: str, root, categories=None) -> list[D.Sample]:
-    """Load samples; `demo` builds the demo set into `root` first when it is not there."""
+    """Load samples; `demo` builds the demo set into `root` first when it is not there, and the procedural
+    categories asked for by name (board, wafer: `demo.add_categories`) into it; without names a demo run scores
+    the categories the set was built with, never the added ones."""
     if dataset == "demo":
-        from fiseclip_lib.evaluation.demo import MANIFEST, build_demo, read_manifest
+        from fiseclip_lib.evaluation.demo import MANIFEST, add_categories, build_demo, read_manifest
 
         root = Path(root)
         if not (root / MANIFEST).is_file():
             print(f"building the demo dataset into {root} ...", flush=True)
             build_demo(root)
-        read_manifest(root)
+        info = read_manifest(root)
+        if categories:
+            for cat in add_categories(root, list(categories)):
+                print(f"added the demo category {cat} to {root}", flush=True)
+        else:
+            categories = info["params"].get("categories") or None
     return D.load_dataset(dataset, root, categories)
 
 
@@ -77,10 +86,15 @@ def eval_masks(samples: list[D.Sample], size: int) -> np.ndarray:
 
 
 def score_category(detector: Detector, samples: list[D.Sample], category: str, progress: bool = True,
-                   dataset: str | None = None):
+                   dataset: str | None = None, shifts: dict | None = None):
     """Score one category the method's way (`core.pool.score_pool`: batches, RsCIN over the category);
-    returns (rows [(sample, score, batch)] sorted by path, maps `[N, S, S]` in that order)."""
-    rows, maps = score_pool(detector, [s.path for s in samples], category, dataset=dataset, progress=progress)
+    returns (rows [(sample, score, batch)] sorted by path, maps `[N, S, S]` in that order). shifts: as
+    `score_pool`, keyed by the sample."""
+    found = None if shifts is None else {}
+    rows, maps = score_pool(detector, [s.path for s in samples], category, dataset=dataset, progress=progress,
+                            shifts=found)
+    if found:
+        shifts.update({samples[i]: s for i, s in found.items()})
     return [(samples[i], score, b) for i, score, b in rows], maps
 
 
@@ -99,12 +113,12 @@ def evaluate_category(samples: list[D.Sample], scores: np.ndarray, maps: np.ndar
 
 
 def score_and_evaluate(detector: Detector, samples: list[D.Sample], category: str, progress: bool = True,
-                       dataset: str | None = None):
+                       dataset: str | None = None, shifts: dict | None = None):
     """Validate, score and evaluate one category: (rows sorted by path, maps in that order, metrics).
 
-    dataset: picks dataset-specific defaults (RsCIN's k list: MuSc's per dataset)."""
+    dataset: picks dataset-specific defaults (RsCIN's k list: MuSc's per dataset); shifts: `score_category`."""
     check = D.validate_category(samples)
-    rows, maps = score_category(detector, samples, category, progress=progress, dataset=dataset)
+    rows, maps = score_category(detector, samples, category, progress=progress, dataset=dataset, shifts=shifts)
     scores = np.array([r[1] for r in rows])
     return rows, maps, evaluate_category([r[0] for r in rows], scores, maps, check["pixel"])
 
@@ -152,7 +166,9 @@ def write_outputs(out: Path, results: list[dict], encoder_info: dict, config_rec
     Order: the old CSVs go first, then config.json, then the new CSVs, so that a metrics.csv on disk is always
     described by the config.json beside it (each file is replaced atomically)."""
     df = metrics_frame(results, encoder_info, config_record["config"]["method"])
-    scores = pd.DataFrame([row for r in results for row in r["rows"]], columns=SCORE_COLUMNS)
+    rows = [row for r in results for row in r["rows"]]
+    aligned = bool(rows) and len(rows[0]) > len(SCORE_COLUMNS)
+    scores = pd.DataFrame(rows, columns=SCORE_COLUMNS + (SHIFT_COLUMNS if aligned else []))
     for name in ("metrics.csv", "scores.csv"):
         (out / name).unlink(missing_ok=True)
     write_json_atomic(out / "config.json", {**config_record, "categories_done": [r["category"] for r in results]})
@@ -213,11 +229,14 @@ def run_category(detector: Detector, dataset: str, root, category: str, samples:
         before_scoring()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rows, maps, metrics = score_and_evaluate(detector, samples, category, progress=progress, dataset=dataset)
+        shifts = {} if detector.config.align != "none" else None
+        rows, maps, metrics = score_and_evaluate(detector, samples, category, progress=progress, dataset=dataset,
+                                                 shifts=shifts)
     result = {
         "category": category, "key": key, "metrics": metrics, "images": len(samples),
         "notes": summarize_warnings([w.message for w in caught], category),
-        "rows": [[display_path(s.path, root), s.category, s.label, s.defect, float(score), b] for s, score, b in rows],
+        "rows": [[display_path(s.path, root), s.category, s.label, s.defect, float(score), b]
+                 + ([] if shifts is None else list(shifts.get(s, (math.nan, math.nan)))) for s, score, b in rows],
         **(extra or {}),
     }
     if save_maps:
