@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Sequence
 
 import numpy as np
@@ -231,6 +232,7 @@ def score_tiled(detector, images: Sequence, class_name: str, grid: tuple[int, in
             _collect(res, range(n), t, tile_maps, t_scores, embs, notes)
     else:
         per_image = [detector.encode(cut(a, boxes)) for a in arrays]  # encode_batch tiles through the encoder at once
+        t0 = time.perf_counter()
         entries = [[detector.reference_entry(_one(f, k), class_name, filtered=cfg.spec.text_filter)
                     for k in range(t_count)] for f in per_image] if mutual else [[] for _ in arrays]
         extra = [e for b in banks for e in b.entries] if banks else []
@@ -241,6 +243,8 @@ def score_tiled(detector, images: Sequence, class_name: str, grid: tuple[int, in
             first = first or res
             for t in range(t_count):
                 _collect(res, [i], t, tile_maps, t_scores, embs, notes, row=t)
+        detector.costs["score_s"] += time.perf_counter() - t0
+        detector.costs["images_scored"] += n * t_count  # costs count encoder inputs: tiles, as the `same` route
     maps, scores, s_t = stitch_scores(tile_maps, boxes, hw, t_scores, cfg.beta)
     # the scoring path's own result type, with the stitched maps and no patch-level maps (they live per tile)
     return dataclasses.replace(first, maps=maps, scores=scores, grid=tuple(grid), visual_map=None, text_map=None,

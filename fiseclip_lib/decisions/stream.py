@@ -18,6 +18,17 @@ depends on the other images of the stream except through the bank. A reference w
 image (`BankEntry.digest`, the feature cache's `image_hash`) is left out for that image: an image is never
 matched against a copy of itself.
 
+Tiles and alignment (`tiles`, `align`; `_Frames`): an image is registered to the median of the known-good
+references (a fixed frame; align needs them) and cut into the tiles of its size; tile t is scored against tile t
+of every reference (`tile_match=same`: one rolling stack per tile) or each tile against every tile of them
+(`all`), the map stitched at the image's size and shifted back to its frame, the score taken on the stitched map,
+exactly as `Detector.score` does for a batch (`score_against` with the same references; tests: 1e-5). Memory and
+cost: T tiles per image, K x T rolling entries.
+
+Speed: a streamed image needs K products against its references where a batch of K + 1 shares each product
+between two images (K / 2 per image): about twice the matching work, so the stream reaches 0.5-0.6 of a batch's
+throughput at K = 16 when matching dominates (benchmarks/README.md; bench.py's stream section).
+
 Admission (what keeps defects out of the bank). An image enters the rolling bank only when both say normal:
   1. the score: warm, `score <= threshold`; while calibrating (no threshold yet), policy `admission`:
        "robust" (default) below median + CALIBRATING_Z (3.5) x 1.4826 MAD of the normal scores seen so far

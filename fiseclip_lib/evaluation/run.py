@@ -309,7 +309,8 @@ def _run_locked(dataset, root, config, out, categories, save_maps, resume, progr
 def run_costs(detector: Detector, before: dict, memory_mark_mb: float) -> dict:
     """Encoder, matching and scoring seconds per image, measured separately, with the cache state beside them.
 
-    Encoder seconds are per image actually encoded (cache misses); images read from the feature cache cost
+    Encoder seconds are per image actually encoded (cache misses; with `tiles`, per tile: every count is of
+    encoder inputs); images read from the feature cache cost
     no encoder time and are counted as such. Matching is `visual_map` (LNAMD + MSM); scoring is everything
     after the encoder (text branch, filter, matching, fusion, post-processing). Memory is the increase during this work (CUDA: peak allocated
     since the mark; CPU: growth of the process's peak resident memory)."""
@@ -322,11 +323,12 @@ def run_costs(detector: Detector, before: dict, memory_mark_mb: float) -> dict:
     cache_state = ("no feature cache" if detector.cache is None else "miss" if from_cache == 0
                    else "hit" if c["images_encoded"] == 0 else "partial hit")
     mem = memory_increase_mb(detector.encoder.device, memory_mark_mb)
-    summary = (f"encoder {enc_per:.3f} s/image over {c['images_encoded']} encoded" if enc_per is not None
+    unit = "tile" if detector.config.tiles is not None else "image"  # with tiles, costs count encoder inputs
+    summary = (f"encoder {enc_per:.3f} s/{unit} over {c['images_encoded']} encoded" if enc_per is not None
                else "encoder 0 s (all features from the cache)")
-    summary += (f", matching {match_per:.3f} s/image" if match_per is not None else "")
-    summary += (f", all scoring after the encoder {score_per:.3f} s/image" if score_per is not None else "")
-    summary += f", {from_cache} images from the feature cache ({cache_state}), memory +{mem:.0f} MB"
+    summary += (f", matching {match_per:.3f} s/{unit}" if match_per is not None else "")
+    summary += (f", all scoring after the encoder {score_per:.3f} s/{unit}" if score_per is not None else "")
+    summary += f", {from_cache} {unit}s from the feature cache ({cache_state}), memory +{mem:.0f} MB"
     return {"encoder_s_per_image": enc_per, "matching_s_per_image": match_per, "scoring_s_per_image": score_per,
             "images_encoded": c["images_encoded"], "images_scored": c["images_scored"],
             "images_from_cache": from_cache, "feature_cache": cache_state, "memory_increase_mb": round(mem, 1),

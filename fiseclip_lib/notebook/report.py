@@ -181,7 +181,8 @@ def _header(name: str, status: str, error: str, wall: float, params: dict, prov:
     rows = [("notebook", name), ("status", status + (f" ({error})" if error else "")), ("wall time", f"{wall:.1f} s"),
             ("numbers from", badge["text"]),
             ("CLIP parameters (model / weights / size)", clip),
-            ("dataset", f"{params.get('dataset', '?')} at {params.get('root', '?')}"),
+            *([("dataset", f"{params.get('dataset', '?')} at {params.get('root', '?')}")]
+              if "dataset" in params or "root" in params else []),  # 07 builds its own data (its parameters say where)
             ("seed", params.get("seed", "?")), ("git commit", prov["git_commit"]),
             ("versions", ", ".join(f"{k} {v}" for k, v in prov["versions"].items())),
             ("parameters", json.dumps(params, sort_keys=True, default=str))]
