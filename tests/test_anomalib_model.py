@@ -86,5 +86,7 @@ def test_a_method_that_rescores_a_whole_category_is_refused():
 
     with pytest.raises(FiseclipError, match="RsCIN over a whole category.*rscin=False"):
         FiseclipAnomalib(FiseConfig(**{**TINY, "method": "musc"}))
-    model = FiseclipAnomalib({**TINY, "method": "musc", "rscin": False})  # a mapping of config fields works too
+    with pytest.raises(FiseclipError, match="whole category as one batch.*musc_pool='batch'"):
+        FiseclipAnomalib({**TINY, "method": "musc", "rscin": False})  # MuSc's pool is the category, not a batch
+    model = FiseclipAnomalib({**TINY, "method": "musc", "rscin": False, "musc_pool": "batch"})  # a mapping works
     assert model.learning_type.value == "zero_shot" and model.pre_processor.transform.size == [SIZE, SIZE]

@@ -228,3 +228,30 @@ def test_equals_anomalibs_winclip_zero_shot_and_few_shot(tmp_path, monkeypatch):
     assert model.k_shot == 1
     np.testing.assert_allclose(res.scores, ref.pred_score.numpy(), atol=1e-4)
     np.testing.assert_allclose(res.maps, ref.anomaly_map.numpy(), atol=1e-4)
+
+
+def test_a_winclip_stream_needs_known_good_references(tiny):
+    # without them its first image would be scored zero-shot and the next ones few-shot: two scales
+    from fiseclip_lib.decisions.stream import Streamer
+
+    det = Detector(FiseConfig(**TINY), encoder=tiny)
+    with pytest.raises(FiseclipError, match="needs known-good references") as e:
+        Streamer(det, "object", bank_size=4)
+    assert "\n" not in str(e.value)
+
+
+def test_predict_counts_only_the_bank_as_winclips_references(tiny, tmp_path):
+    from PIL import Image
+
+    from fiseclip_lib.decisions.predict import predict
+
+    paths = []
+    for i, im in enumerate(images(5, 112, seed=7)):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(im).save(paths[-1])
+    det = Detector(FiseConfig(**TINY), encoder=tiny)
+    zero = predict(paths[:3], "object", detector=det, overlays=False, progress=False)
+    assert (zero["references"] == 0).all()  # zero-shot: the batch's other images are not references
+    few = predict(paths[:3], "object", detector=det, reference_dir=[str(p) for p in paths[3:]], overlays=False,
+                  progress=False)
+    assert (few["references"] == 2).all()

@@ -15,12 +15,18 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from fiseclip_lib.core.tiling import as_array
 from fiseclip_lib.errors import FiseclipError
 
 UPSAMPLE = 10  # phase correlation's sub-pixel precision: 1/10 px
+
+
+def _shift(a: np.ndarray, shift) -> np.ndarray:
+    """scipy's bilinear shift with border pixels repeated (imported here: only aligned runs pay its import)."""
+    from scipy import ndimage
+
+    return ndimage.shift(a, shift, order=1, mode="nearest")
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
@@ -57,7 +63,7 @@ def estimate_shifts(grays: Sequence[np.ndarray], template: np.ndarray | None = N
         fixed = prep(ref)
         shifts = np.array([phase_cross_correlation(fixed, g, upsample_factor=UPSAMPLE)[0] for g in moving])
         if k + 1 < rounds:
-            ref = np.median(np.stack([ndimage.shift(g, s, order=1, mode="nearest") for g, s in zip(stack, shifts)]),
+            ref = np.median(np.stack([_shift(g, s) for g, s in zip(stack, shifts)]),
                             axis=0)
     return shifts
 
@@ -65,7 +71,7 @@ def estimate_shifts(grays: Sequence[np.ndarray], template: np.ndarray | None = N
 def shift_image(image: np.ndarray, shift) -> np.ndarray:
     """An `[H, W, 3]` uint8 image moved by (dy, dx) px (bilinear, border pixels repeated), uint8."""
     a = np.asarray(image, dtype=np.float32)
-    out = np.stack([ndimage.shift(a[..., c], shift, order=1, mode="nearest") for c in range(a.shape[2])], axis=-1)
+    out = np.stack([_shift(a[..., c], shift) for c in range(a.shape[2])], axis=-1)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -83,7 +89,7 @@ def unshift_maps(maps: np.ndarray, shifts: np.ndarray, image_hw: tuple[int, int]
         float32 `[N, h, w]`.
     """
     scale = np.array([maps.shape[1] / image_hw[0], maps.shape[2] / image_hw[1]])
-    return np.stack([ndimage.shift(m.astype(np.float32), -s * scale, order=1, mode="nearest")
+    return np.stack([_shift(m.astype(np.float32), -s * scale)
                      for m, s in zip(maps, shifts)]).astype(np.float32)
 
 

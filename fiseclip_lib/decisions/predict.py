@@ -550,6 +550,7 @@ def _predict(paths, base, class_name, out, detector, ref_paths, stream, bank_siz
             for _, _, b in scored:
                 n_batch[b] = n_batch.get(b, 0) + 1
             scores = np.array([s for _, s, _ in scored])
+            batch_free = bool(detector.config.spec.windows)  # WinCLIP: the bank alone, never the batch
             if thr is None:
                 why_not = bank_scale_mismatch(detector.config) if len(bank) else None
                 if why_not:
@@ -561,7 +562,7 @@ def _predict(paths, base, class_name, out, detector, ref_paths, stream, bank_siz
             else:
                 value, thr_method = thr.value, thr.method
             rows = [{"path": paths[i], "score": float(v), "batch": b, "threshold": value, "state": "batch",
-                     "admitted": "", "references": n_batch[b] - 1 + len(bank),
+                     "admitted": "", "references": len(bank) + (0 if batch_free else n_batch[b] - 1),
                      "decision": "anomalous" if v > value else "normal",
                      **({} if shifts is None else dict(zip(SHIFT_COLUMNS, shifts.get(i, (math.nan, math.nan)))))}
                     for i, v, b in scored]

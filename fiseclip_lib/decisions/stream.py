@@ -322,6 +322,10 @@ class Streamer:
         else:
             self.references = ReferenceBank.from_images(detector, list(references), class_name, filtered=False,
                                                         box_inputs=True)
+        if cfg.spec.windows and not len(self.references):
+            raise FiseclipError(f"method {cfg.method} in a stream needs known-good references (--reference-dir): "
+                                f"without them its first image is scored zero-shot and the next ones few-shot "
+                                f"against the rolling bank, two scales that one threshold cannot share")
         if isinstance(threshold, Threshold):
             threshold = threshold.value
         if threshold is not None and not np.isfinite(float(threshold)):

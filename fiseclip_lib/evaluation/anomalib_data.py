@@ -6,13 +6,12 @@ anomalib is the optional extra `fiseclip[anomalib]`: it is imported only when an
 Only anomalib's Dataset classes are used (they list the files of a local root), never a DataModule, whose
 `prepare_data` downloads: nothing is ever downloaded, and a root that is not there is a one-line error naming
 it. Masks follow our rule, any non-zero pixel is a defect (VisA's 0/1 masks, MVTec's 0/255 alike). MVTec LOCO
-gives an image one mask file per defect region; the image's mask is their union, written once as a PNG into
-`union-masks/` of the feature cache folder (named by the content of its parts, so it is shared and never stale).
+gives an image one mask file per defect region, in a folder of its own: that folder is the image's mask, read as
+the union of its files (`plumbing.images.load_mask`); nothing is written.
 docs/anomalib.md lists the names and the layouts they read.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import math
@@ -21,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 
 from fiseclip_lib.errors import DatasetError, FiseclipError
-from fiseclip_lib.plumbing.images import load_mask
+from fiseclip_lib.plumbing.images import images_in
 
 # A test image as `data.Sample`'s fields: (path, category, label, defect, mask). data.load_dataset makes the
 # Samples (data.py dispatches here, so this module does not import it).
@@ -175,8 +173,11 @@ def _from_frame(frame, category: str, defects: list[str] | None = None) -> list[
             continue
         defect = defects[i] if defects is not None else str(row.get("label", "good" if label == 0 else "anomaly"))
         defect = "good" if label == 0 else defect
-        out.append((str(row["image_path"]), category, label, defect,
-                    _mask_of(row.get("mask_path"), row["image_path"]) if label else None))
+        mask = _mask_of(row.get("mask_path"), row["image_path"]) if label else None
+        if mask is not None and not Path(mask).exists():  # some readers list masks they never open (BTech, Real-IAD)
+            raise DatasetError(f"mask {mask} of anomalous image {row['image_path']} does not exist; add it or check "
+                               f"the layout (docs/anomalib.md)")
+        out.append((str(row["image_path"]), category, label, defect, mask))
     return out
 
 
@@ -189,41 +190,16 @@ def _mask_of(value, image) -> str | None:
     paths = [str(p) for p in value]
     if not paths:
         return None
-    return paths[0] if len(paths) == 1 else union_mask(paths, image)
-
-
-def union_mask(paths: Sequence[str], image=None) -> str:
-    """The union of several masks of one image (any non-zero pixel of any part), as a 0/255 PNG in the cache.
-
-    Args:
-        paths: the mask files (same size).
-        image: the image they belong to, for the error message.
-    Returns:
-        The path of the union mask: `union-masks/<hash of the parts' bytes>.png` in the feature cache folder.
-    """
-    from PIL import Image
-
-    from fiseclip_lib.plumbing.cache import default_cache_dir, image_hash
-    from fiseclip_lib.plumbing.files import atomic_path
-
-    digest = hashlib.sha256("".join(image_hash(p) for p in paths).encode()).hexdigest()[:32]
-    target = default_cache_dir() / "union-masks" / f"{digest}.png"
-    if target.is_file():
-        return str(target)
-    parts = [load_mask(p) for p in paths]
-    if len({m.shape for m in parts}) > 1:
-        raise DatasetError(f"the masks of {image} differ in size ({', '.join(Path(p).name for p in paths)}); "
-                           f"every mask of one image must have the image's size")
-    union = np.logical_or.reduce(parts)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(target) as tmp:
-            Image.fromarray(union.astype(np.uint8) * 255).save(tmp, format="PNG")
-    except OSError as e:
-        raise FiseclipError(f"the union of the masks of {image} cannot be written to {target.parent} "
-                            f"({e.strerror or type(e).__name__}); point FISECLIP_FEATURE_CACHE to a writable "
-                            f"folder") from None
-    return str(target)
+    if len(paths) == 1:
+        return paths[0]
+    # one mask per defect region, all in the image's own folder (MVTec LOCO): that folder is the mask, read as the
+    # union of its files (plumbing.images.load_mask), so nothing is written
+    folder = Path(paths[0]).parent
+    if any(Path(p).parent != folder for p in paths) or \
+            {p.name for p in images_in(folder)} != {Path(p).name for p in paths}:
+        raise DatasetError(f"the masks of {image} are not exactly the images of one folder ({', '.join(paths[:3])}"
+                           f"{', ...' if len(paths) > 3 else ''}); keep each image's mask parts in a folder of their own")
+    return str(folder)
 
 
 # ------------------------------------------------------------------------------------------- meta.json
@@ -244,24 +220,32 @@ def load_metajson(root: Path, select: Select) -> list[Row]:
         raise DatasetError(f"{meta} does not exist; the metajson layout is a folder with AnomalyCLIP/AdaCLIP's "
                            f"meta.json (see docs/anomalib.md)")
     try:
-        index = json.loads(meta.read_text(encoding="utf-8"))
+        index = json.loads(meta.read_text(encoding="utf-8-sig"))  # a byte-order mark is harmless
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DatasetError(f"{meta} is not valid JSON ({e}); fix or regenerate it") from None
     test = index.get("test") if isinstance(index, dict) else None
     if not isinstance(test, dict) or not all(isinstance(v, list) for v in test.values()):
         raise DatasetError(f"{meta}: a \"test\" mapping of category -> list of entries expected")
-    samples = []
+    samples, seen = [], {}
     for cat in select(sorted(test)):
         for k, e in enumerate(test[cat]):
             where = f"{meta}: test/{cat}[{k}]"
             if not isinstance(e, dict) or not isinstance(e.get("img_path"), str) or e.get("anomaly") not in (0, 1):
                 raise DatasetError(f"{where} needs img_path (text) and anomaly (0 or 1), got {e!r}")
-            img = root / e["img_path"]
-            if not img.is_file():
-                raise DatasetError(f"{where} lists {e['img_path']}, which does not exist under {root}")
             mask = e.get("mask_path") or None
+            if mask is not None and not isinstance(mask, str):
+                raise DatasetError(f"{where}: mask_path must be text (a path under the root) or empty, got {mask!r}")
+            img = root / e["img_path"]  # an absolute path stays itself
+            if not img.is_file():
+                raise DatasetError(f"{where} lists {e['img_path']}, which does not exist"
+                                   + ("" if Path(e["img_path"]).is_absolute() else f" under {root}"))
+            if img.resolve() in seen:  # listed twice, perhaps with two labels: the metrics would count it twice
+                raise DatasetError(f"{where} lists {e['img_path']} again (first at {seen[img.resolve()]}); list each "
+                                   f"image once")
+            seen[img.resolve()] = f"test/{cat}[{k}]"
             if mask is not None and not (root / mask).is_file():
-                raise DatasetError(f"{where} lists mask {mask}, which does not exist under {root}")
+                raise DatasetError(f"{where} lists mask {mask}, which does not exist"
+                                   + ("" if Path(mask).is_absolute() else f" under {root}"))
             label = int(e["anomaly"])
             defect = str(e.get("specie_name") or ("good" if label == 0 else "anomaly"))
             samples.append((str(img), cat, label, "good" if label == 0 else defect,

@@ -62,8 +62,10 @@ def _pair_masks(images: list[Path], mask_dir: Path | None, suffixes=("_mask", ""
 
 def _require_root(root) -> Path:
     root = Path(root)
+    if root.is_file():
+        raise DatasetError(f"dataset root {root} is a file; pass --root to the folder that holds it ({root.parent})")
     if not root.is_dir():
-        raise DatasetError(f"dataset root {root} does not exist or is not a folder; pass --root to an existing folder")
+        raise DatasetError(f"dataset root {root} does not exist; pass --root to an existing folder")
     return root
 
 

@@ -52,6 +52,10 @@ class FiseclipAnomalib(AnomalibModule):
         if config.use_rscin:
             raise FiseclipError(f"method {config.method} re-scores with RsCIN over a whole category, which anomalib's "
                                 f"batch-by-batch test cannot do; pass rscin=False (or use fiseclip run)")
+        if config.spec.category_pool and config.musc_pool == "category":
+            raise FiseclipError(f"method {config.method} scores a whole category as one batch (musc_pool=category), "
+                                f"anomalib hands over one batch at a time; pass musc_pool='batch' (and the "
+                                f"datamodule's eval_batch_size as the batch), or use fiseclip run")
         self._config = config  # before super().__init__: configure_pre_processor reads the input size
         super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator,
                          visualizer=visualizer)

@@ -73,8 +73,14 @@ def default_cache_dir() -> Path:
 
 
 def image_hash(image) -> str:
-    """Content hash of a path (file bytes) or an in-memory image (mode, size, pixels)."""
+    """Content hash of a path (file bytes; a folder: its files' names and bytes, e.g. MVTec LOCO's mask parts) or
+    an in-memory image (mode, size, pixels)."""
     h = hashlib.sha256()
+    if isinstance(image, (str, os.PathLike)) and os.path.isdir(image):
+        for name in sorted(n for n in os.listdir(image) if not n.startswith(".")):
+            if os.path.isfile(os.path.join(image, name)):
+                h.update(name.encode("utf-8", "surrogateescape") + b"\0" + image_hash(os.path.join(image, name)).encode())
+        return h.hexdigest()
     if isinstance(image, (str, os.PathLike)):
         try:
             with open(image, "rb") as f:

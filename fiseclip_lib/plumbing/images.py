@@ -64,7 +64,16 @@ def mask_array(im: Image.Image) -> np.ndarray:
 
 
 def load_mask(path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a mask as a bool array (non-zero = defect, see `mask_array`); resized with nearest to `size` (w, h)."""
+    """Read a mask as a bool array (non-zero = defect, see `mask_array`); resized with nearest to `size` (w, h).
+    A folder is one mask per defect region (MVTec LOCO's layout): the union of its image files."""
+    if Path(path).is_dir():
+        parts = [load_mask(p) for p in images_in(Path(path))]
+        if not parts:
+            raise FiseclipError(f"mask folder {path} holds no mask image; add the masks or remove the folder")
+        if len({m.shape for m in parts}) > 1:
+            raise FiseclipError(f"the masks in {path} differ in size; every mask of one image has the image's size")
+        mask = np.logical_or.reduce(parts)
+        return mask if size is None else resize_mask(mask, size)
     try:
         with Image.open(path) as im:
             im.load()
