@@ -116,3 +116,15 @@ def default_demo(tmp_path_factory):
 @pytest.fixture
 def mvtec_tree(tmp_path):
     return make_mvtec_tree(tmp_path / "mvtec")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection attempt fails the test (a dataset reader or anomalib never downloads)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a network connection was attempted (a download?)")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

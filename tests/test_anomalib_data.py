@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +28,6 @@ CNN = ["--model", "efficientnet-lite0", "--pretrained", "none", "--method", "mus
 
 def needs_anomalib():
     pytest.importorskip("anomalib", reason="the anomalib extra is not installed (pip install 'fiseclip[anomalib]')")
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any connection attempt fails the test: reading a dataset never downloads."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a dataset reader tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 class Tree:

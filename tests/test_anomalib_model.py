@@ -5,7 +5,6 @@ equal `fiseclip run`'s; the per-image scores and batches are the same too. Skipp
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pandas as pd
@@ -34,15 +33,6 @@ class Recorder(Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         for path, score in zip(outputs.image_path, outputs.pred_score.tolist()):
             self.rows.append((str(path), float(score), batch_idx))
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("anomalib tried to open a network connection (a download)")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def test_engine_test_gives_fiseclip_runs_metrics_on_the_same_batches(tmp_path, no_network):

@@ -23,7 +23,7 @@ from fiseclip_lib.core import winclip as W
 from fiseclip_lib.core.detector import Detector
 from fiseclip_lib.core.references import ReferenceBank
 from fiseclip_lib.encoder import load_encoder
-from fiseclip_lib.encoder.windows import embedded_tokens, window_embeddings, window_index
+from fiseclip_lib.encoder.windows import window_embeddings, window_index
 from fiseclip_lib.errors import FiseclipError
 
 TINY = dict(model="fiseclip-tiny", pretrained="none", image_size=112, device="cpu", method="winclip")
@@ -101,7 +101,7 @@ def test_a_window_embedding_is_open_clips_forward_of_the_class_token_and_that_wi
     grid = tiny.grid
     v = tiny.model.visual
     with torch.no_grad():
-        tokens = embedded_tokens(tiny, pixels)
+        tokens = tiny.embed_tokens(pixels)
         for s in (2, 3):
             index = window_index(grid, s)
             assert got[s].shape == (2, len(index), tiny.model.text_projection.shape[1])

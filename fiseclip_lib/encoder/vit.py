@@ -92,6 +92,21 @@ class ClipEncoder(Encoder):
             x = x @ v.proj
         return F.normalize(x.float(), dim=-1)
 
+    def embed_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The ViT's input sequence: class token and patch embeddings plus position embeddings (before `ln_pre`).
+
+        Args:
+            pixels: normalised `[N, 3, H, W]`.
+        Returns:
+            `[N, 1 + P, C]` in the model's dtype, on its device.
+        """
+        v = self.model.visual
+        x = v.conv1(pixels.to(self.device, next(self.model.parameters()).dtype))
+        gh, gw = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1) + self._pos_embed(gh, gw).to(x.dtype)
+
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor, layers=None, restore: str | None = None,
                 return_attention: bool = False) -> Features:
@@ -117,14 +132,9 @@ class ClipEncoder(Encoder):
                 f"image size {h}x{w} is not a multiple of the patch size {ps} of {self.model_name}; "
                 f"use e.g. --image-size {max(ps, (h // ps) * ps)}"
             )
-        dtype = next(self.model.parameters()).dtype
+        gh, gw = h // ps, w // ps  # the patch grid (conv1's stride is the patch size)
         with autocast(self.device, self.precision):
-            x = v.conv1(pixels.to(self.device, dtype))
-            gh, gw = x.shape[-2:]
-            x = x.flatten(2).transpose(1, 2)
-            cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
-            x = torch.cat([cls, x], dim=1) + self._pos_embed(gh, gw).to(x.dtype)
-            x = v.ln_pre(v.patch_dropout(x))
+            x = v.ln_pre(v.patch_dropout(self.embed_tokens(pixels)))
             blocks = v.transformer.resblocks
             first_restored = len(blocks) - self.restore_depth + 1  # 1-based
             tokens: dict[int, torch.Tensor] = {}

@@ -39,24 +39,6 @@ def window_index(grid: tuple[int, int], scale: int) -> torch.Tensor:
     return (rows.reshape(-1, 1) + offsets.reshape(1, -1)).long()
 
 
-def embedded_tokens(encoder, pixels: torch.Tensor) -> torch.Tensor:
-    """The ViT's input sequence: class token and patch embeddings plus position embeddings (before `ln_pre`).
-
-    Args:
-        encoder: a `ClipEncoder`.
-        pixels: normalised `[N, 3, H, W]`.
-    Returns:
-        `[N, 1 + P, C]` in the model's dtype, on its device.
-    """
-    v = encoder.model.visual
-    dtype = next(encoder.model.parameters()).dtype
-    x = v.conv1(pixels.to(encoder.device, dtype))
-    gh, gw = x.shape[-2:]
-    x = x.flatten(2).transpose(1, 2)
-    cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
-    return torch.cat([cls, x], dim=1) + encoder._pos_embed(gh, gw).to(x.dtype)
-
-
 def _embed_sequences(encoder, seqs: torch.Tensor) -> torch.Tensor:
     """Sequences `[B, L, C]` (class token first, before `ln_pre`) -> projected pooled embeddings `[B, D]`."""
     v = encoder.model.visual
@@ -83,7 +65,7 @@ def window_embeddings(encoder, pixels: torch.Tensor, scales: Sequence[int]) -> d
         raise FiseclipError(f"{encoder.model_name}: WinCLIP's windows need a CLIP ViT; use e.g. ViT-B-16-plus-240")
     out: dict[int, list] = {int(s): [] for s in scales}
     with autocast(encoder.device, encoder.precision):
-        tokens = embedded_tokens(encoder, pixels)
+        tokens = encoder.embed_tokens(pixels)
         gh, gw = pixels.shape[-2] // encoder.patch_size, pixels.shape[-1] // encoder.patch_size
         for s in out:
             # class token (index 0) first, then the window's patches (token i + 1 is patch i)
