@@ -61,7 +61,7 @@ _RUN_FLAGS = {"method", "model", "pretrained", "image_size", "batch_size", "seed
 def _add_config_args(p):
     """The config flags shared by `run` and `predict`: one flag per field in _RUN_FLAGS and --set for every
     field, with help, choices and defaults from the config's field metadata (config.py)."""
-    from fiseclip_lib.config import FiseConfig, field_help
+    from fiseclip_lib.config import FiseConfig, field_help, show_default
 
     helps = field_help()
     types = {"image_size": int, "batch_size": int, "seed": int}
@@ -69,7 +69,7 @@ def _add_config_args(p):
         p.add_argument("--" + name.replace("_", "-"), type=types.get(name), help=helps[name])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, repeatable; fields and defaults: " +
-                        ", ".join(f"{k}={'auto' if v is None else v}" for k, v in FiseConfig().to_dict().items()
+                        ", ".join(f"{k}={show_default(k, v)}" for k, v in FiseConfig().to_dict().items()
                                   if k not in _RUN_FLAGS) + " (auto: see README, Options)")
 
 

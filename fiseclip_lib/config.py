@@ -183,9 +183,16 @@ class FiseConfig:
     def _check_large_image_options(self) -> None:
         """tiles, tile_overlap, match_window and align (the tile size against the patch size is checked where the
         image size is known: `core.tiling.tile_boxes`)."""
-        if self.tiles is not None and tile_grid_spec(self.tiles) is False:
+        spec = tile_grid_spec(self.tiles)
+        if spec is False:
             raise FiseclipError(f"tiles {self.tiles!r} must be RxC (e.g. 2x2, 4x4; rows and columns >= 1), auto, 1 "
                                 f"or none")
+        # one spelling per setting (2X2 is 2x2, 1 and 1x1 are unset): keys and threshold checks compare them
+        self.tiles = None if spec is None else spec if spec == "auto" else f"{spec[0]}x{spec[1]}"
+        if not self.spec.visual and (self.match_window is not None or (spec is not None and
+                                                                      self.tile_match == "all")):
+            raise FiseclipError(f"method {self.method} matches no patches: match_window and tile_match=all do not "
+                                f"apply to it; unset match_window, use tile_match=same")
         if not 0 <= self.tile_overlap < 1:
             raise FiseclipError(f"tile_overlap {self.tile_overlap} must be in [0, 1) (a share of the tile's side)")
         if self.match_window is not None and self.match_window < 0:
@@ -351,6 +358,8 @@ def _coerce(name: str, value, hint):
             raise ValueError(value)  # YAML `true` is not the number 1
         if hint is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
+        if hint is str and name == "tiles" and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # YAML `tiles: 1` is the documented value 1
         if hint is str and not isinstance(value, str):
             raise ValueError(value)  # a number or list where a name belongs
         out = hint(value)
@@ -378,7 +387,7 @@ def tile_grid_spec(tiles: str | None):
     if t == "auto":
         return "auto"
     parts = t.split("x")
-    if len(parts) == 2 and all(p.isdigit() and int(p) >= 1 for p in parts):
+    if len(parts) == 2 and all(p.isascii() and p.isdigit() and int(p) >= 1 for p in parts):
         return int(parts[0]), int(parts[1])
     return False
 
@@ -394,6 +403,8 @@ def _fields_where(key: str, value: bool) -> frozenset:
 
 
 _KEYED_WHEN_SET = {f.name: f.default for f in dataclasses.fields(FiseConfig) if f.metadata["keyed_when_set"]}
+# options whose None means "not used" (shown as unset), where None elsewhere means "auto" (resolved per model)
+UNSET_WHEN_NONE = frozenset(k for k, v in _KEYED_WHEN_SET.items() if v is None)
 SCORE_NEUTRAL_FIELDS = _fields_where("scores", False)  # change no score: resume keys, hashes and sweeps skip them
 BATCH_ONLY_FIELDS = _fields_where("batch_only", True)  # batch formation and pool re-scoring: streaming ignores them
 
@@ -405,6 +416,14 @@ def scoring_fields(config: dict, stream: bool = False) -> dict:
             if k not in drop and not (k in _KEYED_WHEN_SET and v == _KEYED_WHEN_SET[k])}
 
 
+def show_default(name: str, value) -> str:
+    """A field's value as help texts and tables show it: None is "unset" for options that are off when None
+    (tiles, match_window), "auto" for the others (resolved per model and dataset)."""
+    if value is None:
+        return "unset" if name in UNSET_WHEN_NONE else "auto"
+    return value
+
+
 def field_help() -> dict[str, str]:
     """Field -> help text with its choices and default, for the CLI."""
     hints = typing.get_type_hints(FiseConfig)
@@ -413,5 +432,5 @@ def field_help() -> dict[str, str]:
         choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         out[f.name] = (f.metadata["help"] + (f" ({' | '.join(choices)})" if choices else "")
-                       + f"; default {'auto' if default is None else default}")
+                       + f"; default {show_default(f.name, default)}")
     return out

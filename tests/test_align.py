@@ -93,3 +93,25 @@ def test_runs_and_predictions_report_the_shift_of_each_image(tiny_encoder, tmp_p
     plain = Detector(cfg.replace(align="none"), encoder=tiny_encoder)
     run_benchmark("mvtec", tmp_path / "data", plain.config, tmp_path / "run0", progress=False, detector=plain)
     assert "shift_y" not in pd.read_csv(tmp_path / "run0" / "scores.csv").columns
+
+
+def test_a_featureless_or_far_off_image_is_scored_unregistered_with_a_warning(tiny_encoder, tmp_path):
+    base = scene(seed=4)
+    ims = [align.shift_image(base, t) for t in [(0, 0), (2, -1), (-1, 2), (1, 1)]] + [np.full_like(base, 128)]
+    out: list = []
+    shifts = align.estimate_shifts([align.to_gray(a) for a in ims], None, out)
+    assert out == [4] and not shifts[4].any()  # the uniform image: no peak to trust
+    assert np.abs(shifts[:4]).max() < 5
+    cfg = FiseConfig(**TINY, method="musc", match_window=1, align="translation")
+    with pytest.warns(UserWarning, match=r"no reliable shift for image #4"):
+        res = Detector(cfg, encoder=tiny_encoder).score(ims, "object")
+    assert not res.shifts[4].any()
+
+
+def test_align_needs_a_bank_of_paths(tiny_encoder):
+    from fiseclip_lib.core.references import ReferenceBank
+
+    det = Detector(FiseConfig(**TINY, method="musc", match_window=1, align="translation"), encoder=tiny_encoder)
+    bank = ReferenceBank.from_images(det, [scene(seed=5), scene(seed=6)], "object")  # arrays: no paths
+    with pytest.raises(FiseclipError, match="must be built from image paths"):
+        det.score([scene(seed=7)], "object", references=bank, mutual=False)

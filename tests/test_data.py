@@ -124,3 +124,16 @@ def test_compose_batch_share_and_errors():
     assert b == D.compose_batch(samples, 8, 0.25, seed=1)
     with pytest.raises(FiseclipError, match="needs more images"):
         D.compose_batch(samples, 8, 0.75)
+
+
+def test_image_arrays_of_every_depth_read_as_8bit_rgb_or_fail_in_one_line():
+    from fiseclip_lib.plumbing.images import rgb_image
+
+    u8 = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    assert np.array_equal(np.asarray(rgb_image(u8)), u8)
+    assert np.array_equal(np.asarray(rgb_image(u8.astype(np.float32))), u8)  # floats on the 0-255 scale
+    wide = u8.astype(np.uint16) * 257  # 16-bit: scaled by its own maximum, as 16-bit files are
+    assert np.array_equal(np.asarray(rgb_image(wide)), (wide / wide.max() * 255).astype(np.uint8))
+    with pytest.raises(FiseclipError, match=r"values in \[0, 1\]") as e:
+        rgb_image(u8 / 255.0)  # would be read as black
+    assert "\n" not in str(e.value)

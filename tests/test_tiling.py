@@ -166,3 +166,35 @@ def test_untiled_default_is_unchanged(tiny_encoder):
     b = Detector(FiseConfig(**TINY, tiles="1"), encoder=tiny_encoder).score(ims, "object")
     np.testing.assert_array_equal(a.maps, b.maps)
     np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_auto_never_cuts_finer_than_the_patch_grid_and_references_share_the_size(tiny_encoder, tmp_path):
+    from PIL import Image
+
+    assert tiling.resolve_grid("auto", (4000, 4000), 112, 0.25, (7, 7)) == (7, 7)  # capped, not an error
+    paths = []
+    for i, im in enumerate(textured(2, (2 * S, 2 * S), seed=8) + textured(1, (2 * S, S), seed=9)):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(im).save(paths[-1])
+    det = Detector(FiseConfig(**TINY, method="musc", tiles="2x2"), encoder=tiny_encoder)
+    bank = ReferenceBank.from_images(det, paths[2:], "object")
+    with pytest.raises(FiseclipError, match=f"reference {paths[2]} is {S}x{2 * S} px, the images"):
+        det.score(paths[:2], "object", references=bank, mutual=False)
+    with pytest.raises(FiseclipError, match=rf"{2 * S}x{2 * S} \({paths[0]}\), {S}x{2 * S} \({paths[2]}\)"):
+        det.score([paths[0], paths[2]], "object")
+
+
+def test_tile_settings_have_one_spelling_and_unset_shows_as_unset():
+    from fiseclip_lib.config import field_help, scoring_fields
+    from fiseclip_lib.evaluation.sweep import _display
+
+    assert FiseConfig(tiles="2X2").tiles == "2x2" and FiseConfig(tiles="1x1").tiles is None
+    assert FiseConfig.from_dict({"tiles": 1}).tiles is None  # YAML `tiles: 1`
+    assert scoring_fields(FiseConfig(tiles="1").to_dict()) == scoring_fields(FiseConfig().to_dict())
+    for bad in ("²x2", "0x2", "2x"):
+        with pytest.raises(FiseclipError, match="tiles"):
+            FiseConfig(tiles=bad)
+    with pytest.raises(FiseclipError, match="method text matches no patches"):
+        FiseConfig(method="text", match_window=2)
+    assert _display(None, "tiles") == "unset" and _display(None, "image_size") == "auto"
+    assert field_help()["match_window"].endswith("default unset")

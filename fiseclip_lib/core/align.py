@@ -12,14 +12,17 @@ is refined once (the median of the registered images is sharper than that of the
 """
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Sequence
 
 import numpy as np
 
-from fiseclip_lib.core.tiling import as_array
+from fiseclip_lib.core.tiling import as_array, common_size
 from fiseclip_lib.errors import FiseclipError
 
 UPSAMPLE = 10  # phase correlation's sub-pixel precision: 1/10 px
+MAX_SHIFT = 0.2  # a shift beyond this share of the image's side is not trusted (module doc of estimate_shifts)
 
 
 def _shift(a: np.ndarray, shift) -> np.ndarray:
@@ -35,13 +38,19 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     return a if a.ndim == 2 else a[..., :3] @ np.array([0.299, 0.587, 0.114])
 
 
-def estimate_shifts(grays: Sequence[np.ndarray], template: np.ndarray | None = None) -> np.ndarray:
+def estimate_shifts(grays: Sequence[np.ndarray], template: np.ndarray | None = None,
+                    unreliable: list | None = None) -> np.ndarray:
     """The translation that registers each image onto a template (phase correlation, 1/UPSAMPLE px).
+
+    A shift is not trusted, and set to 0, for an image without structure (a uniform image: phase correlation has
+    no peak) or when it exceeds MAX_SHIFT of the image's side (a part that far off is not a small pose jitter,
+    and its map would be moved by as much).
 
     Args:
         grays: `[H, W]` images of one size.
         template: `[H, W]` frame to register to; None: the median of the images, refined once with the median of
             the registered images.
+        unreliable: a list that receives the indices of the images whose shift was not trusted (None: not kept).
     Returns:
         float64 `[N, 2]` shifts (dy, dx): `shift_image(image, s)` moves the image onto the template.
     """
@@ -59,12 +68,20 @@ def estimate_shifts(grays: Sequence[np.ndarray], template: np.ndarray | None = N
     win = window("hann", stack.shape[1:])
     prep = lambda g: (g - g.mean()) * win  # noqa: E731
     moving = [prep(g) for g in stack]
+    limit = MAX_SHIFT * np.array(stack.shape[1:], dtype=np.float64)
+    flat = [float(np.abs(g).max()) <= 1e-9 for g in moving]
     for k in range(rounds):
         fixed = prep(ref)
-        shifts = np.array([phase_cross_correlation(fixed, g, upsample_factor=UPSAMPLE)[0] for g in moving])
+        with warnings.catch_warnings():  # scikit-image warns of an undefined error for a featureless image
+            warnings.simplefilter("ignore", UserWarning)
+            shifts = np.array([(0.0, 0.0) if f else phase_cross_correlation(fixed, g, upsample_factor=UPSAMPLE)[0]
+                               for g, f in zip(moving, flat)], dtype=np.float64)
+        bad = [i for i, s in enumerate(shifts) if flat[i] or np.any(np.abs(s) > limit)]
+        shifts[bad] = 0.0
         if k + 1 < rounds:
-            ref = np.median(np.stack([_shift(g, s) for g, s in zip(stack, shifts)]),
-                            axis=0)
+            ref = np.median(np.stack([_shift(g, s) for g, s in zip(stack, shifts)]), axis=0)
+    if unreliable is not None:
+        unreliable.extend(bad)
     return shifts
 
 
@@ -94,9 +111,13 @@ def unshift_maps(maps: np.ndarray, shifts: np.ndarray, image_hw: tuple[int, int]
 
 
 def bank_template(references) -> np.ndarray | None:
-    """The median grey image of a bank built from paths, or None (no bank, or entries without paths)."""
-    if references is None or not len(references) or any(e.path is None for e in references.entries):
+    """The median grey image of a bank built from paths, or None without a bank; a bank without paths is an
+    error (its images are not at hand to be the frame)."""
+    if references is None or not len(references):
         return None
+    if any(e.path is None for e in references.entries):
+        raise FiseclipError("align: the reference bank must be built from image paths (ReferenceBank.from_images "
+                            "with paths): its median image is the frame every image is registered to")
     grays = [to_gray(as_array(e.path)) for e in references.entries]
     if len({g.shape for g in grays}) > 1:
         raise FiseclipError("align: the reference images must share one size")
@@ -114,10 +135,13 @@ def score_aligned(detector, images: Sequence, class_name: str, references=None, 
         The `BatchResult` with maps in each image's own frame and `shifts` `[N, 2]` (dy, dx) px.
     """
     arrays = [as_array(im) for im in images]
-    if len({a.shape for a in arrays}) > 1:
-        raise FiseclipError("align: the images scored together must share one size; resize them or score each size "
-                            "apart")
-    shifts = estimate_shifts([to_gray(a) for a in arrays], bank_template(references))
+    common_size(arrays, images, "align")
+    unreliable: list = []
+    shifts = estimate_shifts([to_gray(a) for a in arrays], bank_template(references), unreliable)
+    for i in unreliable:
+        name = str(images[i]) if isinstance(images[i], (str, os.PathLike)) else f"image #{i}"
+        warnings.warn(f"align: no reliable shift for {name} (no structure to register, or more than "
+                      f"{MAX_SHIFT:.0%} of the side off): scored as it is")
     moved = [moved_onto(a, s) for a, s in zip(arrays, shifts)]
     res = detector.score_registered(moved, class_name, references=references, mutual=mutual)
     res.maps = unshift_maps(res.maps, shifts, arrays[0].shape[:2])

@@ -194,7 +194,7 @@ class Detector:
         cfg = self.config
         if cfg.tiles is not None:
             arrays = [tiling.as_array(im) for im in images]
-            grid = tiling.resolve_grid(cfg.tiles, tiling.common_size(arrays), self.encoder.image_size,
+            grid = tiling.resolve_grid(cfg.tiles, tiling.common_size(arrays, images), self.encoder.image_size,
                                        cfg.tile_overlap, tuple(self.encoder.grid))
             if grid is not None:
                 return tiling.score_tiled(self, arrays, class_name, grid, references=references, mutual=mutual)

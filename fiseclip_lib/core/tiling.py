@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from typing import Sequence
 
@@ -37,18 +38,10 @@ from fiseclip_lib.features import Features
 
 
 def as_array(image) -> np.ndarray:
-    """A path, PIL image or array -> uint8 `[H, W, 3]` RGB array."""
-    from PIL import Image
+    """A path, PIL image or array -> uint8 `[H, W, 3]` RGB array (`plumbing.images.rgb_image`)."""
+    from fiseclip_lib.plumbing.images import rgb_image
 
-    from fiseclip_lib.plumbing.images import load_image
-
-    if isinstance(image, np.ndarray):
-        im = Image.fromarray(image if image.dtype == np.uint8 else np.clip(image, 0, 255).astype(np.uint8))
-    elif hasattr(image, "convert"):
-        im = image
-    else:
-        im = load_image(image)
-    return np.asarray(im.convert("RGB"))
+    return np.asarray(rgb_image(image))
 
 
 def resolve_grid(tiles: str | None, image_hw: tuple[int, int], input_size: int, overlap: float,
@@ -72,9 +65,12 @@ def resolve_grid(tiles: str | None, image_hw: tuple[int, int], input_size: int, 
         return None
     h, w = image_hw
     if spec == "auto":
-        # n tiles of side S overlapping by f cover S (n - (n - 1) f): the fewest that reach the image side
+        # n tiles of side S overlapping by f cover S (n - (n - 1) f): the fewest that reach the image side, at most
+        # one tile per patch of the grid (finer tiles hold less than a patch of the whole image)
         n = lambda side: max(1, math.ceil((side / input_size - overlap) / (1 - overlap) - 1e-9))  # noqa: E731
         spec = (n(h), n(w))
+        if patch_grid is not None:
+            spec = (min(spec[0], patch_grid[0]), min(spec[1], patch_grid[1]))
     rows, cols = spec
     if patch_grid is not None and (rows > patch_grid[0] or cols > patch_grid[1]):
         raise FiseclipError(f"tiles {rows}x{cols} is finer than the encoder's {patch_grid[0]}x{patch_grid[1]} patch "
@@ -152,41 +148,59 @@ def stitch(tile_maps: Sequence[np.ndarray], boxes, image_hw: tuple[int, int]) ->
     return (acc / wsum).astype(np.float32)
 
 
-def common_size(images: Sequence[np.ndarray]) -> tuple[int, int]:
-    """(H, W) shared by `[H, W, 3]` arrays; different sizes are an error."""
-    sizes = {im.shape[:2] for im in images}
-    if len(sizes) > 1:
-        raise FiseclipError(f"tiles: the images scored together must share one size, got "
-                            f"{', '.join(f'{w}x{h}' for h, w in sorted(sizes))}; score each size apart or resize them")
-    return next(iter(sizes))
+def common_size(images: Sequence[np.ndarray], names: Sequence | None = None, what: str = "tiles") -> tuple[int, int]:
+    """(H, W) shared by `[H, W, 3]` arrays; different sizes are an error naming an image of each size.
+
+    Args:
+        images: the arrays; names: their paths or names (None: their positions); what: the setting, for the message.
+    Returns:
+        (H, W).
+    """
+    first: dict = {}
+    for i, im in enumerate(images):
+        first.setdefault(im.shape[:2], i)
+    if len(first) > 1:
+        label = lambda i: (str(names[i]) if names is not None and isinstance(names[i], (str, os.PathLike))  # noqa: E731
+                           else f"image #{i}")
+        raise FiseclipError(f"{what}: the images scored together must share one size, got "
+                            + ", ".join(f"{w}x{h} ({label(i)})" for (h, w), i in first.items())
+                            + "; score each size apart or resize them")
+    return next(iter(first))
 
 
-def _bank_images(bank: ReferenceBank) -> list[np.ndarray]:
+def _bank_images(bank: ReferenceBank, hw: tuple[int, int] | None) -> list[np.ndarray]:
     missing = [i for i, e in enumerate(bank.entries) if e.path is None]
     if missing:
         raise FiseclipError("tiles: the reference bank must be built from image paths (ReferenceBank.from_images "
                             "with paths), so that its images can be cut into tiles")
-    return [as_array(e.path) for e in bank.entries]
+    arrays = [as_array(e.path) for e in bank.entries]
+    for e, a in zip(bank.entries, arrays):
+        if hw is not None and a.shape[:2] != tuple(hw):  # tile t of another size is another part of the image
+            raise FiseclipError(f"tiles: reference {e.path} is {a.shape[1]}x{a.shape[0]} px, the images "
+                                f"{hw[1]}x{hw[0]}; give references of the images' size")
+    return arrays
 
 
-def tile_banks(detector, bank: ReferenceBank | None, class_name: str, grid, overlap: float):
+def tile_banks(detector, bank: ReferenceBank | None, class_name: str, grid, overlap: float,
+               image_hw: tuple[int, int] | None = None):
     """One `ReferenceBank` per tile position of a bank's images (cut like the queries), or None.
 
     Args:
         detector: the `Detector`; bank: the whole-image bank (paths needed) or None.
         class_name: the prompt's class; grid: (rows, cols); overlap: `tile_overlap`.
+        image_hw: the queries' (H, W); a reference of another size is an error (None: not checked).
     Returns:
         A list of rows * cols banks (filtered and with box inputs when the bank's entries are), or None.
     """
     if bank is None or not len(bank):
         return None
-    key = (id(bank), len(bank), tuple(grid), overlap, class_name)
-    memo = getattr(detector, "_tile_bank_memo", None)
-    if memo is not None and memo[0] == key:
-        return memo[1]
     filtered = any(e.keep is not None for e in bank.entries)
     box = all(e.tokens is not None for e in bank.entries)
-    per_image = [cut(im, tile_boxes(im.shape[:2], grid, overlap)) for im in _bank_images(bank)]
+    key = (tuple(e.digest or e.path for e in bank.entries), tuple(grid), overlap, class_name, image_hw, filtered, box)
+    memo = getattr(detector, "_tile_bank_memo", None)
+    if memo is not None and memo[0] == key:  # keyed by the references' content, not by the bank object
+        return memo[1]
+    per_image = [cut(im, tile_boxes(im.shape[:2], grid, overlap)) for im in _bank_images(bank, image_hw)]
     banks = []
     for t in range(grid[0] * grid[1]):
         crops = [tiles[t] for tiles in per_image]
@@ -215,10 +229,10 @@ def score_tiled(detector, images: Sequence, class_name: str, grid: tuple[int, in
     """
     cfg = detector.config
     arrays = [as_array(im) for im in images]
-    hw = common_size(arrays)
+    hw = common_size(arrays, images)
     boxes = tile_boxes(hw, grid, cfg.tile_overlap)
     n, t_count = len(arrays), len(boxes)
-    banks = tile_banks(detector, references, class_name, grid, cfg.tile_overlap)
+    banks = tile_banks(detector, references, class_name, grid, cfg.tile_overlap, hw)
     tile_maps = [[None] * t_count for _ in range(n)]
     t_scores = np.full((n, t_count), -np.inf)
     embs = [[None] * t_count for _ in range(n)]

@@ -257,10 +257,15 @@ class _Frames:
             self.set_size(arr.shape[:2])
         elif arr.shape[:2] != self.hw:
             raise FiseclipError(f"{_path_of(image) or 'an image'} is {arr.shape[1]}x{arr.shape[0]} px, the stream's "
-                                f"images {self.hw[1]}x{self.hw[0]}: a tiled or registered stream takes one size")
+                                f"frame (its references or first image) {self.hw[1]}x{self.hw[0]}: a tiled or "
+                                f"registered stream takes one size")
         shift = None
         if self.template is not None:
-            shift = align.estimate_shifts([align.to_gray(arr)], self.template)[0]
+            unreliable: list = []
+            shift = align.estimate_shifts([align.to_gray(arr)], self.template, unreliable)[0]
+            if unreliable:
+                warnings.warn(f"align: no reliable shift for {_path_of(image) or 'an image'} (no structure to "
+                              f"register, or more than {align.MAX_SHIFT:.0%} of the side off): scored as it is")
             arr = align.moved_onto(arr, shift)
         crops = tiling.cut(arr, self.boxes) if self.grid else [arr]
         return split_features(self.detector.encode(crops)), shift

@@ -59,23 +59,17 @@ def preprocess_images(images: Sequence, size: int, prep: Preprocessing) -> torch
     """PIL images, arrays or paths -> normalised `[N, 3, size, size]` float tensor on the CPU.
 
     Args:
-        images: PIL images, uint8 (or clipped float) HxWx3 arrays, or paths.
+        images: PIL images, HxWx3 arrays (uint8; wider ones as `plumbing.images.rgb_image` reads them), or paths.
         size: the square input side in pixels.
         prep: statistics and resize filter.
     Returns:
         The pixel tensor.
     """
-    from PIL import Image
-
-    from fiseclip_lib.plumbing.images import load_image
+    from fiseclip_lib.plumbing.images import rgb_image
 
     out = []
     for im in images:
-        if isinstance(im, np.ndarray):
-            im = Image.fromarray(im if im.dtype == np.uint8 else np.clip(im, 0, 255).astype(np.uint8))
-        elif not hasattr(im, "convert"):
-            im = load_image(im)
-        im = im.convert("RGB").resize((size, size), resample=INTERPOLATIONS[prep.interpolation])
+        im = rgb_image(im).resize((size, size), resample=INTERPOLATIONS[prep.interpolation])
         out.append(torch.from_numpy(np.array(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
     x = torch.stack(out)
     mean = torch.tensor(prep.mean).view(1, 3, 1, 1)

@@ -52,7 +52,7 @@ import pandas as pd
 
 from fiseclip_lib.plumbing.files import output_lock, remove_debris, staged_output, write_json_atomic
 from fiseclip_lib.plumbing.resources import usable_cpus
-from fiseclip_lib.config import SCORE_NEUTRAL_FIELDS, FiseConfig, scoring_fields
+from fiseclip_lib.config import SCORE_NEUTRAL_FIELDS, FiseConfig, scoring_fields, show_default
 from fiseclip_lib.evaluation.data import check_dataset, parse_categories
 from fiseclip_lib.errors import FiseclipError
 
@@ -141,10 +141,11 @@ def _flow(value) -> str:
     return json.dumps(value)
 
 
-def _display(value):
-    """A field value as shown in the table: None -> auto, lists -> 1,3,5, mappings -> JSON."""
+def _display(value, name: str = ""):
+    """A field value as shown in the table: None -> auto (unset for tiles, match_window), lists -> 1,3,5,
+    mappings -> JSON."""
     if value is None:
-        return "auto"
+        return show_default(name, None)
     if isinstance(value, list):
         return ",".join(str(v) for v in value)
     if isinstance(value, dict):
@@ -273,7 +274,7 @@ def expand_grid(grid: dict, source: str = "grid", base_dir=None, check_data: boo
             except FiseclipError as err:
                 raise FiseclipError(f"{src}: {err}") from None
             cid = config_id(e["dataset"], e["root_label"], cfg)
-            shown = {n: _display(values[n]) for n in varied if n != "root"}
+            shown = {n: _display(values[n], n) for n in varied if n != "root"}
             if "root" in varied:
                 shown = {"root": e["root_label"], **shown}
             configs.append(SweepConfig(cid, e["dataset"], root, e["root_label"], list(cats or []), cfg, shown))

@@ -31,6 +31,38 @@ def describe_mode(mode: str) -> str:
     return names.get(mode, mode)
 
 
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Values of more than 8 bits scaled by their own maximum when it exceeds 255 (16-bit images), else clipped."""
+    arr = np.asarray(arr, dtype=np.float64)
+    hi = arr.max() if arr.size and arr.max() > 255 else 255.0
+    return np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
+
+
+def _rgb(im: Image.Image) -> Image.Image:
+    return (Image.fromarray(_to_uint8(np.asarray(im))) if im.mode in WIDE_MODES else im).convert("RGB")
+
+
+def rgb_image(image) -> Image.Image:
+    """A path, PIL image or array -> 8-bit RGB PIL image, the one conversion every reader uses.
+
+    Arrays: uint8 as they are; wider integers and floats above 255 scaled by their maximum (as 16-bit files);
+    floats within [0, 1] are an error (they would be read as black: scale them to 0-255 first).
+    """
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            if np.issubdtype(image.dtype, np.floating) and image.size and 0 < float(np.nanmax(image)) <= 1.0:
+                raise FiseclipError(f"an image array of {image.dtype} holds values in [0, 1]: give 0-255 (e.g. "
+                                    f"(a * 255).astype(np.uint8)); read as it is, it would be black")
+            image = _to_uint8(np.nan_to_num(image))
+        return Image.fromarray(image).convert("RGB")
+    if hasattr(image, "convert"):
+        return _rgb(image)
+    return load_image(image)
+
+
 def load_image(path) -> Image.Image:
     """Read an image as 8-bit RGB. Grayscale, RGBA, palette and 16-bit images are converted, each with a
     `ConversionWarning` (16-bit images are scaled by their own maximum when it exceeds 255)."""
@@ -38,11 +70,7 @@ def load_image(path) -> Image.Image:
         with Image.open(path) as im:
             im.load()
             mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                arr = np.asarray(im, dtype=np.float64)
-                hi = arr.max() if arr.max() > 255 else 255.0
-                im = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8))
-            rgb = im.convert("RGB")
+            rgb = _rgb(im)
     except FileNotFoundError:
         raise FiseclipError(f"image {path} does not exist") from None
     except Exception as e:
