@@ -240,7 +240,8 @@ class _Frames:
         self.boxes = tiling.tile_boxes(self.hw, self.grid, cfg.tile_overlap)
         self.units = len(self.boxes)
         if references is not None and len(references):
-            banks = tiling.tile_banks(self.detector, references, self.class_name, self.grid, cfg.tile_overlap)
+            banks = tiling.tile_banks(self.detector, references, self.class_name, self.grid, cfg.tile_overlap,
+                                      self.hw)  # references of another size are refused
             # a reference's tiles carry its path and content hash: a copy of an image never references it
             self.fixed = [[dataclasses.replace(e, path=src.path, digest=src.digest)
                            for e, src in zip(b.entries, references.entries)] for b in banks]
