@@ -468,6 +468,45 @@ def _window_norms(x: torch.Tensor, grid: tuple[int, int], r: int) -> torch.Tenso
     return out
 
 
+def _box_filter_block(s1: torch.Tensor, hs: torch.Tensor, qs: torch.Tensor, grid: tuple[int, int], wide: list[int],
+                      cols: dict):
+    """The degrees r > 1 of one GEMM block, from the block itself (both box routes, `_box_filtered_distances`).
+
+    Args:
+        s1: float32 `[P, W]` block of inner products (rows: one image's patches; columns: W / P images' patches,
+            each P columns in grid order).
+        hs, qs: float32 workspaces of s1's shape (hs keeps the vertical sums from one degree to the next).
+        grid: (h, w) with h w = P.
+        wide: the degrees > 1, ascending.
+        cols: {r: `[1, W]`} column factors (1 / (r^2 ||window mean||) of each column's patch).
+    Yields:
+        (r, y): y float32 `[P, W]`, the r x r box sums along the columns' grid axes times `cols[r]`, then the
+        r x r box mean along the rows' grid axes (zero padding counted). y is a new tensor; s1 is not changed.
+    """
+    p = s1.shape[0]
+    h, w = grid
+    s1v, hsv, qsv = s1.view(-1, h, w), hs.view(-1, h, w), qs.view(-1, h, w)
+    k_done = 0
+    for r in wide:
+        k = r // 2
+        if k_done == 0:
+            hs.copy_(s1)
+        for d in range(k_done + 1, k + 1):  # vertical sums over the reference window, grown in place
+            hsv[:, d:].add_(s1v[:, :-d])
+            hsv[:, :-d].add_(s1v[:, d:])
+        k_done = k
+        qs.copy_(hs)
+        for d in range(1, k + 1):  # horizontal sums
+            qsv[:, :, d:].add_(hsv[:, :, :-d])
+            qsv[:, :, :-d].add_(hsv[:, :, d:])
+        qs.mul_(cols[r])
+        # separable (r x 1 then 1 x r: ~1.5x faster than r x r at r = 3, 5), zero padding counted
+        y = F.avg_pool2d(qs.view(1, h, w, -1).permute(0, 3, 1, 2), (r, 1), 1, (k, 0), count_include_pad=True)
+        y = F.avg_pool2d(y, (1, r), 1, (0, k), count_include_pad=True).permute(0, 2, 3, 1).reshape(p, -1)
+        yield r, y
+        del y  # the caller's is its last reference: the next degree's block is not allocated beside it
+
+
 def _box_filtered_distances(x: torch.Tensor, grid: tuple[int, int], degrees: list[int],
                             keep: torch.Tensor | None, dtype: torch.dtype, chunk: int,
                             compiled: bool = False) -> dict | None:
@@ -487,7 +526,6 @@ def _box_filtered_distances(x: torch.Tensor, grid: tuple[int, int], degrees: lis
     CPU tensors, `_match_kernel.available()` checked by the caller) instead of the torch passes.
     """
     n, p, c = x.shape
-    h, w = grid
     dev = x.device
     inv = {}
     for r in degrees:
@@ -527,24 +565,8 @@ def _box_filtered_distances(x: torch.Tensor, grid: tuple[int, int], degrees: lis
                 del prod
             ex_r = None if keep is None else excl_rows[i]
             ex_c = None if keep is None else excl[excl_starts[g0]:excl_starts[g1]] - g0 * p
-            s1v, hsv, qsv = s1.view(p * g, h, w), hs.view(p * g, h, w), qs.view(p * g, h, w)
-            k_done = 0
-            for r in wide:
-                k = r // 2
-                if k_done == 0:
-                    hs.copy_(s1)
-                for d in range(k_done + 1, k + 1):  # vertical sums over the reference window, grown in place
-                    hsv[:, d:].add_(s1v[:, :-d])
-                    hsv[:, :-d].add_(s1v[:, d:])
-                k_done = k
-                qs.copy_(hs)
-                for d in range(1, k + 1):  # horizontal sums
-                    qsv[:, :, d:].add_(hsv[:, :, :-d])
-                    qsv[:, :, :-d].add_(hsv[:, :, d:])
-                qs.mul_(inv[r][1][g0:g1].reshape(1, g * p))
-                # separable (r x 1 then 1 x r: ~1.5x faster than r x r at r = 3, 5), zero padding counted
-                y = F.avg_pool2d(qs.view(1, h, w, g * p).permute(0, 3, 1, 2), (r, 1), 1, (k, 0), count_include_pad=True)
-                y = F.avg_pool2d(y, (1, r), 1, (0, k), count_include_pad=True).permute(0, 2, 3, 1).reshape(p, g * p)
+            cols = {r: inv[r][1][g0:g1].reshape(1, g * p) for r in wide}
+            for r, y in _box_filter_block(s1, hs, qs, grid, wide, cols):
                 _block_maxima(y, inv[r][0][i], ex_r, ex_c, work, rowmax, cos[r], i, g0, g1)
                 del y
             if 1 in degrees:  # last: s1 is scaled in place
@@ -713,7 +735,6 @@ def _box_cross_distances(xq: torch.Tensor, xr: torch.Tensor, norms_r: dict | Non
     """
     nq, p, c = xq.shape
     nr = xr.shape[0]
-    h, w = grid
     inv_q, inv_r = {}, {}
     for r in degrees:
         nq_r = _window_norms(xq, grid, r)
@@ -768,7 +789,6 @@ def _box_cross_distances(xq: torch.Tensor, xr: torch.Tensor, norms_r: dict | Non
                 s1.copy_(prod)  # bf16 GEMM, box filters and maxima in float32
                 del prod
             drop = None if keep is None else ~keep[g0:g1].reshape(1, g * p)
-            s1v, hsv, qsv = s1.view(p * g, h, w), hs.view(p * g, h, w), qs.view(p * g, h, w)
 
             def row_maxima(y, r):
                 # i's patches against each reference j: over j's kept patches (columns), then the row factor
@@ -777,22 +797,8 @@ def _box_cross_distances(xq: torch.Tensor, xr: torch.Tensor, norms_r: dict | Non
                 rm = y.view(p, g, p).amax(dim=2)  # [P, g]
                 cos[r][g0:g1, i] = (rm * inv_q[r][0][i][:, None]).T
 
-            k_done = 0
-            for r in wide:
-                k = r // 2
-                if k_done == 0:
-                    hs.copy_(s1)
-                for dd in range(k_done + 1, k + 1):  # vertical sums over the reference window, grown in place
-                    hsv[:, dd:].add_(s1v[:, :-dd])
-                    hsv[:, :-dd].add_(s1v[:, dd:])
-                k_done = k
-                qs.copy_(hs)
-                for dd in range(1, k + 1):  # horizontal sums
-                    qsv[:, :, dd:].add_(hsv[:, :, :-dd])
-                    qsv[:, :, :-dd].add_(hsv[:, :, dd:])
-                qs.mul_(inv_r[r][g0:g1].reshape(1, g * p))
-                y = F.avg_pool2d(qs.view(1, h, w, g * p).permute(0, 3, 1, 2), (r, 1), 1, (k, 0), count_include_pad=True)
-                y = F.avg_pool2d(y, (1, r), 1, (0, k), count_include_pad=True).permute(0, 2, 3, 1).reshape(p, g * p)
+            cols = {r: inv_r[r][g0:g1].reshape(1, g * p) for r in wide}
+            for r, y in _box_filter_block(s1, hs, qs, grid, wide, cols):
                 row_maxima(y, r)
                 del y
             if 1 in degrees:  # last: s1 is scaled in place (inv_r[1] = 1 / ||.||)
