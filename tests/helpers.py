@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -284,3 +285,20 @@ def embed_and_count(cfg, phrase, out):
     torch.save(text_embeddings(load_encoder(**cfg), phrase), out)
     print("CALLS", len(calls))
     return 0
+
+
+def hold_output_lock(folder: Path, command: str = "fiseclip (test holder)"):
+    """Hold `folder`'s output lock from another thread, as a concurrent run would; returns the function that
+    releases it (and joins the thread)."""
+    from fiseclip_lib.plumbing.files import output_lock
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with output_lock(folder, command=command):
+            held.set()
+            release.wait(60)
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    assert held.wait(10), f"the test holder never took the lock of {folder}"
+    return lambda: (release.set(), thread.join())

@@ -11,7 +11,6 @@ import errno
 import json
 import os
 import shutil
-import threading
 
 import numpy as np
 import pandas as pd
@@ -19,7 +18,7 @@ import pytest
 from PIL import Image
 
 from fiseclip_lib.cli import main
-from helpers import make_mvtec_tree, make_visa_raw_tree
+from helpers import hold_output_lock, make_mvtec_tree, make_visa_raw_tree
 
 BASE = ["--model", "fiseclip-tiny", "--pretrained", "none", "--image-size", "28", "--batch-size", "4",
         "--no-progress", "--no-feature-cache"]
@@ -371,20 +370,9 @@ def _(root, tmp):
 
 @case("out: in use by another run", 2, "is in use by")
 def _(root, tmp):
-    from fiseclip_lib.plumbing.files import output_lock
-
     out = tmp / "out"
     out.mkdir()
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with output_lock(out, command="fiseclip run (test holder)"):
-            held.set()
-            release.wait(30)
-    t = threading.Thread(target=hold, daemon=True)
-    t.start()
-    held.wait(10)
-    return {"args": [], "cleanup": lambda: (release.set(), t.join())}
+    return {"args": [], "cleanup": hold_output_lock(out, command="fiseclip run (test holder)")}
 
 
 @case("out: lock left by a killed run", 0, "took over the lock left by")
@@ -778,18 +766,7 @@ def _(t, i):
 
 @dcase("predict: output folder in use", 2, "is in use by")
 def _(t, i):
-    from fiseclip_lib.plumbing.files import output_lock
-
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with output_lock(t / "out", command="fiseclip predict (test holder)"):
-            held.set()
-            release.wait(60)
-    th = threading.Thread(target=hold, daemon=True)
-    th.start()
-    held.wait(10)
-    return {**P(t, i), "cleanup": lambda: (release.set(), th.join())}
+    return {**P(t, i), "cleanup": hold_output_lock(t / "out", command="fiseclip predict (test holder)")}
 
 
 @dcase("predict: leftovers of a killed run are cleaned", 0, "")

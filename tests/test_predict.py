@@ -3,7 +3,6 @@ hostile names, and the command line's one-line errors (a fault table in the styl
 import json
 import os
 import shutil
-import threading
 
 import numpy as np
 import pandas as pd
@@ -17,6 +16,7 @@ from fiseclip_lib.decisions.predict import (OVERLAY_COLOURS, PREDICTION_COLUMNS,
                                            default_threshold, overlay_geometry, predict, render_overlay,
                                            unique_stems)
 from fiseclip_lib.evaluation.run import run_benchmark
+from helpers import hold_output_lock
 
 TINY = dict(model="fiseclip-tiny", pretrained="none", image_size=112, device="cpu", batch_size=5)
 CLI = ["--model", "fiseclip-tiny", "--pretrained", "none", "--image-size", "28", "--batch-size", "4",
@@ -357,22 +357,11 @@ def test_predict_threshold_from_other_config_stops_and_output_folder_lock(tmp_pa
     assert main(["predict", "--images", str(imgs), "--class-name", "x", "--out", str(tmp_path / "b"), "--threshold",
                  str(tmp_path / "t.json"), "--set", "alpha=0.2", "--force-threshold", *CLI]) == 0
     assert "calibrated on other scores" in capsys.readouterr().err
-    from fiseclip_lib.plumbing.files import output_lock
-
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with output_lock(tmp_path / "a", command="fiseclip predict (test holder)"):
-            held.set()
-            release.wait(30)
-    th = threading.Thread(target=hold, daemon=True)
-    th.start()
-    held.wait(10)
+    release = hold_output_lock(tmp_path / "a", command="fiseclip predict (test holder)")
     try:
         code = main(["predict", "--images", str(imgs), "--class-name", "x", "--out", str(tmp_path / "a"), *CLI])
     finally:
-        release.set()
-        th.join()
+        release()
     _one_line_error(capsys, code, "is in use by")
     # the predictions of the first run are intact
     assert len(pd.read_csv(tmp_path / "a" / "predictions.csv")) == 6
