@@ -469,10 +469,12 @@ def _external(nq, nr, grid, c=20, seed=0, keep=True):
 
 
 def _bank_inputs(ref_raw, grid, degrees):
-    from fiseclip_lib.core.matching import layer_norm_tokens, reference_window_norms
+    """What a bank keeps (`reference_features`: tokens and window norms), the features from `lnamd` itself."""
+    from fiseclip_lib.core.matching import reference_features
     references = {(l, r): lnamd(t, grid, r) for l, t in ref_raw.items() for r in degrees}
-    tokens = {l: layer_norm_tokens(t) for l, t in ref_raw.items()}
-    norms = {(l, r): n for l, x in tokens.items() for r, n in reference_window_norms(x, grid, degrees).items()}
+    kept = {l: reference_features(t, grid, degrees) for l, t in ref_raw.items()}
+    tokens = {l: x for l, (_, x, _) in kept.items()}
+    norms = {(l, r): n for l, (_, _, ns) in kept.items() for r, n in ns.items()}
     return references, tokens, norms
 
 

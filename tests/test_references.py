@@ -98,7 +98,7 @@ def test_box_inputs_of_a_bank_score_like_the_aggregated_features(small_demo, tin
     """A bank that keeps the layer-normed tokens (box_inputs) is matched by the box engines with one GEMM per layer:
     the same scores as the bank without them (per-degree `cross_distances`) up to rounding; the tokens and
     window norms are those of the matching module (LayerNorm, `_window_norms`), bit for bit."""
-    from fiseclip_lib.core.matching import _window_norms, layer_norm_tokens
+    from fiseclip_lib.core.matching import _layer_norm, _window_norms
     for engine in ("auto", "box-torch"):
         det = Detector(FiseConfig(**TINY, method="musc", match_engine=engine), encoder=tiny_encoder)
         paths = _paths(small_demo, 7)
@@ -109,7 +109,7 @@ def test_box_inputs_of_a_bank_score_like_the_aggregated_features(small_demo, tin
         assert set(tokens) == set(boxed.entries[0].feats.layers) and set(norms) == set(boxed.entries[0].features)
         for e in boxed.entries:
             for l, t in e.feats.layers.items():
-                torch.testing.assert_close(e.tokens[l], layer_norm_tokens(t), rtol=0, atol=0)
+                torch.testing.assert_close(e.tokens[l], _layer_norm(t), rtol=0, atol=0)
                 for r in det.config.degrees:
                     torch.testing.assert_close(e.norms[(l, r)], _window_norms(e.tokens[l], e.grid, r), rtol=0, atol=0)
         feats = det.encode(paths[:4])

@@ -123,17 +123,6 @@ def _layer_norm(tokens: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, x.shape[1:])
 
 
-def layer_norm_tokens(tokens: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over (P, C) of each image's `[N, P, C]` tokens, no affine, float32 (LNAMD's first step).
-
-    Args:
-        tokens: `[N, P, C]` patch tokens.
-    Returns:
-        float32 `[N, P, C]`.
-    """
-    return _layer_norm(tokens)
-
-
 def _aggregate(x: torch.Tensor, grid: tuple[int, int], r: int, order: torch.Tensor | None = None,
                dtype: torch.dtype = torch.float32, norms: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
     """r x r neighbourhood mean of layer-normed `[N, P, C]` and L2 normalisation -> (contiguous `[N, P, C]`, unit).
@@ -713,12 +702,6 @@ def cross_distances(Zq: torch.Tensor, Zr: torch.Tensor, keep: torch.Tensor | Non
     return out.view(nr, nq, p)
 
 
-def reference_window_norms(x: torch.Tensor, grid: tuple[int, int], degrees) -> dict:
-    """{r: ||boxmean_r(x)(p)|| `[N, P]`} of layer-normed tokens x `[N, P, C]` (what the box route needs of a
-    reference besides x; a bank computes it once per entry, `Detector.reference_entry`)."""
-    return {r: _window_norms(x, grid, r) for r in sorted(set(degrees))}
-
-
 def _box_cross_distances(xq: torch.Tensor, xr: torch.Tensor, norms_r: dict | None, grid: tuple[int, int],
                          degrees: list[int], keep: torch.Tensor | None, dtype: torch.dtype, chunk: int,
                          compiled: bool) -> dict | None:
@@ -728,7 +711,7 @@ def _box_cross_distances(xq: torch.Tensor, xr: torch.Tensor, norms_r: dict | Non
 
     Args:
         xq: `[Nq, P, C]` layer-normed query tokens; xr: `[Nr, P, C]` layer-normed reference tokens.
-        norms_r: {r: `[Nr, P]`} window norms of xr (`reference_window_norms`), or None (computed here).
+        norms_r: {r: `[Nr, P]`} window norms of xr (`reference_features`), or None (computed here).
         keep: bool `[Nr, P]` after `_usable_keep`, or None.
     Returns:
         {r: float32 `[Nr, Nq, P]`} or None.
@@ -836,7 +819,7 @@ def visual_map_against(layers: dict[int, torch.Tensor], grid: tuple[int, int], r
             layer for all degrees); otherwise, and among the queries, each degree runs `cross_distances` /
             `reference_distances`.
         ref_tokens: {layer: `[Nr, P, C]` layer-normed reference tokens} (`ReferenceBank.stacked_tokens`) or None.
-        ref_norms: {(layer, r): `[Nr, P]`} their window norms (`reference_window_norms`) or None (computed here).
+        ref_norms: {(layer, r): `[Nr, P]`} their window norms (`reference_features`) or None (computed here).
         ref_unit: {(layer, r): bool} the references' features were checked when they entered the bank and are unit
             vectors (`ReferenceBank.unit_flags`), or None: `cross_distances` checks them per call.
 
