@@ -167,7 +167,6 @@ class ReferenceBank:
             self._stacked = stack_entries(self.entries)
         return self._stacked
 
-
     def unit_flags(self) -> dict | None:
         """{(layer, r): every entry's features checked finite and unit} (`cross_distances`' ref_unit: no per-query
         check), or None when some entry was not checked (hand-built) or is not finite."""
@@ -190,12 +189,19 @@ def stack_tokens(entries: Sequence[BankEntry]):
         return None, None
     tokens = {l: torch.cat([e.tokens[l] for e in entries]) for l in entries[0].tokens}
     norms = {k: torch.cat([e.norms[k] for e in entries]) for k in entries[0].norms}
-    for l, t in tokens.items():
-        if not bool(torch.isfinite(t).all()):
-            bad = [e.path or str(i) for i, e in enumerate(entries) if not bool(torch.isfinite(e.tokens[l]).all())]
-            raise FiseclipError(f"reference features contain NaN or inf ({', '.join(bad)}); check those images and "
-                                f"the encoder precision")
+    if not all(bool(torch.isfinite(t).all()) for t in tokens.values()):
+        check_finite_tokens(entries)
     return tokens, norms
+
+
+def check_finite_tokens(entries: Sequence[BankEntry]) -> None:
+    """Non-finite layer-normed tokens are an error naming the images (checked when entries are stacked, once,
+    not at every query)."""
+    bad = [e.path or f"reference #{i}" for i, e in enumerate(entries)
+           if any(not bool(torch.isfinite(t).all()) for t in e.tokens.values())]
+    if bad:
+        raise FiseclipError(f"reference features contain NaN or inf ({', '.join(bad)}); check those images and "
+                            f"the encoder precision")
 
 
 def stack_entries(entries: Sequence[BankEntry]):

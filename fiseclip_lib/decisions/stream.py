@@ -93,7 +93,7 @@ import torch
 
 from fiseclip_lib.core import align, tiling
 from fiseclip_lib.core.detector import Detector, concat_features, split_features
-from fiseclip_lib.core.references import BankEntry, ReferenceBank
+from fiseclip_lib.core.references import BankEntry, ReferenceBank, check_finite_tokens
 from fiseclip_lib.core.robust import MAD_TO_SIGMA, median_mad
 from fiseclip_lib.errors import FiseclipError
 from fiseclip_lib.plumbing.cache import image_hash
@@ -159,10 +159,8 @@ class _Stack:
                 n = len(self.fixed) + self.k
                 self.tokens = {l: torch.empty((n,) + tuple(t.shape[1:]), dtype=t.dtype) for l, t in tokens.items()}
                 self.norms = {key: torch.empty((n,) + tuple(t.shape[1:])) for key, t in norms.items()}
+            check_finite_tokens([e])  # once here, not at every query
             for l, t in self.tokens.items():
-                if not bool(torch.isfinite(tokens[l]).all()):  # checked once here, not at every query
-                    raise FiseclipError(f"reference features of {e.path or 'an image'} contain NaN or inf; check the "
-                                        f"image and the encoder precision")
                 t[row] = tokens[l][0]
             for key, t in self.norms.items():
                 t[row] = norms[key][0]
