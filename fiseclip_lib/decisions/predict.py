@@ -375,8 +375,8 @@ def default_threshold(scores, far: float, normal_scores=None) -> tuple[float, di
     median + z * 1.4826 * MAD of known-normal images only, so that a run with many defects (which shifts the
     run's median and inflates its MAD: 1 of 5 visible defects caught in an outside trial) keeps the threshold
     of a clean line; never below the highest of those scores (few scores give a noisy MAD; above the highest of
-    n exchangeable normal scores the false-alarm rate is at most 1/(n + 1) on average). Without a bank: robust_z over this run's scores, valid while fewer than half of them are
-    anomalous. Either way z = Phi^-1(1 - far); the expected false-alarm rate is `far` if normal scores were
+    n exchangeable normal scores the false-alarm rate is at most 1/(n + 1) on average). Without a bank: robust_z
+    over this run's scores, valid while fewer than half of them are anomalous. Either way z = Phi^-1(1 - far); the expected false-alarm rate is `far` if normal scores were
     Gaussian, usually somewhat higher (image scores are maxima, skewed right; a bank of a few images gives a
     noisy MAD).
 
@@ -579,7 +579,8 @@ def _predict(paths, base, class_name, out, detector, ref_paths, stream, bank_siz
             render_overlay(r["path"], m, r["score"], r["threshold"], r["decision"], out / r["overlay"])
     for r in rows:
         r["path"] = display_path(r["path"], base)
-    df = pd.DataFrame(rows, columns=PREDICTION_COLUMNS + (SHIFT_COLUMNS if rows and SHIFT_COLUMNS[0] in rows[0] else []))
+    shift_columns = SHIFT_COLUMNS if rows and SHIFT_COLUMNS[0] in rows[0] else []
+    df = pd.DataFrame(rows, columns=PREDICTION_COLUMNS + shift_columns)
     order = np.argsort(df["path"].to_numpy(), kind="stable")
     df = df.iloc[order].reset_index(drop=True)
     if out is None:

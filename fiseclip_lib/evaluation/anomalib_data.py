@@ -198,7 +198,8 @@ def _mask_of(value, image) -> str | None:
     if any(Path(p).parent != folder for p in paths) or \
             {p.name for p in images_in(folder)} != {Path(p).name for p in paths}:
         raise DatasetError(f"the masks of {image} are not exactly the images of one folder ({', '.join(paths[:3])}"
-                           f"{', ...' if len(paths) > 3 else ''}); keep each image's mask parts in a folder of their own")
+                           f"{', ...' if len(paths) > 3 else ''}); keep each image's mask parts in a folder of "
+                           f"their own")
     return str(folder)
 
 

@@ -78,8 +78,9 @@ def image_hash(image) -> str:
     h = hashlib.sha256()
     if isinstance(image, (str, os.PathLike)) and os.path.isdir(image):
         for name in sorted(n for n in os.listdir(image) if not n.startswith(".")):
-            if os.path.isfile(os.path.join(image, name)):
-                h.update(name.encode("utf-8", "surrogateescape") + b"\0" + image_hash(os.path.join(image, name)).encode())
+            part = os.path.join(image, name)
+            if os.path.isfile(part):
+                h.update(name.encode("utf-8", "surrogateescape") + b"\0" + image_hash(part).encode())
         return h.hexdigest()
     if isinstance(image, (str, os.PathLike)):
         try:
