@@ -311,13 +311,21 @@ class Detector:
                          tokens=tokens if box_inputs else None, norms=norms if box_inputs else None,
                          unit={k: checked_unit(v) for k, v in z.items()})  # checked once, not per query
 
-    def leave_one_out_scores(self, bank: ReferenceBank, class_name: str) -> list[float]:
+    def leave_one_out_scores(self, bank: ReferenceBank, class_name: str, indices=None) -> list[float]:
         """Each reference's score against the other references (per-image normalisation, as streaming scores):
-        the scores of known-good images, from which the unsupervised threshold rule can start."""
-        if len(bank) < 2 or any(e.feats is None for e in bank.entries):
+        the scores of known-good images, from which the unsupervised threshold rule can start.
+
+        Args:
+            bank: the references (their entries need `feats`); class_name: the prompts' class.
+            indices: the entries to score (default: all), each against all the others.
+        Returns:
+            One score per scored entry; empty when the bank has fewer than 2 entries or one of them lacks feats.
+        """
+        indices = range(len(bank)) if indices is None else list(indices)
+        if len(bank) < 2 or any(bank.entries[i].feats is None for i in indices):
             return []
-        return [float(self.score_features(e.feats, class_name, references=bank.without(i), mutual=False).scores[0])
-                for i, e in enumerate(bank.entries)]
+        return [float(self.score_features(bank.entries[i].feats, class_name, references=bank.without(i),
+                                          mutual=False).scores[0]) for i in indices]
 
     def text_embedding(self, class_name: str) -> torch.Tensor:
         """t_n, t_a `[2, D]` for a category (`text.text_embeddings`: memoised on the encoder, cached on disk)."""

@@ -488,13 +488,8 @@ class Streamer:
             return
         bank = self._stack.bank()
         n_fixed = len(self.references)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="no reference image")
-            for i, e in enumerate(entries):
-                others = bank.without(n_fixed + i)
-                if len(others):
-                    self.normal_scores.append(float(self.detector.score_features(
-                        e.feats, self.class_name, references=others, mutual=False).scores[0]))
+        self.normal_scores.extend(self.detector.leave_one_out_scores(
+            bank, self.class_name, indices=range(n_fixed, n_fixed + len(entries))))
 
     def confirm_normal(self, images: Sequence) -> None:
         """An operator's word that `images` (paths, PIL images or arrays) are the new normal: they become the
