@@ -12,7 +12,6 @@ is refined once (the median of the registered images is sharper than that of the
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Sequence
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from fiseclip_lib.core.tiling import as_array, common_size
 from fiseclip_lib.errors import FiseclipError
+from fiseclip_lib.plumbing.images import image_name
 
 UPSAMPLE = 10  # phase correlation's sub-pixel precision: 1/10 px
 MAX_SHIFT = 0.2  # a shift beyond this share of the image's side is not trusted (module doc of estimate_shifts)
@@ -85,6 +85,12 @@ def estimate_shifts(grays: Sequence[np.ndarray], template: np.ndarray | None = N
     return shifts
 
 
+def warn_unreliable(name: str) -> None:
+    """The one-line warning for an image whose shift was not trusted (`estimate_shifts`)."""
+    warnings.warn(f"align: no reliable shift for {name} (no structure to register, or more than {MAX_SHIFT:.0%} of "
+                  f"the side off): scored as it is")
+
+
 def shift_image(image: np.ndarray, shift) -> np.ndarray:
     """An `[H, W, 3]` uint8 image moved by (dy, dx) px (bilinear, border pixels repeated), uint8."""
     a = np.asarray(image, dtype=np.float32)
@@ -139,9 +145,7 @@ def score_aligned(detector, images: Sequence, class_name: str, references=None, 
     unreliable: list = []
     shifts = estimate_shifts([to_gray(a) for a in arrays], bank_template(references), unreliable)
     for i in unreliable:
-        name = str(images[i]) if isinstance(images[i], (str, os.PathLike)) else f"image #{i}"
-        warnings.warn(f"align: no reliable shift for {name} (no structure to register, or more than "
-                      f"{MAX_SHIFT:.0%} of the side off): scored as it is")
+        warn_unreliable(image_name(images[i], i))
     moved = [moved_onto(a, s) for a, s in zip(arrays, shifts)]
     res = detector.score_registered(moved, class_name, references=references, mutual=mutual)
     res.maps = unshift_maps(res.maps, shifts, arrays[0].shape[:2])

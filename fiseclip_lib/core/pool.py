@@ -13,7 +13,6 @@ without identical images is scored exactly as before (same batches, same numbers
 """
 from __future__ import annotations
 
-import os
 import random
 import warnings
 from typing import Sequence
@@ -23,6 +22,7 @@ import numpy as np
 from fiseclip_lib.core.postprocess import rscin
 from fiseclip_lib.core.references import ReferenceBank
 from fiseclip_lib.plumbing.cache import image_hash
+from fiseclip_lib.plumbing.images import image_name
 
 MIN_LAST_BATCH = 5  # a last partial batch smaller than this is merged into the previous one
 # `align`: the shift (px) that registered each image, in scores.csv and predictions.csv
@@ -115,10 +115,6 @@ def score_pool(detector, images: Sequence, class_name: str, references=None, dat
     return [rows[k] for k in order], np.stack([maps[k] for k in order])
 
 
-def _name(images, i) -> str:
-    return str(images[i]) if isinstance(images[i], (str, os.PathLike)) else f"image #{i}"
-
-
 def representatives(images: Sequence, digests: Sequence[str]) -> list[int]:
     """For each image, the index of the first image with its content (itself when it is the first); one
     warning per copy, naming both.
@@ -134,8 +130,9 @@ def representatives(images: Sequence, digests: Sequence[str]) -> list[int]:
     for i, d in enumerate(digests):
         r = first.setdefault(d, i)
         if r != i:
-            warnings.warn(f"images {_name(images, r)} and {_name(images, i)} are identical: scored once, the second "
-                          f"given the first's score and map (an image never references its own copy)")
+            warnings.warn(f"images {image_name(images[r], r)} and {image_name(images[i], i)} are identical: scored "
+                          f"once, the second given the first's score and map (an image never references its own "
+                          f"copy)")
         out.append(r)
     return out
 
@@ -157,8 +154,8 @@ def references_apart(references, query_digests: dict, images: Sequence):
     if not same:
         return references
     for e in same:
-        warnings.warn(f"reference {e.path or '(unnamed)'} has the same content as image "
-                      f"{_name(images, query_digests[e.digest])}: left out of its references (a reference is never "
-                      f"the image it judges)")
+        i = query_digests[e.digest]
+        warnings.warn(f"reference {e.path or '(unnamed)'} has the same content as image {image_name(images[i], i)}: "
+                      f"left out of its references (a reference is never the image it judges)")
     kept = [e for e in references.entries if not any(e is x for x in same)]
     return ReferenceBank(kept, grid=references.grid, identity=references.identity) if kept else None

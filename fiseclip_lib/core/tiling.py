@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from typing import Sequence
 
@@ -35,12 +34,11 @@ from fiseclip_lib.core.postprocess import image_scores
 from fiseclip_lib.core.references import ReferenceBank
 from fiseclip_lib.errors import FiseclipError
 from fiseclip_lib.features import Features
+from fiseclip_lib.plumbing.images import image_name, rgb_image
 
 
 def as_array(image) -> np.ndarray:
     """A path, PIL image or array -> uint8 `[H, W, 3]` RGB array (`plumbing.images.rgb_image`)."""
-    from fiseclip_lib.plumbing.images import rgb_image
-
     return np.asarray(rgb_image(image))
 
 
@@ -160,8 +158,7 @@ def common_size(images: Sequence[np.ndarray], names: Sequence | None = None, wha
     for i, im in enumerate(images):
         first.setdefault(im.shape[:2], i)
     if len(first) > 1:
-        label = lambda i: (str(names[i]) if names is not None and isinstance(names[i], (str, os.PathLike))  # noqa: E731
-                           else f"image #{i}")
+        label = lambda i: image_name(None if names is None else names[i], i)  # noqa: E731
         raise FiseclipError(f"{what}: the images scored together must share one size, got "
                             + ", ".join(f"{w}x{h} ({label(i)})" for (h, w), i in first.items())
                             + "; score each size apart or resize them")

@@ -97,6 +97,7 @@ from fiseclip_lib.core.references import BankEntry, ReferenceBank, check_finite_
 from fiseclip_lib.core.robust import MAD_TO_SIGMA, median_mad
 from fiseclip_lib.errors import FiseclipError
 from fiseclip_lib.plumbing.cache import image_hash
+from fiseclip_lib.plumbing.images import image_name
 
 MIN_REFERENCES = 2
 MIN_HISTORY = 8
@@ -255,7 +256,7 @@ class _Frames:
         if self.hw is None:
             self.set_size(arr.shape[:2])
         elif arr.shape[:2] != self.hw:
-            raise FiseclipError(f"{_path_of(image) or 'an image'} is {arr.shape[1]}x{arr.shape[0]} px, the stream's "
+            raise FiseclipError(f"{image_name(image)} is {arr.shape[1]}x{arr.shape[0]} px, the stream's "
                                 f"frame (its references or first image) {self.hw[1]}x{self.hw[0]}: a tiled or "
                                 f"registered stream takes one size")
         shift = None
@@ -263,8 +264,7 @@ class _Frames:
             unreliable: list = []
             shift = align.estimate_shifts([align.to_gray(arr)], self.template, unreliable)[0]
             if unreliable:
-                warnings.warn(f"align: no reliable shift for {_path_of(image) or 'an image'} (no structure to "
-                              f"register, or more than {align.MAX_SHIFT:.0%} of the side off): scored as it is")
+                align.warn_unreliable(image_name(image))
             arr = align.moved_onto(arr, shift)
         crops = tiling.cut(arr, self.boxes) if self.grid else [arr]
         return split_features(self.detector.encode(crops)), shift

@@ -4,6 +4,7 @@ Shared by the encoders (preprocessing), the datasets, the decisions (overlays) a
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,14 @@ class ConversionWarning(UserWarning):
     def __init__(self, mode: str, path):
         self.mode, self.path = mode, str(path)
         super().__init__(f"{describe_mode(mode)} image converted to 8-bit RGB: {path}")
+
+
+def image_name(image, index: int | None = None) -> str:
+    """How messages name an image: its path, else its position among the images given (`image #i`), else
+    "an image"."""
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    return "an image" if index is None else f"image #{index}"
 
 
 def describe_mode(mode: str) -> str:
