@@ -95,7 +95,6 @@ def raw_text_embeddings(encoder, prompts: Sequence[str]) -> torch.Tensor:
     return emb.float().cpu()
 
 
-
 @torch.no_grad()
 def patch_embeddings(encoder, last_tokens: torch.Tensor) -> torch.Tensor:
     """WinCLIP's patch embeddings: the last block's patch tokens after `ln_post`, not projected.
