@@ -565,6 +565,12 @@ def P(t, imgs, *extra, cli=CLI_TINY):
     return {"args": ["--images", str(imgs), "--class-name", "x", "--out", str(t / "out"), *cli, *extra]}
 
 
+def with_file(t, imgs, name, text, flag):
+    """P(...) with `flag FILE`, FILE (in the case's folder) holding `text`."""
+    (t / name).write_text(text)
+    return P(t, imgs, flag, str(t / name))
+
+
 def swap(cli, old, new):
     return [new if a == old else a for a in cli]
 
@@ -694,15 +700,12 @@ def _(t, i):
 
 # --- thresholds
 dcase("predict: threshold file missing", 2, "t.json")(lambda t, i: P(t, i, "--threshold", str(t / "t.json")))
-dcase("predict: threshold file not JSON", 2, "t.json")(
-    lambda t, i: (t / "t.json").write_text("{") and P(t, i, "--threshold", str(t / "t.json")))
+dcase("predict: threshold file not JSON", 2, "t.json")(lambda t, i: with_file(t, i, "t.json", "{", "--threshold"))
 dcase("predict: threshold file foreign", 2, "t.json")(
-    lambda t, i: (t / "t.json").write_text('{"value": 1}') and P(t, i, "--threshold", str(t / "t.json")))
-dcase("predict: threshold file empty", 2, "t.json")(
-    lambda t, i: (t / "t.json").write_text("") or P(t, i, "--threshold", str(t / "t.json")))
+    lambda t, i: with_file(t, i, "t.json", '{"value": 1}', "--threshold"))
+dcase("predict: threshold file empty", 2, "t.json")(lambda t, i: with_file(t, i, "t.json", "", "--threshold"))
 dcase("predict: threshold value NaN", 2, ("t.json", "finite"))(
-    lambda t, i: (t / "t.json").write_text('{"format": "fiseclip-threshold/1", "value": NaN}')
-    and P(t, i, "--threshold", str(t / "t.json")))
+    lambda t, i: with_file(t, i, "t.json", '{"format": "fiseclip-threshold/1", "value": NaN}', "--threshold"))
 dcase("predict: threshold is a folder", 2, "thr")(
     lambda t, i: (t / "thr").mkdir() or P(t, i, "--threshold", str(t / "thr")))
 dcase("predict: threshold number nan", 2, ("nan", "threshold"))(lambda t, i: P(t, i, "--threshold", "nan"))
@@ -727,10 +730,8 @@ dcase("predict: unknown model", 2, "nosuchmodel")(
 dcase("predict: weights file missing", 2, "w.safetensors")(
     lambda t, i: P(t, i, cli=swap(CLI_TINY, "none", str(t / "w.safetensors"))))
 dcase("predict: params file missing", 2, "p.yaml")(lambda t, i: P(t, i, "--params", str(t / "p.yaml")))
-dcase("predict: params file not YAML", 2, "p.yaml")(
-    lambda t, i: (t / "p.yaml").write_text("a: [") and P(t, i, "--params", str(t / "p.yaml")))
-dcase("predict: params file a list", 2, "p.yaml")(
-    lambda t, i: (t / "p.yaml").write_text("- a\n") and P(t, i, "--params", str(t / "p.yaml")))
+dcase("predict: params file not YAML", 2, "p.yaml")(lambda t, i: with_file(t, i, "p.yaml", "a: [", "--params"))
+dcase("predict: params file a list", 2, "p.yaml")(lambda t, i: with_file(t, i, "p.yaml", "- a\n", "--params"))
 dcase("predict: params images not text", 2, "images")(
     lambda t, i: (t / "p.yaml").write_text("images: 3\n") and {"args": [
         "--params", str(t / "p.yaml"), "--class-name", "x", "--out", str(t / "out"), *CLI_TINY]})
