@@ -429,6 +429,33 @@ def _no_debris(out):
         assert rows[:-1] == conf["categories_done"]
 
 
+def run_checked(args, spec, capsys, expect, texts, error_starts=("fiseclip: error:",)):
+    """main(args) as the command line runs it (argparse's SystemExit gives the code), the case's cleanup after,
+    and the checks every fault case shares: no traceback, the expected exit code; a failure is one line on stderr
+    (warnings aside) starting with one of `error_starts` and naming the culprit (one of `texts`); a success names
+    it somewhere and warns one line at a time. Returns the captured output."""
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse
+        code = e.code
+    finally:
+        if "cleanup" in spec:
+            spec["cleanup"]()
+    cap = capsys.readouterr()
+    both = cap.out + cap.err
+    assert "Traceback" not in both
+    assert code == expect, both
+    if expect != 0:
+        lines = [l for l in cap.err.splitlines() if l.strip() and not l.startswith("warning:")]
+        assert len(lines) == 1 and lines[0].startswith(error_starts), cap.err
+        assert any(s in lines[0] for s in texts), lines[0]
+    else:
+        assert any(s in both for s in texts), both
+        for line in cap.err.splitlines():  # warnings one line each
+            assert line.startswith("warning:") or not line.strip() or "it/s" in line, line
+    return cap
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_fault(name, tmp_path, capsys, monkeypatch):
     setup, expect, text = CASES[name]
@@ -455,25 +482,7 @@ def test_fault(name, tmp_path, capsys, monkeypatch):
     base = [a for a in BASE if a != spec.get("drop")]
     args = spec.get("command") or ["run", "--dataset", "mvtec", "--root", str(root), "--out", str(out), *base,
                                    *spec.get("args", [])]
-    try:
-        code = main(args)
-    except SystemExit as e:  # argparse
-        code = e.code
-    finally:
-        if "cleanup" in spec:
-            spec["cleanup"]()
-    cap = capsys.readouterr()
-    both = cap.out + cap.err
-    assert "Traceback" not in both
-    assert code == expect, both
-    if expect == 2:
-        lines = [l for l in cap.err.splitlines() if l.strip() and not l.startswith("warning:")]
-        assert len(lines) == 1 and lines[0].startswith("fiseclip: error:"), cap.err
-        assert text in lines[0], lines[0]
-    else:
-        assert text in both, both
-        for line in cap.err.splitlines():
-            assert line.startswith("warning:") or not line.strip() or "it/s" in line, line
+    cap = run_checked(args, spec, capsys, expect, (text,))
     if "after" in spec:
         assert spec["after"]()
     if spec.get("command"):
@@ -996,21 +1005,9 @@ def test_decision_fault(name, tmp_path, capsys, monkeypatch, previous_predict):
     if "inject" in spec:
         spec["inject"](monkeypatch)
     capsys.readouterr()
-    try:
-        code = main([command, *spec["args"]])
-    except SystemExit as e:  # argparse
-        code = e.code
-    finally:
-        if "cleanup" in spec:
-            spec["cleanup"]()
-    cap = capsys.readouterr()
-    assert "Traceback" not in cap.out + cap.err
-    assert code == expect, cap.out + cap.err
     texts = text if isinstance(text, tuple) else (text,)
+    run_checked([command, *spec["args"]], spec, capsys, expect, texts, ("fiseclip: error:", "fiseclip: interrupted"))
     if expect != 0:
-        lines = [l for l in cap.err.splitlines() if l.strip() and not l.startswith("warning:")]
-        assert len(lines) == 1 and lines[0].startswith(("fiseclip: error:", "fiseclip: interrupted")), cap.err
-        assert any(s in lines[0] for s in texts), lines[0]
         # the previous run is intact, byte for byte, and nothing half-written is left beside it
         assert _snapshot(state) == before
         if state.is_dir() and not spec.get("hidden_ok"):
@@ -1019,9 +1016,6 @@ def test_decision_fault(name, tmp_path, capsys, monkeypatch, previous_predict):
         if "after" in spec:
             assert spec["after"]()
         return
-    assert any(s in cap.out + cap.err for s in texts), cap.out + cap.err
-    for line in cap.err.splitlines():  # warnings one line each
-        assert line.startswith("warning:") or not line.strip() or "it/s" in line, line
     # exactly this run's outputs: one overlay per row, nothing stale (the previous run had 8 images and maps)
     df = pd.read_csv(out / "predictions.csv")
     assert len(df) == spec["rows"]
